@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks and starts the services Blacktree's tests and demo
+# talk to. Idempotent: on a prepared machine it only checks. Source it or run it.
+set -euo pipefail
+
+# Debian packages the build and the tests need.
+BLACKTREE_PACKAGES=(cmake pkg-config libssl-dev git g++ rabbitmq-server)
+
+apt_install_missing() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# Waits up to $3 seconds for host $1 port $2 to accept connections.
+wait_port() {
+  local deadline=$((SECONDS + $3))
+  until port_open "$1" "$2"; do
+    [ $SECONDS -lt $deadline ] || { echo "setup: $1:$2 did not open within $3 s" >&2; return 1; }
+    sleep 0.5
+  done
+}
+
+ensure_rabbitmq() {
+  port_open 127.0.0.1 5672 && return 0
+  echo "setup: starting RabbitMQ"
+  rabbitmq-server -detached
+  wait_port 127.0.0.1 5672 90
+  rabbitmqctl await_startup >/dev/null
+}
+
+apt_install_missing "${BLACKTREE_PACKAGES[@]}"
+ensure_rabbitmq
+command -v cargo >/dev/null || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }

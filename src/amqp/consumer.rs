@@ -1,0 +1,500 @@
+//! The AMQP consumer thread.
+//!
+//! It owns the broker connection, the consuming channel and every unacknowledged
+//! delivery, and it is the only thread that acks (amiquip acks a delivery only on the
+//! channel that received it). Its loop `select!`s over three inputs:
+//!
+//! * deliveries from `execute.queue`: decoded into [`Job`]s and queued in a backlog
+//!   (at most `prefetch` jobs), or moved to the rejected queue;
+//! * its inbox ([`ConsumerMsg`]): "the status of job X is confirmed, ack its
+//!   deliveries", "job X was not started, requeue it", "the publisher lost its channel",
+//!   "drain";
+//! * the rendezvous `jobs` channel, which takes the backlog's oldest job whenever a
+//!   dispatch thread is idle.
+//!
+//! Invariants:
+//! * a delivery is acked only after everything published for it was confirmed;
+//! * a jobId consumed here and not yet confirmed is never handed to dispatch twice: a
+//!   redelivery (or a duplicate publish) joins the first delivery and is acked with it;
+//! * a jobId confirmed within the de-duplication window is acked at once, not run again;
+//! * deliveries belong to one connection generation: when the connection dies they are
+//!   forgotten (the broker redelivers them), never acked on the next connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
+use crossbeam_channel::{Receiver, Select, Sender};
+use log::{debug, info, warn};
+
+use super::publisher::{Connected, Publication};
+use super::{declare_topology, AmqpUrl};
+use crate::config::Topology;
+use crate::job::{Job, Outcome, Rejection, Status};
+
+/// How many confirmed jobIds the de-duplication window remembers at most.
+const RECENT_JOBS_CAPACITY: usize = 100_000;
+/// First and longest pause between two connection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A connection that lived this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
+/// What a delivery waits for before it is acked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AckKey {
+    /// The status of this job.
+    Job(String),
+    /// The rejected copy (and status) of the consumer's rejected delivery with this id.
+    Rejected(u64),
+}
+
+/// Messages to the consumer thread.
+#[derive(Debug)]
+pub enum ConsumerMsg {
+    /// The broker confirmed everything published for this key: ack its deliveries.
+    Confirmed(AckKey),
+    /// The publisher's channel of this connection generation failed: reconnect.
+    PublisherLost(u64),
+    /// A dispatch thread gives back a job it never started (drain): requeue it.
+    Requeue(String),
+    /// Stop consuming, requeue what was not started, and end once running jobs are
+    /// confirmed or the drain timeout passes.
+    Drain,
+}
+
+/// Settings of the consumer thread.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Broker URL.
+    pub url: AmqpUrl,
+    /// Queue and exchange names.
+    pub topology: Topology,
+    /// Most unacknowledged deliveries at once.
+    pub prefetch: u16,
+    /// Larger messages are rejected.
+    pub max_message_bytes: usize,
+    /// How long a confirmed jobId is remembered.
+    pub dedupe_window: Duration,
+    /// How long a drain may wait for running jobs.
+    pub drain_timeout: Duration,
+}
+
+/// The channels the consumer thread talks through.
+pub struct ConsumerLinks {
+    /// Its inbox.
+    pub inbox: Receiver<ConsumerMsg>,
+    /// Jobs to the dispatch pool (a rendezvous channel).
+    pub jobs: Sender<Job>,
+    /// Publications (rejected messages) to the publisher.
+    pub publications: Sender<Publication>,
+    /// Fresh publishing channels to the publisher.
+    pub connections: Sender<Connected>,
+}
+
+/// Starts the consumer thread; it returns when a drain has finished.
+pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
+    let consumer = Consumer {
+        recent: RecentJobs::new(config.dedupe_window, RECENT_JOBS_CAPACITY),
+        config,
+        links,
+        generation: 0,
+        pending: HashMap::new(),
+        rejected: HashMap::new(),
+        next_rejected: 0,
+        backlog: VecDeque::new(),
+        drain_deadline: None,
+        stats: Stats::default(),
+    };
+    std::thread::Builder::new()
+        .name("amqp-consumer".into())
+        .spawn(move || consumer.run())
+        .expect("spawning the AMQP consumer thread")
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    received: u64,
+    rejected: u64,
+    duplicates: u64,
+}
+
+struct Consumer {
+    config: ConsumerConfig,
+    links: ConsumerLinks,
+    /// Incremented on each connection; the publisher tags its channel with it.
+    generation: u64,
+    /// Jobs consumed and not yet confirmed → their deliveries on the live connection.
+    pending: HashMap<String, Vec<Delivery>>,
+    /// Rejected deliveries waiting for their rejected copy to be confirmed.
+    rejected: HashMap<u64, Delivery>,
+    next_rejected: u64,
+    recent: RecentJobs,
+    /// Jobs consumed and not yet taken by a dispatch thread, oldest first.
+    backlog: VecDeque<Job>,
+    drain_deadline: Option<Instant>,
+    stats: Stats,
+}
+
+/// One step of the consuming loop.
+enum Event {
+    Delivery(Result<ConsumerMessage, crossbeam_channel::RecvError>),
+    Inbox(ConsumerMsg),
+    Sent,
+    Tick,
+}
+
+impl Consumer {
+    fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        while !self.drain_finished() {
+            match self.connect() {
+                Ok((connection, channel)) => {
+                    let started = Instant::now();
+                    let result = self.consume(&channel);
+                    drop(channel);
+                    self.end_session(connection, result);
+                    if started.elapsed() >= STABLE_SESSION {
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+                Err(e) => warn!("broker: {e}"),
+            }
+            if self.drain_finished() {
+                break;
+            }
+            info!("broker: reconnecting in {}", humantime::format_duration(backoff));
+            self.serve_disconnected(Instant::now() + backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        let unfinished = self.pending.len();
+        let Stats {
+            received,
+            rejected,
+            duplicates,
+        } = self.stats;
+        info!(
+            "consumer stopped: {received} messages received, {rejected} rejected, \
+             {duplicates} duplicates not run again, {unfinished} jobs left unfinished"
+        );
+    }
+
+    fn connect(&mut self) -> Result<(Connection, Channel), String> {
+        let mut connection = self.config.url.connect()?;
+        let mut setup = || -> Result<(Channel, Channel, Receiver<amiquip::Confirm>), amiquip::Error> {
+            let channel = connection.open_channel(None)?;
+            declare_topology(&channel, &self.config.topology)?;
+            channel.qos(0, self.config.prefetch, false)?;
+            let publish = connection.open_channel(None)?;
+            let confirms = publish.listen_for_publisher_confirms()?;
+            publish.enable_publisher_confirms()?;
+            Ok((channel, publish, confirms))
+        };
+        match setup() {
+            Ok((channel, publish, confirms)) => {
+                self.generation += 1;
+                info!(
+                    "broker: connected to {} (connection {})",
+                    self.config.url.masked(),
+                    self.generation
+                );
+                let connected = Connected {
+                    channel: publish,
+                    confirms,
+                    generation: self.generation,
+                };
+                self.links
+                    .connections
+                    .send(connected)
+                    .map_err(|_| "the status publisher has stopped".to_string())?;
+                Ok((connection, channel))
+            }
+            Err(e) => {
+                let _ = connection.close();
+                Err(format!("setting up {}: {e}", self.config.url.masked()))
+            }
+        }
+    }
+
+    /// Consumes until the connection fails (`Err`) or the drain finished (`Ok`).
+    fn consume(&mut self, channel: &Channel) -> Result<(), String> {
+        let queue = self.config.topology.execute_queue.as_str();
+        let consumer = channel
+            .basic_consume(queue, ConsumerOptions::default())
+            .map_err(|e| format!("consuming {queue}: {e}"))?;
+        let mut consuming = true;
+        if self.drain_deadline.is_some() {
+            consumer.cancel().map_err(|e| e.to_string())?;
+            consuming = false;
+        }
+        while !self.drain_finished() {
+            let event = {
+                let mut sel = Select::new();
+                let deliveries = consuming.then(|| sel.recv(consumer.receiver()));
+                let inbox = sel.recv(&self.links.inbox);
+                let send = (!self.backlog.is_empty()).then(|| sel.send(&self.links.jobs));
+                let selected = match self.drain_deadline {
+                    Some(deadline) => sel.select_deadline(deadline).ok(),
+                    None => Some(sel.select()),
+                };
+                match selected {
+                    None => Event::Tick,
+                    Some(op) if Some(op.index()) == deliveries => {
+                        Event::Delivery(op.recv(consumer.receiver()))
+                    }
+                    Some(op) if op.index() == inbox => match op.recv(&self.links.inbox) {
+                        Ok(msg) => Event::Inbox(msg),
+                        Err(_) => return Err("the orchestrator stopped".to_string()),
+                    },
+                    Some(op) => {
+                        debug_assert_eq!(Some(op.index()), send);
+                        let job = self.backlog.pop_front().expect("backlog is not empty");
+                        match op.send(&self.links.jobs, job) {
+                            Ok(()) => Event::Sent,
+                            Err(_) => return Err("the dispatch pool stopped".to_string()),
+                        }
+                    }
+                }
+            };
+            match event {
+                Event::Delivery(Ok(ConsumerMessage::Delivery(delivery))) => {
+                    self.delivery(channel, delivery).map_err(|e| e.to_string())?
+                }
+                Event::Delivery(Ok(ConsumerMessage::ClientCancelled)) => consuming = false,
+                Event::Delivery(Ok(other)) => return Err(format!("consumer ended: {other:?}")),
+                Event::Delivery(Err(_)) => return Err("the connection closed".to_string()),
+                Event::Inbox(ConsumerMsg::Drain) => {
+                    if consuming {
+                        consumer.cancel().map_err(|e| e.to_string())?;
+                    }
+                    self.start_drain(Some(channel)).map_err(|e| e.to_string())?;
+                }
+                Event::Inbox(ConsumerMsg::PublisherLost(generation))
+                    if generation == self.generation =>
+                {
+                    return Err("the publishing channel failed".to_string())
+                }
+                Event::Inbox(msg) => self.inbox(msg, Some(channel)).map_err(|e| e.to_string())?,
+                Event::Sent | Event::Tick => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// While disconnected: serve the inbox until `until` (or the drain finishes).
+    fn serve_disconnected(&mut self, until: Instant) {
+        while !self.drain_finished() {
+            let deadline = self.drain_deadline.map_or(until, |d| d.min(until));
+            match self.links.inbox.recv_deadline(deadline) {
+                Ok(ConsumerMsg::Drain) => {
+                    let _ = self.start_drain(None);
+                }
+                Ok(msg) => {
+                    let _ = self.inbox(msg, None);
+                }
+                Err(_) if Instant::now() >= until => return,
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn end_session(&mut self, connection: Connection, result: Result<(), String>) {
+        if let Err(e) = result {
+            warn!("broker: connection {} lost: {e}", self.generation);
+        }
+        let _ = connection.close();
+        // Deliveries of a dead connection cannot be acked; the broker redelivers them.
+        for deliveries in self.pending.values_mut() {
+            deliveries.clear();
+        }
+        self.rejected.clear();
+        // Jobs not yet started come back with those redeliveries.
+        for job in self.backlog.drain(..) {
+            self.pending.remove(&job.job_id);
+        }
+    }
+
+    fn delivery(&mut self, channel: &Channel, mut delivery: Delivery) -> amiquip::Result<()> {
+        self.stats.received += 1;
+        if self.drain_deadline.is_some() {
+            return delivery.nack(channel, true);
+        }
+        let job = match Job::decode(&delivery.body, self.config.max_message_bytes) {
+            Ok(job) => job,
+            Err(rejection) => {
+                let body = std::mem::take(&mut delivery.body);
+                self.reject(delivery, body, rejection);
+                return Ok(());
+            }
+        };
+        if let Some(deliveries) = self.pending.get_mut(&job.job_id) {
+            info!("job {}: delivered again while running here; not run twice", job.job_id);
+            self.stats.duplicates += 1;
+            deliveries.push(delivery);
+            return Ok(());
+        }
+        if self.recent.contains(&job.job_id) {
+            info!("job {}: delivered again after its status was confirmed; acked", job.job_id);
+            self.stats.duplicates += 1;
+            return delivery.ack(channel);
+        }
+        info!("job {}: received", job.job_id);
+        self.pending.insert(job.job_id.clone(), vec![delivery]);
+        self.backlog.push_back(job);
+        Ok(())
+    }
+
+    fn reject(&mut self, delivery: Delivery, body: Vec<u8>, rejection: Rejection) {
+        self.stats.rejected += 1;
+        let Rejection { reason, job_id } = rejection;
+        warn!(
+            "rejected a message (jobId {}): {reason}",
+            job_id.as_deref().unwrap_or("unreadable")
+        );
+        let id = self.next_rejected;
+        self.next_rejected += 1;
+        self.rejected.insert(id, delivery);
+        let status = job_id.map(|job_id| {
+            Status::without_answer(&job_id, Outcome::Rejected, "", format!("rejected: {reason}"))
+        });
+        let publication = Publication::Rejected {
+            id,
+            body,
+            reason,
+            status,
+        };
+        // The publisher outlives the consumer thread.
+        let _ = self.links.publications.send(publication);
+    }
+
+    /// Handles an inbox message; `channel` is `None` while disconnected.
+    fn inbox(&mut self, msg: ConsumerMsg, channel: Option<&Channel>) -> amiquip::Result<()> {
+        match msg {
+            ConsumerMsg::Confirmed(AckKey::Job(job_id)) => {
+                let deliveries = self.pending.remove(&job_id).unwrap_or_default();
+                self.recent.insert(job_id);
+                if let Some(channel) = channel {
+                    for delivery in deliveries {
+                        delivery.ack(channel)?;
+                    }
+                }
+            }
+            ConsumerMsg::Confirmed(AckKey::Rejected(id)) => {
+                if let (Some(delivery), Some(channel)) = (self.rejected.remove(&id), channel) {
+                    delivery.ack(channel)?;
+                }
+            }
+            ConsumerMsg::Requeue(job_id) => self.requeue(&job_id, channel)?,
+            ConsumerMsg::Drain => self.start_drain(channel)?,
+            ConsumerMsg::PublisherLost(generation) => {
+                debug!("publisher lost the channel of old connection {generation}")
+            }
+        }
+        Ok(())
+    }
+
+    fn requeue(&mut self, job_id: &str, channel: Option<&Channel>) -> amiquip::Result<()> {
+        let deliveries = self.pending.remove(job_id).unwrap_or_default();
+        if let Some(channel) = channel {
+            for delivery in deliveries {
+                delivery.nack(channel, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_drain(&mut self, channel: Option<&Channel>) -> amiquip::Result<()> {
+        if self.drain_deadline.is_some() {
+            return Ok(());
+        }
+        self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+        let waiting: Vec<Job> = self.backlog.drain(..).collect();
+        for job in &waiting {
+            self.requeue(&job.job_id, channel)?;
+        }
+        info!(
+            "draining: {} jobs returned to the queue, {} still running (up to {})",
+            waiting.len(),
+            self.pending.len(),
+            humantime::format_duration(self.config.drain_timeout)
+        );
+        Ok(())
+    }
+
+    fn drain_finished(&self) -> bool {
+        match self.drain_deadline {
+            None => false,
+            Some(deadline) => {
+                (self.pending.is_empty() && self.rejected.is_empty()) || Instant::now() >= deadline
+            }
+        }
+    }
+}
+
+/// The jobIds confirmed within a time window, bounded in number.
+#[derive(Debug)]
+struct RecentJobs {
+    window: Duration,
+    capacity: usize,
+    order: VecDeque<(Instant, String)>,
+    ids: HashSet<String>,
+}
+
+impl RecentJobs {
+    fn new(window: Duration, capacity: usize) -> RecentJobs {
+        RecentJobs {
+            window,
+            capacity,
+            order: VecDeque::new(),
+            ids: HashSet::new(),
+        }
+    }
+
+    fn insert(&mut self, job_id: String) {
+        self.expire();
+        if self.ids.insert(job_id.clone()) {
+            self.order.push_back((Instant::now(), job_id));
+        }
+        while self.order.len() > self.capacity {
+            let (_, old) = self.order.pop_front().expect("over capacity");
+            self.ids.remove(&old);
+        }
+    }
+
+    fn contains(&mut self, job_id: &str) -> bool {
+        self.expire();
+        self.ids.contains(job_id)
+    }
+
+    fn expire(&mut self) {
+        while let Some((at, _)) = self.order.front() {
+            if at.elapsed() < self.window {
+                break;
+            }
+            let (_, old) = self.order.pop_front().expect("front exists");
+            self.ids.remove(&old);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_jobs_forget_by_age_and_by_count() {
+        let mut recent = RecentJobs::new(Duration::from_secs(60), 2);
+        recent.insert("a".into());
+        recent.insert("b".into());
+        recent.insert("a".into());
+        assert!(recent.contains("a") && recent.contains("b"));
+        recent.insert("c".into());
+        assert!(!recent.contains("a"), "over capacity, the oldest goes");
+        assert!(recent.contains("b") && recent.contains("c"));
+
+        let mut recent = RecentJobs::new(Duration::ZERO, 10);
+        recent.insert("a".into());
+        assert!(!recent.contains("a"), "outside the window");
+    }
+}

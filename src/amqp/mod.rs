@@ -1,0 +1,216 @@
+//! RabbitMQ: connecting, declaring the topology, and the two threads that own the
+//! broker channels.
+//!
+//! * [`consumer`]: the AMQP consumer thread. It owns the connection (and reconnects it),
+//!   the consuming channel, every unacknowledged delivery and the de-duplication window.
+//! * [`publisher`]: the status publisher thread. It owns a channel with publisher
+//!   confirms; once the broker confirms what it published for a delivery it tells the
+//!   consumer thread, which acks that delivery.
+//!
+//! amiquip never sets `TCP_NODELAY`, which costs ~40 ms per lone publish (Nagle's
+//! algorithm against delayed ACKs), so [`connect`] opens the socket itself and hands it
+//! over; that is why the URL is parsed here rather than by amiquip.
+
+pub mod consumer;
+pub mod publisher;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use amiquip::{
+    Auth, Channel, Connection, ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions,
+    ExchangeType, FieldTable, QueueDeclareOptions,
+};
+
+use crate::config::{mask_url, Topology};
+
+/// Heartbeat used when the URL does not set one: a dead broker is noticed in ~2× this.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// TCP connect and AMQP handshake timeout used when the URL does not set one.
+const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A parsed `amqp://` or `amqps://` URL.
+#[derive(Debug, Clone)]
+pub struct AmqpUrl {
+    tls: bool,
+    host: String,
+    port: u16,
+    options: ConnectionOptions<Auth>,
+    connection_timeout: Duration,
+    masked: String,
+}
+
+impl AmqpUrl {
+    /// Parses a RabbitMQ URL (RabbitMQ's URI spec: `%2f` is the vhost `/`, an empty path
+    /// is `/` too). Supported query parameters: `heartbeat` (s), `connection_timeout` (ms),
+    /// `channel_max`.
+    pub fn parse(text: &str) -> Result<AmqpUrl, String> {
+        let masked = mask_url(text);
+        let url = url::Url::parse(text).map_err(|e| format!("invalid AMQP URL {masked}: {e}"))?;
+        let (tls, default_port) = match url.scheme() {
+            "amqp" => (false, 5672),
+            "amqps" => (true, 5671),
+            other => return Err(format!("AMQP URL {masked} has scheme {other}, not amqp or amqps")),
+        };
+        let host = match url.host_str() {
+            Some("") | None => "localhost".to_string(),
+            Some(h) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        };
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let vhost = match url.path().trim_start_matches('/') {
+            "" => "/".to_string(),
+            path if path.contains('/') => {
+                return Err(format!("AMQP URL {masked}: the vhost must be one path segment (write / as %2f)"))
+            }
+            path => decode(path),
+        };
+        let mut options = ConnectionOptions::<Auth>::default()
+            .virtual_host(vhost)
+            .heartbeat(DEFAULT_HEARTBEAT_SECS);
+        if !url.username().is_empty() || url.password().is_some() {
+            options = options.auth(Auth::Plain {
+                username: match url.username() {
+                    "" => "guest".to_string(),
+                    user => decode(user),
+                },
+                password: decode(url.password().unwrap_or("guest")),
+            });
+        }
+        let mut connection_timeout = DEFAULT_CONNECTION_TIMEOUT;
+        for (key, value) in url.query_pairs() {
+            let bad = || format!("AMQP URL {masked}: `{key}={value}` is not a valid number");
+            match key.as_ref() {
+                "heartbeat" => options = options.heartbeat(value.parse().map_err(|_| bad())?),
+                "channel_max" => options = options.channel_max(value.parse().map_err(|_| bad())?),
+                "connection_timeout" => {
+                    connection_timeout = Duration::from_millis(value.parse().map_err(|_| bad())?)
+                }
+                other => return Err(format!("AMQP URL {masked}: unsupported parameter `{other}`")),
+            }
+        }
+        Ok(AmqpUrl {
+            tls,
+            host,
+            port: url.port().unwrap_or(default_port),
+            options: options.connection_timeout(Some(connection_timeout)),
+            connection_timeout,
+            masked,
+        })
+    }
+
+    /// The URL with its password masked, for logs and errors.
+    pub fn masked(&self) -> &str {
+        &self.masked
+    }
+
+    /// Opens a connection with `TCP_NODELAY` set, trying each address the host resolves to.
+    pub fn connect(&self) -> Result<Connection, String> {
+        let addrs = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {}: {e}", self.masked))?;
+        let mut last_error = format!("{} resolves to no address", self.masked);
+        for addr in addrs {
+            match self.connect_to(addr) {
+                Ok(connection) => return Ok(connection),
+                Err(e) => last_error = format!("cannot connect to {} ({addr}): {e}", self.masked),
+            }
+        }
+        Err(last_error)
+    }
+
+    fn connect_to(&self, addr: std::net::SocketAddr) -> Result<Connection, String> {
+        let stream = TcpStream::connect_timeout(&addr, self.connection_timeout)
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| e.to_string())?;
+        let tuning = ConnectionTuning::default();
+        let options = self.options.clone();
+        if self.tls {
+            let connector = native_tls::TlsConnector::new().map_err(|e| e.to_string())?;
+            Connection::open_tls_stream(connector, &self.host, stream, options, tuning)
+        } else {
+            Connection::insecure_open_stream(stream, options, tuning)
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Declares the exchange, the queues and their bindings, idempotently and with exactly
+/// the flags older deployments used (durable, no arguments), so existing queues match.
+pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), amiquip::Error> {
+    channel.exchange_declare(
+        ExchangeType::Direct,
+        topology.exchange.as_str(),
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+    )?;
+    for (queue, key) in [
+        (&topology.execute_queue, Some(&topology.execute_key)),
+        (&topology.status_queue, Some(&topology.status_key)),
+        (&topology.rejected_queue, None),
+    ] {
+        declare_durable_queue(channel, queue)?;
+        if let Some(key) = key {
+            channel.queue_bind(
+                queue.as_str(),
+                topology.exchange.as_str(),
+                key.as_str(),
+                FieldTable::new(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Declares a durable, non-exclusive, non-auto-delete queue without arguments.
+pub fn declare_durable_queue(channel: &Channel, queue: &str) -> Result<(), amiquip::Error> {
+    channel.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_like_rabbitmq_uris() {
+        let url = AmqpUrl::parse("amqp://user:p%40ss@broker:5673/%2f?heartbeat=5&connection_timeout=2000")
+            .unwrap();
+        assert!(!url.tls);
+        assert_eq!((url.host.as_str(), url.port), ("broker", 5673));
+        assert_eq!(url.connection_timeout, Duration::from_secs(2));
+        let expected = ConnectionOptions::<Auth>::default()
+            .virtual_host("/")
+            .heartbeat(5)
+            .auth(Auth::Plain {
+                username: "user".into(),
+                password: "p@ss".into(),
+            })
+            .connection_timeout(Some(Duration::from_secs(2)));
+        assert_eq!(url.options, expected);
+        assert!(!url.masked().contains("p%40ss"));
+
+        let url = AmqpUrl::parse("amqps://h/prod").unwrap();
+        assert!(url.tls);
+        assert_eq!(url.port, 5671);
+        assert_eq!(
+            url.options,
+            ConnectionOptions::<Auth>::default()
+                .virtual_host("prod")
+                .heartbeat(DEFAULT_HEARTBEAT_SECS)
+                .connection_timeout(Some(DEFAULT_CONNECTION_TIMEOUT))
+        );
+        assert!(AmqpUrl::parse("http://h/").is_err());
+        assert!(AmqpUrl::parse("amqp://h/a/b").is_err());
+        assert!(AmqpUrl::parse("amqp://h/?heartbeat=soon").is_err());
+        assert!(AmqpUrl::parse("amqp://h/?frobnicate=1").is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Command-line and environment configuration of the orchestrator.
+//!
+//! Every flag has an environment fallback (`BLACKTREE_*`, and `MQ_URL` for the broker
+//! URL, as existing deployments set it). [`OrchestratorConfig`]'s `Display` prints the
+//! effective configuration with secrets masked; it is logged at start.
+
+use std::fmt;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Parses a human duration such as `500ms`, `2s`, `5m` or `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like 500ms, 2s or 5m: {e}"))
+}
+
+/// A worker named on the command line (`--worker ID=HOST:PORT`), known before it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticWorker {
+    /// The worker's id, as it reports it in `PingResponse.workerId`.
+    pub id: String,
+    /// `HOST:PORT` of its `JobService`.
+    pub addr: String,
+}
+
+/// Parses `ID=HOST:PORT`.
+pub fn parse_static_worker(text: &str) -> Result<StaticWorker, String> {
+    let (id, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not ID=HOST:PORT"))?;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{addr}` in `{text}` has no :PORT"))?;
+    if id.is_empty() || host.is_empty() {
+        return Err(format!("`{text}` is not ID=HOST:PORT"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("`{port}` in `{text}` is not a port number"))?;
+    Ok(StaticWorker {
+        id: id.to_string(),
+        addr: addr.to_string(),
+    })
+}
+
+/// Returns `url` with its password replaced by `***`, for logs and error texts.
+pub fn mask_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparsable URL>".to_string(),
+    }
+}
+
+/// Names of the RabbitMQ exchange, queues and routing keys the orchestrator uses.
+#[derive(Args, Debug, Clone)]
+pub struct Topology {
+    /// Durable direct exchange that jobs and statuses go through.
+    #[arg(long, env = "BLACKTREE_EXCHANGE", default_value = "blacktree.direct")]
+    pub exchange: String,
+    /// Durable queue the orchestrator consumes jobs from.
+    #[arg(long, env = "BLACKTREE_EXECUTE_QUEUE", default_value = "execute.queue")]
+    pub execute_queue: String,
+    /// Routing key binding the execute queue to the exchange.
+    #[arg(long, env = "BLACKTREE_EXECUTE_KEY", default_value = "worker.execute")]
+    pub execute_key: String,
+    /// Durable queue statuses are routed to.
+    #[arg(long, env = "BLACKTREE_STATUS_QUEUE", default_value = "status.queue")]
+    pub status_queue: String,
+    /// Routing key statuses are published with.
+    #[arg(long, env = "BLACKTREE_STATUS_KEY", default_value = "api.result")]
+    pub status_key: String,
+    /// Durable queue that receives messages that are not valid jobs, with the reason.
+    #[arg(long, env = "BLACKTREE_REJECTED_QUEUE", default_value = "execute.rejected")]
+    pub rejected_queue: String,
+}
+
+/// Configuration of `blacktree orchestrator`.
+#[derive(Args, Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// RabbitMQ URL (`amqp://` or `amqps://`). `heartbeat` and `connection_timeout` (ms)
+    /// query parameters are honoured; they default to 10 s each.
+    #[arg(
+        long,
+        env = "MQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    #[command(flatten)]
+    pub topology: Topology,
+
+    /// Address the gRPC server (WorkerService, grpc.health.v1) listens on.
+    #[arg(long, env = "BLACKTREE_GRPC_LISTEN", default_value = "0.0.0.0:5051")]
+    pub grpc_listen: String,
+
+    /// Number of dispatch threads, the most jobs running at once.
+    #[arg(long, env = "BLACKTREE_DISPATCH_THREADS", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub dispatch_threads: u16,
+
+    /// Unacknowledged jobs the broker may hand us at once (default: dispatch threads).
+    #[arg(long, env = "BLACKTREE_PREFETCH",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
+
+    /// Deadline of a job that carries no `timeoutSeconds`.
+    #[arg(long, env = "BLACKTREE_JOB_TIMEOUT", default_value = "3600s", value_parser = parse_duration)]
+    pub job_timeout: Duration,
+
+    /// Time between two health rounds.
+    #[arg(long, env = "BLACKTREE_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Deadline of one health ping.
+    #[arg(long, env = "BLACKTREE_HEALTH_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Consecutive failed pings that make a worker unhealthy.
+    #[arg(long, env = "BLACKTREE_UNHEALTHY_AFTER", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub unhealthy_after: u32,
+
+    /// A registered worker unhealthy this long is forgotten.
+    #[arg(long, env = "BLACKTREE_FORGET_AFTER", default_value = "600s", value_parser = parse_duration)]
+    pub forget_after: Duration,
+
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before exiting.
+    #[arg(long, env = "BLACKTREE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// A job whose status was confirmed this recently is not run again when redelivered.
+    #[arg(long, env = "BLACKTREE_DEDUPE_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub dedupe_window: Duration,
+
+    /// Larger job messages are rejected.
+    #[arg(long, env = "BLACKTREE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// A statically known worker, `ID=HOST:PORT` (repeatable). It is never forgotten.
+    #[arg(long = "worker", env = "BLACKTREE_WORKERS", value_delimiter = ',',
+          value_parser = parse_static_worker)]
+    pub workers: Vec<StaticWorker>,
+}
+
+impl OrchestratorConfig {
+    /// The effective prefetch: `--prefetch`, or the number of dispatch threads.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch.unwrap_or(self.dispatch_threads)
+    }
+}
+
+impl fmt::Display for OrchestratorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.topology;
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let workers: Vec<String> = self
+            .workers
+            .iter()
+            .map(|w| format!("{}={}", w.id, w.addr))
+            .collect();
+        write!(
+            f,
+            "amqp-url={} exchange={} execute-queue={} execute-key={} status-queue={} \
+             status-key={} rejected-queue={} grpc-listen={} dispatch-threads={} prefetch={} \
+             job-timeout={} health-interval={} health-timeout={} unhealthy-after={} \
+             forget-after={} drain-timeout={} dedupe-window={} max-message-bytes={} workers=[{}]",
+            mask_url(&self.amqp_url),
+            t.exchange,
+            t.execute_queue,
+            t.execute_key,
+            t.status_queue,
+            t.status_key,
+            t.rejected_queue,
+            self.grpc_listen,
+            self.dispatch_threads,
+            self.prefetch(),
+            d(self.job_timeout),
+            d(self.health_interval),
+            d(self.health_timeout),
+            self.unhealthy_after,
+            d(self.forget_after),
+            d(self.drain_timeout),
+            d(self.dedupe_window),
+            self.max_message_bytes,
+            workers.join(","),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_human_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn static_workers_need_id_host_and_port() {
+        assert_eq!(
+            parse_static_worker("w1=10.0.0.2:6000"),
+            Ok(StaticWorker {
+                id: "w1".into(),
+                addr: "10.0.0.2:6000".into()
+            })
+        );
+        assert!(parse_static_worker("10.0.0.2:6000").is_err());
+        assert!(parse_static_worker("w1=10.0.0.2").is_err());
+        assert!(parse_static_worker("w1=host:port").is_err());
+        assert!(parse_static_worker("=h:1").is_err());
+    }
+
+    #[test]
+    fn masked_urls_hide_the_password() {
+        let masked = mask_url("amqp://user:s3cret@broker:5672/%2f?heartbeat=5");
+        assert!(!masked.contains("s3cret"), "{masked}");
+        assert!(masked.contains("user:***@broker"), "{masked}");
+        assert_eq!(mask_url("not a url"), "<unparsable URL>");
+    }
+}

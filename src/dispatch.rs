@@ -1,0 +1,214 @@
+//! The dispatch pool: a fixed number of threads that each take a job, claim a free
+//! worker slot, make one blocking `RunJob` call with the job's deadline, release the
+//! slot and hand the job's status to the publisher.
+//!
+//! A job is never retried after it reached a worker: every ending (answer, lost worker,
+//! deadline, error) becomes its one status. The only case that goes to another worker
+//! is RESOURCE_EXHAUSTED, the worker saying it started nothing because it is full.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use grpcio::{CallOption, RpcStatusCode};
+use log::{info, warn};
+
+use crate::amqp::consumer::ConsumerMsg;
+use crate::amqp::publisher::Publication;
+use crate::job::{Job, Outcome, Status};
+use crate::proto::job::{JobRequest, JobResponse};
+use crate::rpc::{self, CallError, CancelReason, CancelToken};
+use crate::workers::{Claim, Hint, Registry, Release};
+
+/// The channels and shared state the dispatch threads use.
+#[derive(Clone)]
+pub struct DispatchLinks {
+    /// Jobs from the consumer thread.
+    pub jobs: Receiver<Job>,
+    /// Free-slot hints from the registry.
+    pub hints: Receiver<Hint>,
+    /// Disconnected (never sent on) when the orchestrator drains.
+    pub shutdown: Receiver<()>,
+    /// Statuses to the publisher.
+    pub publications: Sender<Publication>,
+    /// Jobs given back (drain) to the consumer thread.
+    pub consumer: Sender<ConsumerMsg>,
+    /// The worker registry.
+    pub registry: Arc<Registry>,
+}
+
+/// Starts `threads` dispatch threads; a job without `timeoutSeconds` gets `job_timeout`.
+pub fn spawn_pool(threads: u16, job_timeout: Duration, links: DispatchLinks) -> Vec<JoinHandle<()>> {
+    (0..threads)
+        .map(|i| {
+            let dispatcher = Dispatcher {
+                links: links.clone(),
+                job_timeout,
+            };
+            std::thread::Builder::new()
+                .name(format!("dispatch-{i}"))
+                .spawn(move || dispatcher.run())
+                .expect("spawning a dispatch thread")
+        })
+        .collect()
+}
+
+struct Dispatcher {
+    links: DispatchLinks,
+    job_timeout: Duration,
+}
+
+/// How one `RunJob` attempt ended.
+enum Attempt {
+    /// The job ended with this status.
+    Ended(Status, Release),
+    /// The worker refused it without starting it.
+    Refused,
+}
+
+impl Dispatcher {
+    fn run(self) {
+        loop {
+            let job = select! {
+                recv(self.links.jobs) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+                recv(self.links.shutdown) -> _ => return,
+            };
+            self.dispatch(job);
+        }
+    }
+
+    fn dispatch(&self, job: Job) {
+        let token = CancelToken::for_current_thread();
+        loop {
+            let Some(claim) = self.claim(&job, &token) else {
+                // Draining: the job never started; the consumer requeues it.
+                let _ = self.links.consumer.send(ConsumerMsg::Requeue(job.job_id));
+                return;
+            };
+            info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
+            match self.attempt(&job, &claim, &token) {
+                Attempt::Refused => self.links.registry.release(&claim, &job.job_id, Release::Refused),
+                Attempt::Ended(status, release) => {
+                    self.links.registry.release(&claim, &job.job_id, release);
+                    // The publisher outlives the dispatch pool.
+                    let _ = self.links.publications.send(Publication::Status(status));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for a free slot; `None` when the orchestrator drains first.
+    fn claim(&self, job: &Job, token: &CancelToken) -> Option<Claim> {
+        loop {
+            select! {
+                recv(self.links.hints) -> hint => {
+                    let hint = hint.ok()?;
+                    if let Some(claim) = self.links.registry.claim(&hint, &job.job_id, token) {
+                        return Some(claim);
+                    }
+                }
+                recv(self.links.shutdown) -> _ => return None,
+            }
+        }
+    }
+
+    fn attempt(&self, job: &Job, claim: &Claim, token: &CancelToken) -> Attempt {
+        let timeout = job
+            .timeout_seconds
+            .map_or(self.job_timeout, Duration::from_secs);
+        let request = JobRequest {
+            jobId: job.job_id.clone(),
+            repoUrl: job.repo_url.clone(),
+            branch: job.branch.clone(),
+            dockerfilePath: job.dockerfile_path.clone(),
+            contextDir: job.context_dir.clone(),
+            imageName: job.image_name.clone(),
+            githubToken: job.github_token.expose().to_string(),
+            timeoutSeconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+            ..JobRequest::default()
+        };
+        let started = Instant::now();
+        let result = claim
+            .client
+            .run_job_async_opt(&request, CallOption::default().timeout(timeout))
+            .map_err(CallError::Grpc)
+            .and_then(|call| rpc::wait(call, Some(token)));
+        let worker = &*claim.worker;
+        let ended = |outcome, release, error: String| {
+            Attempt::Ended(
+                Status::without_answer(&job.job_id, outcome, worker, job.github_token.redact(&error)),
+                release,
+            )
+        };
+        let attempt = match result {
+            Ok(response) => Attempt::Ended(answered(job, worker, response), Release::Done),
+            Err(CallError::Cancelled(CancelReason::WorkerLost)) => ended(
+                Outcome::WorkerLost,
+                Release::Done,
+                format!("worker {worker} stopped answering health pings while running the job"),
+            ),
+            Err(CallError::Grpc(grpcio::Error::RpcFailure(status))) => match status.code() {
+                RpcStatusCode::RESOURCE_EXHAUSTED => Attempt::Refused,
+                RpcStatusCode::DEADLINE_EXCEEDED => ended(
+                    Outcome::TimedOut,
+                    Release::Done,
+                    format!("no answer from worker {worker} within {}", humantime::format_duration(timeout)),
+                ),
+                RpcStatusCode::UNAVAILABLE | RpcStatusCode::CANCELLED => ended(
+                    Outcome::WorkerLost,
+                    Release::Unreachable,
+                    format!("lost worker {worker}: {} {}", status.code(), status.message()),
+                ),
+                code => ended(
+                    Outcome::Failed,
+                    Release::Done,
+                    format!("worker {worker} failed the call: {code} {}", status.message()),
+                ),
+            },
+            Err(CallError::Grpc(e)) => ended(
+                Outcome::Failed,
+                Release::Done,
+                format!("call to worker {worker} failed: {e}"),
+            ),
+        };
+        match &attempt {
+            Attempt::Ended(status, _) => info!(
+                "job {}: {:?} on worker {worker} after {} ms",
+                job.job_id,
+                status.outcome,
+                started.elapsed().as_millis()
+            ),
+            Attempt::Refused => warn!("job {}: worker {worker} is full; trying another", job.job_id),
+        }
+        attempt
+    }
+}
+
+/// The status of a job the worker answered.
+fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
+    if response.jobId != job.job_id {
+        warn!(
+            "job {}: worker {worker} answered for job {:?}; keeping ours",
+            job.job_id, response.jobId
+        );
+    }
+    let token = &job.github_token;
+    Status {
+        job_id: job.job_id.clone(),
+        success: response.success,
+        logs: token.redact(&response.logs),
+        image_url: response.imageUrl,
+        error: token.redact(&response.error),
+        worker_id: worker.to_string(),
+        outcome: if response.success {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        },
+    }
+}

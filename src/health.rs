@@ -1,0 +1,51 @@
+//! The health ticker: every interval it pings every worker's `JobService.Ping` at once
+//! (each call with its own deadline), records the answers in the registry, and forgets
+//! workers that stayed unhealthy too long.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use grpcio::CallOption;
+
+use crate::proto::job::{PingRequest, WorkerStatus};
+use crate::rpc::{self, CallError};
+use crate::workers::{PingResult, Registry};
+
+/// Starts the health ticker; its first round runs at once.
+pub fn spawn(registry: Arc<Registry>, interval: Duration, timeout: Duration) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("health-ticker".into())
+        .spawn(move || loop {
+            let started = Instant::now();
+            round(&registry, timeout);
+            registry.forget_expired();
+            std::thread::sleep(interval.saturating_sub(started.elapsed()));
+        })
+        .expect("spawning the health ticker thread")
+}
+
+/// Pings every worker concurrently and records the results; returns when all answered
+/// or timed out.
+pub fn round(registry: &Registry, timeout: Duration) {
+    let request = PingRequest::new();
+    let calls: Vec<_> = registry
+        .ping_targets()
+        .into_iter()
+        .map(|target| {
+            let call = target
+                .client
+                .ping_async_opt(&request, CallOption::default().timeout(timeout));
+            (target, call)
+        })
+        .collect();
+    for (target, call) in calls {
+        let result = match call.map_err(CallError::Grpc).and_then(|c| rpc::wait(c, None)) {
+            Ok(pong) if pong.status == WorkerStatus::BUSY => PingResult::Busy,
+            Ok(_) => PingResult::Free,
+            Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),
+            Err(CallError::Cancelled(reason)) => PingResult::Failed(format!("{reason:?}")),
+        };
+        registry.record_ping(&target, result);
+    }
+}

@@ -1,0 +1,300 @@
+//! The JSON messages of the wire contract: jobs read from `execute.queue` and the
+//! statuses published on `status.queue`.
+//!
+//! Decoding is strict about what it needs and quiet about what it found: an error
+//! names the field and what was expected, never the value (the value could be a
+//! token a control plane put in the wrong field).
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The longest `jobId` accepted; job ids end up in logs, message ids and gRPC calls.
+pub const MAX_JOB_ID_LEN: usize = 256;
+
+/// A secret string: its `Debug` and `Display` print `***`, never the value.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    /// The secret itself, for the one place that must send it on.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `text` with every occurrence of this secret replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        if self.0.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(&self.0, "***")
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+/// A build job, as the control plane publishes it on `execute.queue`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Job {
+    /// The control plane's id of the job; statuses carry it back.
+    pub job_id: String,
+    /// `owner/name`, a URL or a path of the git repository to build.
+    pub repo_url: String,
+    /// Branch (or other ref) to check out.
+    pub branch: String,
+    /// Dockerfile path, relative to `context_dir`.
+    pub dockerfile_path: String,
+    /// Build context directory, relative to the checkout.
+    pub context_dir: String,
+    /// Name (and tag) of the image to build.
+    pub image_name: String,
+    /// Token that lets the worker clone a private repository.
+    pub github_token: Secret,
+    /// The job's own deadline, overriding `--job-timeout`.
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Why a message on `execute.queue` is not a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Human-readable reason; it never quotes the message's values.
+    pub reason: String,
+    /// The message's `jobId`, when one could be read.
+    pub job_id: Option<String>,
+}
+
+impl Job {
+    /// Decodes a job message, enforcing the size limit first.
+    pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, Rejection> {
+        if body.len() > max_bytes {
+            // Scan for the id only: the rest of an oversized message is never kept.
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                #[serde(rename = "jobId")]
+                job_id: Option<Value>,
+            }
+            let job_id = serde_json::from_slice::<IdOnly>(body)
+                .ok()
+                .and_then(|m| check_job_id(m.job_id.as_ref()).ok());
+            return Err(Rejection {
+                reason: format!("message is {} bytes, above the limit of {max_bytes}", body.len()),
+                job_id,
+            });
+        }
+        let value: Value = serde_json::from_slice(body).map_err(|e| Rejection {
+            reason: format!("not JSON ({})", syntax_position(&e)),
+            job_id: None,
+        })?;
+        let Value::Object(fields) = value else {
+            return Err(Rejection {
+                reason: "not a JSON object".to_string(),
+                job_id: None,
+            });
+        };
+        let job_id = check_job_id(fields.get("jobId"));
+        let reject = |reason: String| Rejection {
+            reason,
+            job_id: job_id.clone().ok(),
+        };
+        let job_id = job_id.map_err(&reject)?;
+        let text = |name: &str| -> Result<String, Rejection> {
+            match fields.get(name) {
+                None | Some(Value::Null) => Ok(String::new()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(reject(format!("`{name}` must be a string"))),
+            }
+        };
+        let timeout_seconds = match fields.get("timeoutSeconds") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(s) if s > 0 => Some(s),
+                _ => {
+                    return Err(reject(
+                        "`timeoutSeconds` must be a positive whole number".to_string(),
+                    ))
+                }
+            },
+        };
+        Ok(Job {
+            repo_url: text("repoUrl")?,
+            branch: text("branch")?,
+            dockerfile_path: text("dockerfilePath")?,
+            context_dir: text("contextDir")?,
+            image_name: text("imageName")?,
+            github_token: Secret::new(text("githubToken")?),
+            timeout_seconds,
+            job_id,
+        })
+    }
+
+    /// Encodes the job as the JSON message of the wire contract (used by `submit` and tests).
+    pub fn to_json(&self) -> Value {
+        let mut fields = serde_json::json!({
+            "jobId": self.job_id,
+            "repoUrl": self.repo_url,
+            "branch": self.branch,
+            "dockerfilePath": self.dockerfile_path,
+            "contextDir": self.context_dir,
+            "imageName": self.image_name,
+            "githubToken": self.github_token.expose(),
+        });
+        if let Some(t) = self.timeout_seconds {
+            fields["timeoutSeconds"] = t.into();
+        }
+        fields
+    }
+}
+
+fn check_job_id(value: Option<&Value>) -> Result<String, String> {
+    match value {
+        None | Some(Value::Null) => Err("`jobId` is missing".to_string()),
+        Some(Value::String(id)) if id.trim().is_empty() => Err("`jobId` is empty".to_string()),
+        Some(Value::String(id)) if id.len() > MAX_JOB_ID_LEN => Err(format!(
+            "`jobId` is longer than {MAX_JOB_ID_LEN} bytes"
+        )),
+        Some(Value::String(id)) if id.chars().any(char::is_control) => {
+            Err("`jobId` contains control characters".to_string())
+        }
+        Some(Value::String(id)) => Ok(id.clone()),
+        Some(_) => Err("`jobId` must be a string".to_string()),
+    }
+}
+
+/// Where a JSON syntax error is, without quoting the input.
+fn syntax_position(e: &serde_json::Error) -> String {
+    format!("syntax error at line {} column {}", e.line(), e.column())
+}
+
+/// How a job ended, as the `outcome` field of its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The worker built the job and reported success.
+    Succeeded,
+    /// The worker ran the job and reported failure, or refused it as invalid.
+    Failed,
+    /// The worker went away (connection lost, killed, stopped answering) while running it.
+    WorkerLost,
+    /// The job's deadline passed before the worker answered.
+    TimedOut,
+    /// The message was not a valid job; it was moved to the rejected queue.
+    Rejected,
+}
+
+/// A job's final status, published on `status.queue`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The job's id.
+    pub job_id: String,
+    /// True only for [`Outcome::Succeeded`].
+    pub success: bool,
+    /// The worker's build logs (secrets redacted).
+    pub logs: String,
+    /// The pushed image reference, on success.
+    pub image_url: String,
+    /// Why the job failed; empty on success.
+    pub error: String,
+    /// The worker that ran (or was running) the job; empty when none did.
+    pub worker_id: String,
+    /// How the job ended.
+    pub outcome: Outcome,
+}
+
+impl Status {
+    /// A status for a job that ended without a worker's answer.
+    pub fn without_answer(job_id: &str, outcome: Outcome, worker_id: &str, error: String) -> Status {
+        Status {
+            job_id: job_id.to_string(),
+            success: false,
+            logs: String::new(),
+            image_url: String::new(),
+            error,
+            worker_id: worker_id.to_string(),
+            outcome,
+        }
+    }
+
+    /// The JSON body of the status message.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a status always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 1024;
+
+    fn decode(text: &str) -> Result<Job, Rejection> {
+        Job::decode(text.as_bytes(), LIMIT)
+    }
+
+    #[test]
+    fn a_full_job_decodes_and_unknown_fields_are_ignored() {
+        let job = decode(
+            r#"{"jobId":"j1","repoUrl":"o/r","branch":"main","dockerfilePath":"Dockerfile",
+                "contextDir":".","imageName":"app:1","githubToken":"tok","timeoutSeconds":30,
+                "priority":"high"}"#,
+        )
+        .unwrap();
+        assert_eq!(job.job_id, "j1");
+        assert_eq!(job.repo_url, "o/r");
+        assert_eq!(job.github_token.expose(), "tok");
+        assert_eq!(job.timeout_seconds, Some(30));
+        assert!(!format!("{job:?}").contains("tok\""), "token printed: {job:?}");
+        assert_eq!(Job::decode(&serde_json::to_vec(&job.to_json()).unwrap(), LIMIT), Ok(job));
+    }
+
+    #[test]
+    fn bad_messages_are_rejected_with_a_reason_and_the_job_id_when_readable() {
+        let r = decode("{not json").unwrap_err();
+        assert!(r.reason.starts_with("not JSON"), "{r:?}");
+        assert_eq!(r.job_id, None);
+        assert_eq!(decode("[1]").unwrap_err().reason, "not a JSON object");
+        assert_eq!(decode(r#"{"repoUrl":"x"}"#).unwrap_err().reason, "`jobId` is missing");
+        assert_eq!(decode(r#"{"jobId":" "}"#).unwrap_err().reason, "`jobId` is empty");
+        assert_eq!(decode(r#"{"jobId":7}"#).unwrap_err().reason, "`jobId` must be a string");
+        let r = decode(r#"{"jobId":"j2","branch":"ghp_secret_in_wrong_field","timeoutSeconds":"ghp_x"}"#)
+            .unwrap_err();
+        assert_eq!(r.job_id.as_deref(), Some("j2"));
+        assert!(!r.reason.contains("ghp_"), "{r:?}");
+        let r = decode(r#"{"jobId":"j3","imageName":["a"]}"#).unwrap_err();
+        assert_eq!(r.reason, "`imageName` must be a string");
+        let big = format!(r#"{{"jobId":"j4","logs":"{}"}}"#, "x".repeat(LIMIT));
+        let r = decode(&big).unwrap_err();
+        assert!(r.reason.contains("above the limit of 1024"), "{r:?}");
+        assert_eq!(r.job_id.as_deref(), Some("j4"));
+    }
+
+    #[test]
+    fn statuses_serialise_in_camel_case_with_snake_case_outcomes() {
+        let status = Status::without_answer("j1", Outcome::WorkerLost, "w1", "gone".into());
+        let json: Value = serde_json::from_slice(&status.to_json()).unwrap();
+        assert_eq!(json["jobId"], "j1");
+        assert_eq!(json["success"], false);
+        assert_eq!(json["imageUrl"], "");
+        assert_eq!(json["workerId"], "w1");
+        assert_eq!(json["outcome"], "worker_lost");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Secret::new("ghp_abc".into());
+        assert_eq!(s.redact("clone https://ghp_abc@x failed"), "clone https://***@x failed");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(Secret::default().redact("text"), "text");
+    }
+}

@@ -1,0 +1,14 @@
+//! Blacktree: a synchronous, threaded build orchestrator. It consumes Docker build jobs
+//! from RabbitMQ, runs each on a free gRPC build worker, and publishes the worker's
+//! answer as the job's status. See ARCHITECTURE.md for the threads and channels.
+
+pub mod amqp;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod health;
+pub mod job;
+pub mod orchestrator;
+pub mod proto;
+pub mod rpc;
+pub mod workers;

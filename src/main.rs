@@ -1,0 +1,5 @@
+//! The `blacktree` binary; see `blacktree --help`.
+
+fn main() -> std::process::ExitCode {
+    blacktree::cli::main()
+}

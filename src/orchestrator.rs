@@ -1,0 +1,118 @@
+//! `blacktree orchestrator`: starts every thread of the service, wires their channels,
+//! and turns SIGINT/SIGTERM into a drain.
+//!
+//! ```text
+//!  AMQP consumer ──jobs (rendezvous)──▶ dispatch pool ──RunJob──▶ workers
+//!      ▲  inbox: Confirmed / Requeue / Drain      │  ▲ hints
+//!      │                                          ▼  │
+//!  status publisher ◀──publications──────── registry ◀── health ticker ──Ping──▶ workers
+//!                                                  ▲
+//!                              gRPC server: Register / Ping (workers → us)
+//! ```
+
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, unbounded};
+use grpcio::EnvBuilder;
+use grpcio_health::ServingStatus;
+use log::{info, warn};
+
+use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks, ConsumerMsg};
+use crate::amqp::{publisher, AmqpUrl};
+use crate::config::OrchestratorConfig;
+use crate::dispatch::{self, DispatchLinks};
+use crate::health;
+use crate::rpc;
+use crate::workers::{Registry, RegistrySettings};
+
+/// Runs the orchestrator until a signal's drain has finished.
+pub fn run(config: OrchestratorConfig) -> Result<(), String> {
+    info!("orchestrator starting: {config}");
+    let url = AmqpUrl::parse(&config.amqp_url)?;
+    let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
+
+    let (hints_tx, hints_rx) = unbounded();
+    let registry = Arc::new(Registry::new(
+        env.clone(),
+        hints_tx,
+        RegistrySettings {
+            unhealthy_after: config.unhealthy_after,
+            forget_after: config.forget_after,
+        },
+    ));
+    for worker in &config.workers {
+        registry.register(&worker.id, &worker.addr, 1, true);
+    }
+    let server = rpc::serve(env, &config.grpc_listen, registry.clone())?;
+    info!("gRPC server listening on port {} ({})", server.port, config.grpc_listen);
+
+    let (inbox_tx, inbox_rx) = unbounded();
+    let (jobs_tx, jobs_rx) = bounded(0);
+    let (publications_tx, publications_rx) = unbounded();
+    let (connections_tx, connections_rx) = unbounded();
+    let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
+
+    publisher::spawn(
+        config.topology.clone(),
+        publications_rx,
+        connections_rx,
+        inbox_tx.clone(),
+    );
+    let consumer = consumer::spawn(
+        ConsumerConfig {
+            url,
+            topology: config.topology.clone(),
+            prefetch: config.prefetch(),
+            max_message_bytes: config.max_message_bytes,
+            dedupe_window: config.dedupe_window,
+            drain_timeout: config.drain_timeout,
+        },
+        ConsumerLinks {
+            inbox: inbox_rx,
+            jobs: jobs_tx,
+            publications: publications_tx.clone(),
+            connections: connections_tx,
+        },
+    );
+    dispatch::spawn_pool(
+        config.dispatch_threads,
+        config.job_timeout,
+        DispatchLinks {
+            jobs: jobs_rx,
+            hints: hints_rx,
+            shutdown: shutdown_rx,
+            publications: publications_tx,
+            consumer: inbox_tx.clone(),
+            registry: registry.clone(),
+        },
+    );
+    health::spawn(registry, config.health_interval, config.health_timeout);
+
+    let (signals_tx, signals) = unbounded();
+    ctrlc::set_handler(move || {
+        let _ = signals_tx.send(());
+    })
+    .map_err(|e| format!("installing the signal handler: {e}"))?;
+
+    signals.recv().map_err(|_| "the signal handler stopped".to_string())?;
+    info!(
+        "signal received: draining (up to {}); a second signal exits at once",
+        humantime::format_duration(config.drain_timeout)
+    );
+    server.health.set_serving_status("", ServingStatus::NotServing);
+    std::thread::spawn(move || {
+        if signals.recv().is_ok() {
+            warn!("second signal: exiting without waiting for running jobs");
+            std::process::exit(1);
+        }
+    });
+    drop(shutdown_tx);
+    inbox_tx
+        .send(ConsumerMsg::Drain)
+        .map_err(|_| "the AMQP consumer thread has stopped".to_string())?;
+    consumer
+        .join()
+        .map_err(|_| "the AMQP consumer thread panicked".to_string())?;
+    info!("orchestrator stopped");
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! Generated from `proto/job.proto`; see `build.rs`.
+include!(concat!(env!("OUT_DIR"), "/job_grpc.rs"));

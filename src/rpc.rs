@@ -1,0 +1,253 @@
+//! gRPC plumbing: the orchestrator's server (`WorkerService` and `grpc.health.v1`),
+//! clients of the workers' `JobService`, and a runtime-free way to wait for a call.
+//!
+//! grpcio completes calls on its own completion-queue threads; [`wait`] parks the
+//! calling thread until the call's future is ready or its [`CancelToken`] fires, so a
+//! dispatch thread can block on `RunJob` and still be cancelled from another thread.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, Thread};
+use std::time::Duration;
+
+use grpcio::{
+    ChannelBuilder, ClientUnaryReceiver, Environment, RpcContext, Server, ServerBuilder,
+    ServerCredentials, UnarySink,
+};
+use grpcio_health::{create_health, HealthService, ServingStatus};
+use log::{debug, info, warn};
+
+use crate::proto::job_grpc::JobServiceClient;
+use crate::proto::worker::{PingRequest, PongResponse, RegisterAck, WorkerInfo};
+use crate::proto::worker_grpc::{create_worker_service, WorkerService};
+use crate::workers::Registry;
+
+/// Largest message accepted from a worker (build logs can be large).
+const MAX_MESSAGE_BYTES: i32 = 64 * 1024 * 1024;
+
+/// Opens a (lazily connecting) client of the `JobService` at `addr`.
+pub fn job_client(env: Arc<Environment>, addr: &str) -> JobServiceClient {
+    let channel = ChannelBuilder::new(env)
+        // A worker back from a restart is reachable again within a health round or two.
+        .initial_reconnect_backoff(Duration::from_millis(200))
+        .max_reconnect_backoff(Duration::from_secs(2))
+        .max_receive_message_len(MAX_MESSAGE_BYTES)
+        .max_send_message_len(MAX_MESSAGE_BYTES)
+        .connect(addr);
+    JobServiceClient::new(channel)
+}
+
+/// Why a call was cancelled by the orchestrator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The worker stopped answering health pings while running the call.
+    WorkerLost,
+}
+
+/// Lets another thread cancel a call that a thread waits for in [`wait`].
+#[derive(Clone)]
+pub struct CancelToken(Arc<TokenInner>);
+
+struct TokenInner {
+    reason: Mutex<Option<CancelReason>>,
+    waiter: Thread,
+}
+
+impl CancelToken {
+    /// A token for a call the current thread will wait for.
+    pub fn for_current_thread() -> CancelToken {
+        CancelToken(Arc::new(TokenInner {
+            reason: Mutex::new(None),
+            waiter: thread::current(),
+        }))
+    }
+
+    /// Cancels the call (the first reason given wins) and wakes its waiter.
+    pub fn cancel(&self, reason: CancelReason) {
+        self.0
+            .reason
+            .lock()
+            .expect("cancel token lock")
+            .get_or_insert(reason);
+        self.0.waiter.unpark();
+    }
+
+    /// The reason the call was cancelled, if it was.
+    pub fn reason(&self) -> Option<CancelReason> {
+        *self.0.reason.lock().expect("cancel token lock")
+    }
+}
+
+/// How a call ended without an answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// gRPC failed the call (status, connection, codec).
+    Grpc(grpcio::Error),
+    /// The orchestrator cancelled it.
+    Cancelled(CancelReason),
+}
+
+struct ThreadWaker(Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Blocks the current thread until `call` completes or `token` (which must have been
+/// made on this thread) is cancelled; a cancelled call is cancelled in gRPC too.
+pub fn wait<T>(mut call: ClientUnaryReceiver<T>, token: Option<&CancelToken>) -> Result<T, CallError> {
+    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Some(reason) = token.and_then(CancelToken::reason) {
+            call.cancel();
+            return Err(CallError::Cancelled(reason));
+        }
+        if let Poll::Ready(result) = Pin::new(&mut call).poll(&mut cx) {
+            return result.map_err(CallError::Grpc);
+        }
+        thread::park();
+    }
+}
+
+/// The running gRPC server of the orchestrator.
+pub struct OrchestratorServer {
+    /// Kept alive while the orchestrator runs; dropping it stops the server.
+    _server: Server,
+    /// grpc.health.v1 status, set to NOT_SERVING when draining.
+    pub health: HealthService,
+    /// The port it listens on (useful with `:0`).
+    pub port: u16,
+}
+
+/// Starts the orchestrator's gRPC server on `listen`.
+pub fn serve(
+    env: Arc<Environment>,
+    listen: &str,
+    registry: Arc<Registry>,
+) -> Result<OrchestratorServer, String> {
+    let health = HealthService::default();
+    health.set_serving_status("", ServingStatus::Serving);
+    let mut server = ServerBuilder::new(env)
+        .register_service(create_worker_service(WorkerServiceImpl { registry }))
+        .register_service(create_health(health.clone()))
+        .build()
+        .map_err(|e| format!("building the gRPC server: {e}"))?;
+    let port = server
+        .add_listening_port(listen, ServerCredentials::insecure())
+        .map_err(|e| format!("gRPC server cannot listen on {listen}: {e}"))?;
+    server.start();
+    Ok(OrchestratorServer {
+        _server: server,
+        health,
+        port,
+    })
+}
+
+/// `WorkerService`: workers register and ask whether we still know them.
+#[derive(Clone)]
+struct WorkerServiceImpl {
+    registry: Arc<Registry>,
+}
+
+impl WorkerService for WorkerServiceImpl {
+    fn register(&mut self, ctx: RpcContext, info: WorkerInfo, sink: UnarySink<RegisterAck>) {
+        let mut ack = RegisterAck::new();
+        match checked_registration(&info) {
+            Ok((addr, capacity)) => {
+                let generation = self.registry.register(&info.id, &addr, capacity, false);
+                info!(
+                    "worker {} registered at {addr} (capacity {capacity}, region {:?}, generation {generation})",
+                    info.id, info.region
+                );
+                ack.success = true;
+                ack.message = format!("registered {} at {addr}", info.id);
+            }
+            Err(reason) => {
+                warn!("refused a registration from {}: {reason}", ctx.peer());
+                ack.message = reason;
+            }
+        }
+        reply(&ctx, sink, ack);
+    }
+
+    fn ping(&mut self, ctx: RpcContext, req: PingRequest, sink: UnarySink<PongResponse>) {
+        let mut pong = PongResponse::new();
+        pong.healthy = self.registry.is_registered(&req.id);
+        reply(&ctx, sink, pong);
+    }
+}
+
+/// Checks a registration; returns the worker's `HOST:PORT` and capacity.
+fn checked_registration(info: &WorkerInfo) -> Result<(String, u32), String> {
+    let id = info.id.as_str();
+    if id.trim().is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+        return Err("id must be 1 to 256 printable characters".to_string());
+    }
+    if info.ip.trim().is_empty() {
+        return Err(format!("worker {id}: ip is empty"));
+    }
+    let port = u16::try_from(info.port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("worker {id}: port {} is not a TCP port", info.port))?;
+    let capacity = match info.capacity {
+        0 => 1,
+        c if c > 0 => c as u32,
+        c => return Err(format!("worker {id}: capacity {c} is negative")),
+    };
+    let host = if info.ip.contains(':') && !info.ip.starts_with('[') {
+        format!("[{}]", info.ip)
+    } else {
+        info.ip.clone()
+    };
+    Ok((format!("{host}:{port}"), capacity))
+}
+
+fn reply<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, message: T) {
+    ctx.spawn(async move {
+        if let Err(e) = sink.success(message).await {
+            debug!("could not answer a WorkerService call: {e}");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, ip: &str, port: i32, capacity: i32) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            ip: ip.into(),
+            port,
+            capacity,
+            ..WorkerInfo::default()
+        }
+    }
+
+    #[test]
+    fn registrations_are_checked() {
+        assert_eq!(
+            checked_registration(&info("w1", "10.0.0.2", 6000, 0)),
+            Ok(("10.0.0.2:6000".into(), 1))
+        );
+        assert_eq!(
+            checked_registration(&info("w1", "::1", 6000, 3)),
+            Ok(("[::1]:6000".into(), 3))
+        );
+        assert!(checked_registration(&info("", "10.0.0.2", 6000, 0)).is_err());
+        assert!(checked_registration(&info("w1", "", 6000, 0)).is_err());
+        assert!(checked_registration(&info("w1", "h", 70000, 0)).is_err());
+        assert!(checked_registration(&info("w1", "h", 0, 0)).is_err());
+        assert!(checked_registration(&info("w1", "h", 1, -1)).is_err());
+    }
+}

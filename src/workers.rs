@@ -1,0 +1,418 @@
+//! The worker registry: which workers exist, whether they are healthy, and how many of
+//! their slots are taken.
+//!
+//! The registry holds the truth; the `hints` channel only carries hints that a slot
+//! *may* be free (worker id and registration generation). A dispatch thread takes a
+//! hint and [`Registry::claim`]s the slot, which checks the truth under the lock: a
+//! stale hint (older generation, unhealthy or busy worker, full worker) is dropped.
+//!
+//! Invariants (checked by the tests below and by the integration tests):
+//! * a worker never has more than its capacity of jobs in flight;
+//! * a worker gets no job while it is unhealthy or reports BUSY for reasons of its own;
+//! * no free slot is forgotten: for every worker, the hints of its current generation
+//!   waiting in the channel (`hinted`) are at least its free slots. Every change that
+//!   frees a slot calls `top_up`, which sends the missing hints; `hinted` never exceeds
+//!   the capacity, so the channel stays small.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use grpcio::Environment;
+use log::{info, warn};
+
+use crate::proto::job_grpc::JobServiceClient;
+use crate::rpc::{self, CancelReason, CancelToken};
+
+/// A hint that a worker may have a free slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    /// The worker's id.
+    pub worker: Arc<str>,
+    /// The registration the hint belongs to.
+    pub generation: u64,
+}
+
+/// A slot taken on a worker; give it back with [`Registry::release`].
+#[derive(Clone)]
+pub struct Claim {
+    /// The worker's id.
+    pub worker: Arc<str>,
+    /// The registration the slot belongs to.
+    pub generation: u64,
+    /// Client of the worker's `JobService`.
+    pub client: JobServiceClient,
+}
+
+/// How a job ended on a worker, as far as the worker's state is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The call ended; the slot is free again.
+    Done,
+    /// The worker could not be reached: mark it unhealthy at once.
+    Unreachable,
+    /// The worker refused the job (no free slot of its own): treat it as busy until a
+    /// ping says FREE.
+    Refused,
+}
+
+/// What a ping found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PingResult {
+    /// The worker answered FREE (or an older worker's UNKNOWN).
+    Free,
+    /// The worker answered BUSY.
+    Busy,
+    /// No answer, or an error.
+    Failed(String),
+}
+
+/// A worker to ping, as the health ticker sees it.
+pub struct PingTarget {
+    /// The worker's id.
+    pub worker: Arc<str>,
+    /// Client of its `JobService`.
+    pub client: JobServiceClient,
+    generation: u64,
+    /// Jobs ever started on it when the ping was sent, to tell whether a BUSY answer is
+    /// explained by our own jobs.
+    started: u64,
+    in_flight: u32,
+}
+
+/// Settings of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// Consecutive failed pings that make a worker unhealthy.
+    pub unhealthy_after: u32,
+    /// How long a registered worker may stay unhealthy before it is forgotten.
+    pub forget_after: Duration,
+}
+
+/// The registry of workers; shared by the gRPC server, the dispatch pool and the
+/// health ticker.
+pub struct Registry {
+    state: Mutex<HashMap<Arc<str>, Worker>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    hints: Sender<Hint>,
+    env: Arc<Environment>,
+    settings: RegistrySettings,
+}
+
+struct Worker {
+    addr: String,
+    generation: u64,
+    capacity: u32,
+    in_flight: u32,
+    /// Hints of this generation sent and not yet taken.
+    hinted: u32,
+    healthy: bool,
+    /// Reported BUSY while running none of our jobs (or refused one).
+    busy: bool,
+    failures: u32,
+    unhealthy_since: Option<Instant>,
+    /// Named on the command line: never forgotten.
+    is_static: bool,
+    client: JobServiceClient,
+    /// Jobs running on it → the token that cancels their call.
+    running: HashMap<String, CancelToken>,
+    started: u64,
+}
+
+impl Worker {
+    fn free_slots(&self) -> u32 {
+        if self.healthy && !self.busy {
+            self.capacity.saturating_sub(self.in_flight)
+        } else {
+            0
+        }
+    }
+}
+
+impl Registry {
+    /// An empty registry that sends its hints on `hints`.
+    pub fn new(env: Arc<Environment>, hints: Sender<Hint>, settings: RegistrySettings) -> Registry {
+        Registry {
+            state: Mutex::new(HashMap::new()),
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+            hints,
+            env,
+            settings,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Worker>> {
+        self.state.lock().expect("worker registry lock")
+    }
+
+    /// Adds or replaces a worker; returns its new generation. A registered worker starts
+    /// healthy (it just reached us); a static one starts unhealthy until a ping answers.
+    /// Hints of an earlier registration under the same id become stale.
+    pub fn register(&self, id: &str, addr: &str, capacity: u32, is_static: bool) -> u64 {
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let client = rpc::job_client(self.env.clone(), addr);
+        let id: Arc<str> = id.into();
+        let mut workers = self.lock();
+        let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
+        let worker = workers.entry(id.clone()).insert_entry(Worker {
+            addr: addr.to_string(),
+            generation,
+            capacity: capacity.max(1),
+            in_flight: 0,
+            hinted: 0,
+            healthy: !is_static,
+            busy: false,
+            failures: 0,
+            unhealthy_since: None,
+            is_static,
+            client,
+            running: HashMap::new(),
+            started: 0,
+        });
+        self.top_up(&id, worker.into_mut());
+        generation
+    }
+
+    /// Sends the hints a worker's free slots are missing.
+    fn top_up(&self, id: &Arc<str>, worker: &mut Worker) {
+        while worker.hinted < worker.free_slots() {
+            worker.hinted += 1;
+            // The receiving side lives in the dispatch pool for the whole process.
+            let _ = self.hints.send(Hint {
+                worker: id.clone(),
+                generation: worker.generation,
+            });
+        }
+    }
+
+    /// Whether `id` is registered (what `WorkerService.Ping` answers).
+    pub fn is_registered(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    /// Takes a slot for `job_id` if `hint` still points at a free one; the token lets
+    /// the registry cancel the call when the worker is lost.
+    pub fn claim(&self, hint: &Hint, job_id: &str, token: &CancelToken) -> Option<Claim> {
+        let mut workers = self.lock();
+        let worker = workers.get_mut(&hint.worker)?;
+        if worker.generation != hint.generation {
+            return None;
+        }
+        worker.hinted = worker.hinted.saturating_sub(1);
+        if worker.free_slots() == 0 {
+            return None;
+        }
+        worker.in_flight += 1;
+        worker.started += 1;
+        worker.running.insert(job_id.to_string(), token.clone());
+        Some(Claim {
+            worker: hint.worker.clone(),
+            generation: worker.generation,
+            client: worker.client.clone(),
+        })
+    }
+
+    /// Gives a claimed slot back.
+    pub fn release(&self, claim: &Claim, job_id: &str, how: Release) {
+        let mut workers = self.lock();
+        let Some(worker) = workers.get_mut(&claim.worker) else { return };
+        if worker.generation != claim.generation {
+            return;
+        }
+        worker.in_flight -= 1;
+        worker.running.remove(job_id);
+        match how {
+            Release::Done => {}
+            Release::Unreachable => {
+                worker.failures = worker.failures.max(self.settings.unhealthy_after);
+                if worker.healthy {
+                    warn!("worker {} is unreachable; no jobs until it answers pings", claim.worker);
+                    self.mark_unhealthy(worker);
+                }
+            }
+            Release::Refused => {
+                info!("worker {} refused a job; no jobs until it reports FREE", claim.worker);
+                worker.busy = true;
+            }
+        }
+        self.top_up(&claim.worker, worker);
+    }
+
+    fn mark_unhealthy(&self, worker: &mut Worker) {
+        worker.healthy = false;
+        worker.unhealthy_since = Some(Instant::now());
+        for token in worker.running.values() {
+            token.cancel(CancelReason::WorkerLost);
+        }
+    }
+
+    /// The workers to ping in a health round.
+    pub fn ping_targets(&self) -> Vec<PingTarget> {
+        self.lock()
+            .iter()
+            .map(|(id, w)| PingTarget {
+                worker: id.clone(),
+                client: w.client.clone(),
+                generation: w.generation,
+                started: w.started,
+                in_flight: w.in_flight,
+            })
+            .collect()
+    }
+
+    /// Records a ping's result: `unhealthy_after` failures in a row make a worker
+    /// unhealthy (and cancel the calls running on it), one answer makes it healthy.
+    pub fn record_ping(&self, target: &PingTarget, result: PingResult) {
+        let mut workers = self.lock();
+        let Some(worker) = workers.get_mut(&target.worker) else { return };
+        if worker.generation != target.generation {
+            return;
+        }
+        match result {
+            PingResult::Free | PingResult::Busy => {
+                if !worker.healthy {
+                    info!("worker {} ({}) answers pings: healthy", target.worker, worker.addr);
+                }
+                worker.healthy = true;
+                worker.failures = 0;
+                worker.unhealthy_since = None;
+                // BUSY while our own jobs ran (or started) since the ping left is ours.
+                let ours = target.in_flight > 0 || worker.in_flight > 0 || worker.started != target.started;
+                worker.busy = result == PingResult::Busy && !ours;
+            }
+            PingResult::Failed(error) => {
+                worker.failures += 1;
+                if worker.healthy && worker.failures >= self.settings.unhealthy_after {
+                    warn!(
+                        "worker {} ({}) failed {} pings in a row ({error}): unhealthy",
+                        target.worker, worker.addr, worker.failures
+                    );
+                    self.mark_unhealthy(worker);
+                }
+            }
+        }
+        self.top_up(&target.worker, worker);
+    }
+
+    /// Forgets registered workers unhealthy for longer than `forget_after`.
+    pub fn forget_expired(&self) {
+        let forget_after = self.settings.forget_after;
+        self.lock().retain(|id, w| {
+            let expired = !w.is_static && w.unhealthy_since.is_some_and(|t| t.elapsed() >= forget_after);
+            if expired {
+                info!("worker {id} ({}) forgotten after {} unhealthy", w.addr, humantime::format_duration(forget_after));
+            }
+            !expired
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::{unbounded, Receiver};
+
+    fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
+        let (tx, rx) = unbounded();
+        let env = Arc::new(Environment::new(1));
+        let settings = RegistrySettings {
+            unhealthy_after,
+            forget_after: Duration::ZERO,
+        };
+        (Registry::new(env, tx, settings), rx)
+    }
+
+    /// Claims with every waiting hint; returns the claims obtained.
+    fn claim_all(registry: &Registry, hints: &Receiver<Hint>, token: &CancelToken) -> Vec<Claim> {
+        hints
+            .try_iter()
+            .enumerate()
+            .filter_map(|(i, hint)| registry.claim(&hint, &format!("job{i}"), token))
+            .collect()
+    }
+
+    fn target(registry: &Registry, id: &str) -> PingTarget {
+        registry
+            .ping_targets()
+            .into_iter()
+            .find(|t| &*t.worker == id)
+            .expect("worker listed")
+    }
+
+    #[test]
+    fn a_worker_never_gets_more_than_its_capacity() {
+        let (registry, hints) = registry(2);
+        let token = CancelToken::for_current_thread();
+        registry.register("w", "127.0.0.1:1", 3, false);
+        registry.register("w", "127.0.0.1:1", 3, false); // re-registration: old hints stale
+        let claims = claim_all(&registry, &hints, &token);
+        assert_eq!(claims.len(), 3);
+        assert!(hints.is_empty());
+        registry.release(&claims[0], "job0", Release::Done);
+        let again = claim_all(&registry, &hints, &token);
+        assert_eq!(again.len(), 1, "exactly the freed slot is hinted again");
+    }
+
+    #[test]
+    fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
+        let (registry, hints) = registry(2);
+        let token = CancelToken::for_current_thread();
+        registry.register("w", "127.0.0.1:1", 2, false);
+        for _ in 0..2 {
+            registry.record_ping(&target(&registry, "w"), PingResult::Failed("timeout".into()));
+        }
+        assert!(claim_all(&registry, &hints, &token).is_empty(), "unhealthy");
+        registry.record_ping(&target(&registry, "w"), PingResult::Busy);
+        assert!(claim_all(&registry, &hints, &token).is_empty(), "busy");
+        registry.record_ping(&target(&registry, "w"), PingResult::Free);
+        assert_eq!(claim_all(&registry, &hints, &token).len(), 2, "both slots hinted again");
+    }
+
+    #[test]
+    fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
+        let (registry, hints) = registry(2);
+        let token = CancelToken::for_current_thread();
+        registry.register("w", "127.0.0.1:1", 1, false);
+        let ping = target(&registry, "w");
+        let claim = claim_all(&registry, &hints, &token).pop().expect("one slot");
+        registry.release(&claim, "job0", Release::Done);
+        registry.record_ping(&ping, PingResult::Busy);
+        assert_eq!(claim_all(&registry, &hints, &token).len(), 1);
+    }
+
+    #[test]
+    fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
+        let (registry, hints) = registry(1);
+        let token = CancelToken::for_current_thread();
+        registry.register("w", "127.0.0.1:1", 2, false);
+        let claims = claim_all(&registry, &hints, &token);
+        registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
+        assert_eq!(token.reason(), Some(CancelReason::WorkerLost));
+        for (i, claim) in claims.iter().enumerate() {
+            registry.release(claim, &format!("job{i}"), Release::Done);
+        }
+        assert!(claim_all(&registry, &hints, &token).is_empty());
+
+        registry.register("v", "127.0.0.1:2", 1, false);
+        let claim = claim_all(&registry, &hints, &token).pop().expect("one slot");
+        registry.release(&claim, "job0", Release::Unreachable);
+        assert!(claim_all(&registry, &hints, &token).is_empty());
+    }
+
+    #[test]
+    fn registered_workers_are_forgotten_static_ones_are_not() {
+        let (registry, _hints) = registry(1);
+        registry.register("dyn", "127.0.0.1:1", 1, false);
+        registry.register("static", "127.0.0.1:2", 1, true);
+        registry.record_ping(&target(&registry, "static"), PingResult::Free);
+        for id in ["dyn", "static"] {
+            registry.record_ping(&target(&registry, id), PingResult::Failed("down".into()));
+        }
+        registry.forget_expired();
+        assert!(!registry.is_registered("dyn"));
+        assert!(registry.is_registered("static"));
+    }
+}

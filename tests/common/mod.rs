@@ -1,0 +1,589 @@
+//! Test harness: the real broker (shared or a private node), real gRPC test workers,
+//! and the real `blacktree` binary as a child process.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Channel, Connection, ExchangeDeclareOptions,
+    ExchangeType, FieldTable, Publish, QueueDeclareOptions, QueueDeleteOptions,
+};
+use blacktree::proto::job::{
+    CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
+    WorkerStatus,
+};
+use blacktree::proto::job_grpc::{create_job_service, JobService};
+use blacktree::proto::worker::WorkerInfo;
+use blacktree::proto::worker_grpc::WorkerServiceClient;
+use crossbeam_channel::{Receiver, Sender};
+use grpcio::{
+    ChannelBuilder, Environment, RpcContext, RpcStatus, RpcStatusCode, Server, ServerBuilder,
+    ServerCredentials, UnarySink,
+};
+use serde_json::Value;
+
+/// The machine's shared broker.
+pub const SHARED_BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// A token that must never show up in logs or statuses.
+pub const TOKEN: &str = "ghp_TESTSECRET0123456789";
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Per-test names for the exchange and queues, so tests never see each other's messages.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub exchange: String,
+    pub execute: String,
+    pub status: String,
+    pub rejected: String,
+}
+
+impl Names {
+    pub fn unique(test: &str) -> Names {
+        let tag = format!("{test}.{}.{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        Names {
+            exchange: format!("bt.{tag}.direct"),
+            execute: format!("bt.{tag}.execute"),
+            status: format!("bt.{tag}.status"),
+            rejected: format!("bt.{tag}.rejected"),
+        }
+    }
+
+    /// The orchestrator flags that select these names.
+    pub fn args(&self) -> Vec<String> {
+        [
+            ("--exchange", &self.exchange),
+            ("--execute-queue", &self.execute),
+            ("--status-queue", &self.status),
+            ("--rejected-queue", &self.rejected),
+        ]
+        .iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .collect()
+    }
+}
+
+/// A test's own AMQP connection: declares the topology, publishes jobs, reads statuses.
+pub struct Mq {
+    pub names: Names,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Mq {
+    pub fn connect(url: &str, names: &Names) -> Mq {
+        let mut connection = Connection::insecure_open(url).expect("test connection to RabbitMQ");
+        let channel = connection.open_channel(None).unwrap();
+        channel
+            .exchange_declare(
+                ExchangeType::Direct,
+                names.exchange.as_str(),
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for (queue, key) in [
+            (&names.execute, Some("worker.execute")),
+            (&names.status, Some("api.result")),
+            (&names.rejected, None),
+        ] {
+            let opts = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel.queue_declare(queue.as_str(), opts).unwrap();
+            if let Some(key) = key {
+                channel
+                    .queue_bind(queue.as_str(), names.exchange.as_str(), key, FieldTable::new())
+                    .unwrap();
+            }
+        }
+        Mq {
+            names: names.clone(),
+            connection,
+            channel,
+        }
+    }
+
+    /// Publishes a raw body on the execute routing key.
+    pub fn publish_raw(&self, body: &[u8]) {
+        let props = AmqpProperties::default().with_delivery_mode(2);
+        self.channel
+            .basic_publish(
+                self.names.exchange.as_str(),
+                Publish::with_properties(body, "worker.execute", props),
+            )
+            .unwrap();
+    }
+
+    /// Publishes a job with the test token.
+    pub fn publish_job(&self, job_id: &str, extra: Value) {
+        let mut job = serde_json::json!({
+            "jobId": job_id, "repoUrl": "acme/app", "branch": "main",
+            "dockerfilePath": "Dockerfile", "contextDir": ".", "imageName": "acme/app:1",
+            "githubToken": TOKEN,
+        });
+        if let Value::Object(extra) = extra {
+            job.as_object_mut().unwrap().extend(extra);
+        }
+        self.publish_raw(&serde_json::to_vec(&job).unwrap());
+    }
+
+    /// Reads statuses until `done` says so or `timeout` passes; returns them all.
+    pub fn statuses_until(&self, timeout: Duration, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+        self.read_until(&self.names.status, timeout, |msgs| done(msgs))
+            .into_iter()
+            .map(|(body, _)| serde_json::from_slice(&body).expect("status is JSON"))
+            .collect()
+    }
+
+    /// Reads `n` statuses (asserting they arrive within `timeout`).
+    pub fn statuses(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let statuses = self.statuses_until(timeout, |s| s.len() >= n);
+        assert!(statuses.len() >= n, "only {} of {n} statuses arrived: {statuses:?}", statuses.len());
+        statuses
+    }
+
+    /// Reads messages (body, headers) from `queue` until `done` or `timeout`.
+    pub fn read_until(
+        &self,
+        queue: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<(Vec<u8>, FieldTable)> {
+        // basic.get takes exactly one message at a time: nothing read ahead is lost
+        // when the test stops reading.
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut parsed = Vec::new();
+        while !done(&parsed) && Instant::now() < deadline {
+            match self.channel.basic_get(queue, true).expect("basic.get") {
+                Some(get) => {
+                    let d = get.delivery;
+                    parsed.push(serde_json::from_slice(&d.body).unwrap_or(Value::Null));
+                    out.push((d.body, d.properties.headers().clone().unwrap_or_default()));
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        out
+    }
+
+    /// Messages waiting in `queue`.
+    pub fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare_passive(queue)
+            .unwrap()
+            .message_count()
+            .unwrap_or(0)
+    }
+
+    /// Deletes this test's queues and exchange.
+    pub fn cleanup(self) {
+        for q in [&self.names.execute, &self.names.status, &self.names.rejected] {
+            let _ = self.channel.queue_delete(q.as_str(), QueueDeleteOptions::default());
+        }
+        let _ = self.channel.exchange_delete(self.names.exchange.as_str(), false);
+        let _ = self.connection.close();
+    }
+}
+
+/// Counts statuses per jobId.
+pub fn count_by_job(statuses: &[Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for s in statuses {
+        *counts.entry(s["jobId"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    counts
+}
+
+/// How a test worker behaves.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    /// How long a job takes.
+    pub run_time: Duration,
+    /// Answer pings with BUSY.
+    pub busy: bool,
+    /// Jobs at once; more are refused with RESOURCE_EXHAUSTED.
+    pub capacity: u32,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            run_time: Duration::from_millis(10),
+            busy: false,
+            capacity: 1,
+        }
+    }
+}
+
+/// What a test worker observed.
+#[derive(Default)]
+pub struct Observed {
+    pub in_flight: AtomicU32,
+    pub max_in_flight: AtomicU32,
+    pub refused: AtomicU32,
+    pub pings: AtomicU64,
+    pub jobs: Mutex<Vec<String>>,
+}
+
+impl Observed {
+    pub fn job_count(&self) -> usize {
+        self.jobs.lock().unwrap().len()
+    }
+}
+
+#[derive(Clone)]
+struct TestJobService {
+    id: String,
+    behaviour: Arc<Mutex<Behaviour>>,
+    observed: Arc<Observed>,
+    /// Closed when the worker is killed, so held jobs stop.
+    killed: Receiver<()>,
+}
+
+impl JobService for TestJobService {
+    fn run_job(&mut self, _ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
+        let behaviour = self.behaviour.lock().unwrap().clone();
+        let obs = self.observed.clone();
+        let now = obs.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        if now > behaviour.capacity {
+            obs.in_flight.fetch_sub(1, Ordering::SeqCst);
+            obs.refused.fetch_add(1, Ordering::SeqCst);
+            let _ = sink.fail(RpcStatus::with_message(
+                RpcStatusCode::RESOURCE_EXHAUSTED,
+                "no free slot".into(),
+            ));
+            return;
+        }
+        obs.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        obs.jobs.lock().unwrap().push(req.jobId.clone());
+        let (id, killed) = (self.id.clone(), self.killed.clone());
+        std::thread::spawn(move || {
+            // Simulated build time; ends early if the worker is killed.
+            let _ = killed.recv_timeout(behaviour.run_time);
+            obs.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let resp = JobResponse {
+                jobId: req.jobId.clone(),
+                success: true,
+                logs: format!("built {} on {id} with token {}", req.jobId, req.githubToken),
+                imageUrl: format!("registry.test/{}", req.imageName),
+                ..Default::default()
+            };
+            let _ = sink.success(resp);
+        });
+    }
+
+    fn ping(&mut self, _ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+        self.observed.pings.fetch_add(1, Ordering::SeqCst);
+        let busy = self.behaviour.lock().unwrap().busy;
+        let resp = PingResponse {
+            workerId: self.id.clone(),
+            status: if busy { WorkerStatus::BUSY } else { WorkerStatus::FREE },
+            ..Default::default()
+        };
+        let _ = sink.success(resp);
+    }
+
+    fn cancel_job(&mut self, _ctx: RpcContext, _req: CancelJobRequest, sink: UnarySink<CancelJobResponse>) {
+        let _ = sink.fail(RpcStatus::new(RpcStatusCode::UNIMPLEMENTED));
+    }
+}
+
+/// A real grpcio `JobService` server on 127.0.0.1, in the test process.
+pub struct TestWorker {
+    pub id: String,
+    pub port: u16,
+    pub observed: Arc<Observed>,
+    pub behaviour: Arc<Mutex<Behaviour>>,
+    server: Option<Server>,
+    kill: Option<Sender<()>>,
+    env: Arc<Environment>,
+}
+
+impl TestWorker {
+    /// Starts a worker on `port` (0 = any free port).
+    pub fn start(id: &str, port: u16, behaviour: Behaviour) -> TestWorker {
+        Self::start_with(id, port, Arc::new(Mutex::new(behaviour)), Arc::new(Observed::default()))
+    }
+
+    fn start_with(id: &str, port: u16, behaviour: Arc<Mutex<Behaviour>>, observed: Arc<Observed>) -> TestWorker {
+        let env = Arc::new(Environment::new(1));
+        let (kill, killed) = crossbeam_channel::bounded(0);
+        let service = TestJobService {
+            id: id.to_string(),
+            behaviour: behaviour.clone(),
+            observed: observed.clone(),
+            killed,
+        };
+        let mut server = ServerBuilder::new(env.clone())
+            .register_service(create_job_service(service))
+            .build()
+            .unwrap();
+        let port = server
+            .add_listening_port(format!("127.0.0.1:{port}"), ServerCredentials::insecure())
+            .unwrap();
+        server.start();
+        TestWorker {
+            id: id.to_string(),
+            port,
+            observed,
+            behaviour,
+            server: Some(server),
+            kill: Some(kill),
+            env,
+        }
+    }
+
+    /// Registers with the orchestrator's WorkerService at `127.0.0.1:orchestrator_port`.
+    pub fn register(&self, orchestrator_port: u16) {
+        let capacity = self.behaviour.lock().unwrap().capacity as i32;
+        let ch = ChannelBuilder::new(self.env.clone()).connect(&format!("127.0.0.1:{orchestrator_port}"));
+        let client = WorkerServiceClient::new(ch);
+        let info = WorkerInfo {
+            id: self.id.clone(),
+            ip: "127.0.0.1".into(),
+            port: self.port as i32,
+            capacity,
+            ..Default::default()
+        };
+        let ack = client.register(&info).expect("Register call");
+        assert!(ack.success, "registration refused: {}", ack.message);
+    }
+
+    /// Kills the worker: its server stops, its port closes, running jobs are cut off.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.cancel_all_calls();
+            let _ = futures_block_on(server.shutdown());
+        }
+        self.kill.take();
+    }
+
+    /// Starts the same worker again (same id, port, behaviour and observations).
+    pub fn restart(&mut self) {
+        assert!(self.server.is_none(), "kill it first");
+        *self = Self::start_with(&self.id, self.port, self.behaviour.clone(), self.observed.clone());
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits for a grpcio future without an async runtime.
+fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = Box::pin(future);
+    loop {
+        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// The `blacktree orchestrator` binary running as a child process.
+pub struct Orchestrator {
+    pub child: Child,
+    pub grpc_port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Orchestrator {
+    /// Starts an orchestrator for `names` on `url` with fast health settings and `extra`
+    /// flags; waits until its gRPC server listens and it is connected to the broker.
+    pub fn start(url: &str, names: &Names, extra: &[&str]) -> Orchestrator {
+        let mut args = vec![
+            "orchestrator".to_string(),
+            "--amqp-url".into(),
+            url.into(),
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--health-interval".into(),
+            "200ms".into(),
+            "--health-timeout".into(),
+            "300ms".into(),
+            "--dispatch-threads".into(),
+            "16".into(),
+        ];
+        args.extend(names.args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting blacktree orchestrator");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (port_tx, port_rx) = crossbeam_channel::unbounded();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("gRPC server listening on port ").nth(1) {
+                    let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    let _ = port_tx.send(port);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let grpc_port = port_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("orchestrator announced its gRPC port");
+        let orchestrator = Orchestrator { child, grpc_port, log };
+        orchestrator.wait_for_log("broker: connected", Duration::from_secs(30));
+        orchestrator
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until its log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        poll(timeout, &format!("orchestrator log line {text:?}"), || {
+            self.log().contains(text).then_some(())
+        });
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let status = poll(timeout, "orchestrator exit", || self.child.try_wait().unwrap());
+        status.code()
+    }
+
+    /// Asserts that the test token never reached its log.
+    pub fn assert_no_secret_logged(&self) {
+        let log = self.log();
+        assert!(!log.contains(TOKEN), "the token reached the orchestrator's log:\n{log}");
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A RabbitMQ node of a test's own, for tests that cut off or stop the broker.
+pub struct PrivateBroker {
+    pub node: String,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let port = free_port();
+        let dist_port = free_port();
+        let node = format!("bttest{}x{port}@localhost", std::process::id());
+        let dir = std::env::temp_dir().join(format!("bt-broker-{port}"));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let status = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown of the private broker directory");
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", dir.join("ff"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server -detached");
+        let broker = PrivateBroker { node, port, dir };
+        let url = broker.url();
+        poll(Duration::from_secs(90), "the private broker to accept AMQP", || {
+            Connection::insecure_open(&url).ok().map(|c| {
+                let _ = c.close();
+            })
+        });
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Runs `rabbitmqctl -n NODE args…`.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = Command::new("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
