@@ -75,7 +75,11 @@ pub struct Topology {
     #[arg(long, env = "BLACKTREE_STATUS_KEY", default_value = "api.result")]
     pub status_key: String,
     /// Durable queue that receives messages that are not valid jobs, with the reason.
-    #[arg(long, env = "BLACKTREE_REJECTED_QUEUE", default_value = "execute.rejected")]
+    #[arg(
+        long,
+        env = "BLACKTREE_REJECTED_QUEUE",
+        default_value = "execute.rejected"
+    )]
     pub rejected_queue: String,
 }
 

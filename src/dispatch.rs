@@ -39,7 +39,11 @@ pub struct DispatchLinks {
 }
 
 /// Starts `threads` dispatch threads; a job without `timeoutSeconds` gets `job_timeout`.
-pub fn spawn_pool(threads: u16, job_timeout: Duration, links: DispatchLinks) -> Vec<JoinHandle<()>> {
+pub fn spawn_pool(
+    threads: u16,
+    job_timeout: Duration,
+    links: DispatchLinks,
+) -> Vec<JoinHandle<()>> {
     (0..threads)
         .map(|i| {
             let dispatcher = Dispatcher {
@@ -91,7 +95,11 @@ impl Dispatcher {
             };
             info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
             match self.attempt(&job, &claim, &token) {
-                Attempt::Refused => self.links.registry.release(&claim, &job.job_id, Release::Refused),
+                Attempt::Refused => {
+                    self.links
+                        .registry
+                        .release(&claim, &job.job_id, Release::Refused)
+                }
                 Attempt::Ended(status, release) => {
                     self.links.registry.release(&claim, &job.job_id, release);
                     // The publisher outlives the dispatch pool.
@@ -141,7 +149,12 @@ impl Dispatcher {
         let worker = &*claim.worker;
         let ended = |outcome, release, error: String| {
             Attempt::Ended(
-                Status::without_answer(&job.job_id, outcome, worker, job.github_token.redact(&error)),
+                Status::without_answer(
+                    &job.job_id,
+                    outcome,
+                    worker,
+                    job.github_token.redact(&error),
+                ),
                 release,
             )
         };
@@ -157,17 +170,27 @@ impl Dispatcher {
                 RpcStatusCode::DEADLINE_EXCEEDED => ended(
                     Outcome::TimedOut,
                     Release::Done,
-                    format!("no answer from worker {worker} within {}", humantime::format_duration(timeout)),
+                    format!(
+                        "no answer from worker {worker} within {}",
+                        humantime::format_duration(timeout)
+                    ),
                 ),
                 RpcStatusCode::UNAVAILABLE | RpcStatusCode::CANCELLED => ended(
                     Outcome::WorkerLost,
                     Release::Unreachable,
-                    format!("lost worker {worker}: {} {}", status.code(), status.message()),
+                    format!(
+                        "lost worker {worker}: {} {}",
+                        status.code(),
+                        status.message()
+                    ),
                 ),
                 code => ended(
                     Outcome::Failed,
                     Release::Done,
-                    format!("worker {worker} failed the call: {code} {}", status.message()),
+                    format!(
+                        "worker {worker} failed the call: {code} {}",
+                        status.message()
+                    ),
                 ),
             },
             Err(CallError::Grpc(e)) => ended(
@@ -183,7 +206,10 @@ impl Dispatcher {
                 status.outcome,
                 started.elapsed().as_millis()
             ),
-            Attempt::Refused => warn!("job {}: worker {worker} is full; trying another", job.job_id),
+            Attempt::Refused => warn!(
+                "job {}: worker {worker} is full; trying another",
+                job.job_id
+            ),
         }
         attempt
     }

@@ -40,7 +40,10 @@ pub fn round(registry: &Registry, timeout: Duration) {
         })
         .collect();
     for (target, call) in calls {
-        let result = match call.map_err(CallError::Grpc).and_then(|c| rpc::wait(c, None)) {
+        let result = match call
+            .map_err(CallError::Grpc)
+            .and_then(|c| rpc::wait(c, None))
+        {
             Ok(pong) if pong.status == WorkerStatus::BUSY => PingResult::Busy,
             Ok(_) => PingResult::Free,
             Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),

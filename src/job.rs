@@ -88,7 +88,10 @@ impl Job {
                 .ok()
                 .and_then(|m| check_job_id(m.job_id.as_ref()).ok());
             return Err(Rejection {
-                reason: format!("message is {} bytes, above the limit of {max_bytes}", body.len()),
+                reason: format!(
+                    "message is {} bytes, above the limit of {max_bytes}",
+                    body.len()
+                ),
                 job_id,
             });
         }
@@ -103,9 +106,10 @@ impl Job {
             });
         };
         let job_id = check_job_id(fields.get("jobId"));
+        let readable_id = job_id.as_ref().ok().cloned();
         let reject = |reason: String| Rejection {
             reason,
-            job_id: job_id.clone().ok(),
+            job_id: readable_id.clone(),
         };
         let job_id = job_id.map_err(&reject)?;
         let text = |name: &str| -> Result<String, Rejection> {
@@ -160,9 +164,9 @@ fn check_job_id(value: Option<&Value>) -> Result<String, String> {
     match value {
         None | Some(Value::Null) => Err("`jobId` is missing".to_string()),
         Some(Value::String(id)) if id.trim().is_empty() => Err("`jobId` is empty".to_string()),
-        Some(Value::String(id)) if id.len() > MAX_JOB_ID_LEN => Err(format!(
-            "`jobId` is longer than {MAX_JOB_ID_LEN} bytes"
-        )),
+        Some(Value::String(id)) if id.len() > MAX_JOB_ID_LEN => {
+            Err(format!("`jobId` is longer than {MAX_JOB_ID_LEN} bytes"))
+        }
         Some(Value::String(id)) if id.chars().any(char::is_control) => {
             Err("`jobId` contains control characters".to_string())
         }
@@ -214,7 +218,12 @@ pub struct Status {
 
 impl Status {
     /// A status for a job that ended without a worker's answer.
-    pub fn without_answer(job_id: &str, outcome: Outcome, worker_id: &str, error: String) -> Status {
+    pub fn without_answer(
+        job_id: &str,
+        outcome: Outcome,
+        worker_id: &str,
+        error: String,
+    ) -> Status {
         Status {
             job_id: job_id.to_string(),
             success: false,
@@ -254,8 +263,14 @@ mod tests {
         assert_eq!(job.repo_url, "o/r");
         assert_eq!(job.github_token.expose(), "tok");
         assert_eq!(job.timeout_seconds, Some(30));
-        assert!(!format!("{job:?}").contains("tok\""), "token printed: {job:?}");
-        assert_eq!(Job::decode(&serde_json::to_vec(&job.to_json()).unwrap(), LIMIT), Ok(job));
+        assert!(
+            !format!("{job:?}").contains("tok\""),
+            "token printed: {job:?}"
+        );
+        assert_eq!(
+            Job::decode(&serde_json::to_vec(&job.to_json()).unwrap(), LIMIT),
+            Ok(job)
+        );
     }
 
     #[test]
@@ -264,11 +279,22 @@ mod tests {
         assert!(r.reason.starts_with("not JSON"), "{r:?}");
         assert_eq!(r.job_id, None);
         assert_eq!(decode("[1]").unwrap_err().reason, "not a JSON object");
-        assert_eq!(decode(r#"{"repoUrl":"x"}"#).unwrap_err().reason, "`jobId` is missing");
-        assert_eq!(decode(r#"{"jobId":" "}"#).unwrap_err().reason, "`jobId` is empty");
-        assert_eq!(decode(r#"{"jobId":7}"#).unwrap_err().reason, "`jobId` must be a string");
-        let r = decode(r#"{"jobId":"j2","branch":"ghp_secret_in_wrong_field","timeoutSeconds":"ghp_x"}"#)
-            .unwrap_err();
+        assert_eq!(
+            decode(r#"{"repoUrl":"x"}"#).unwrap_err().reason,
+            "`jobId` is missing"
+        );
+        assert_eq!(
+            decode(r#"{"jobId":" "}"#).unwrap_err().reason,
+            "`jobId` is empty"
+        );
+        assert_eq!(
+            decode(r#"{"jobId":7}"#).unwrap_err().reason,
+            "`jobId` must be a string"
+        );
+        let r = decode(
+            r#"{"jobId":"j2","branch":"ghp_secret_in_wrong_field","timeoutSeconds":"ghp_x"}"#,
+        )
+        .unwrap_err();
         assert_eq!(r.job_id.as_deref(), Some("j2"));
         assert!(!r.reason.contains("ghp_"), "{r:?}");
         let r = decode(r#"{"jobId":"j3","imageName":["a"]}"#).unwrap_err();
@@ -293,7 +319,10 @@ mod tests {
     #[test]
     fn secrets_are_redacted() {
         let s = Secret::new("ghp_abc".into());
-        assert_eq!(s.redact("clone https://ghp_abc@x failed"), "clone https://***@x failed");
+        assert_eq!(
+            s.redact("clone https://ghp_abc@x failed"),
+            "clone https://***@x failed"
+        );
         assert_eq!(format!("{s:?}"), "***");
         assert_eq!(Secret::default().redact("text"), "text");
     }

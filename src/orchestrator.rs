@@ -44,7 +44,10 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         registry.register(&worker.id, &worker.addr, 1, true);
     }
     let server = rpc::serve(env, &config.grpc_listen, registry.clone())?;
-    info!("gRPC server listening on port {} ({})", server.port, config.grpc_listen);
+    info!(
+        "gRPC server listening on port {} ({})",
+        server.port, config.grpc_listen
+    );
 
     let (inbox_tx, inbox_rx) = unbounded();
     let (jobs_tx, jobs_rx) = bounded(0);
@@ -94,12 +97,16 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     })
     .map_err(|e| format!("installing the signal handler: {e}"))?;
 
-    signals.recv().map_err(|_| "the signal handler stopped".to_string())?;
+    signals
+        .recv()
+        .map_err(|_| "the signal handler stopped".to_string())?;
     info!(
         "signal received: draining (up to {}); a second signal exits at once",
         humantime::format_duration(config.drain_timeout)
     );
-    server.health.set_serving_status("", ServingStatus::NotServing);
+    server
+        .health
+        .set_serving_status("", ServingStatus::NotServing);
     std::thread::spawn(move || {
         if signals.recv().is_ok() {
             warn!("second signal: exiting without waiting for running jobs");

@@ -103,7 +103,10 @@ impl Wake for ThreadWaker {
 
 /// Blocks the current thread until `call` completes or `token` (which must have been
 /// made on this thread) is cancelled; a cancelled call is cancelled in gRPC too.
-pub fn wait<T>(mut call: ClientUnaryReceiver<T>, token: Option<&CancelToken>) -> Result<T, CallError> {
+pub fn wait<T: Unpin>(
+    mut call: ClientUnaryReceiver<T>,
+    token: Option<&CancelToken>,
+) -> Result<T, CallError> {
     let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     loop {

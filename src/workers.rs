@@ -218,7 +218,9 @@ impl Registry {
     /// Gives a claimed slot back.
     pub fn release(&self, claim: &Claim, job_id: &str, how: Release) {
         let mut workers = self.lock();
-        let Some(worker) = workers.get_mut(&claim.worker) else { return };
+        let Some(worker) = workers.get_mut(&claim.worker) else {
+            return;
+        };
         if worker.generation != claim.generation {
             return;
         }
@@ -229,12 +231,18 @@ impl Registry {
             Release::Unreachable => {
                 worker.failures = worker.failures.max(self.settings.unhealthy_after);
                 if worker.healthy {
-                    warn!("worker {} is unreachable; no jobs until it answers pings", claim.worker);
+                    warn!(
+                        "worker {} is unreachable; no jobs until it answers pings",
+                        claim.worker
+                    );
                     self.mark_unhealthy(worker);
                 }
             }
             Release::Refused => {
-                info!("worker {} refused a job; no jobs until it reports FREE", claim.worker);
+                info!(
+                    "worker {} refused a job; no jobs until it reports FREE",
+                    claim.worker
+                );
                 worker.busy = true;
             }
         }
@@ -267,20 +275,27 @@ impl Registry {
     /// unhealthy (and cancel the calls running on it), one answer makes it healthy.
     pub fn record_ping(&self, target: &PingTarget, result: PingResult) {
         let mut workers = self.lock();
-        let Some(worker) = workers.get_mut(&target.worker) else { return };
+        let Some(worker) = workers.get_mut(&target.worker) else {
+            return;
+        };
         if worker.generation != target.generation {
             return;
         }
         match result {
             PingResult::Free | PingResult::Busy => {
                 if !worker.healthy {
-                    info!("worker {} ({}) answers pings: healthy", target.worker, worker.addr);
+                    info!(
+                        "worker {} ({}) answers pings: healthy",
+                        target.worker, worker.addr
+                    );
                 }
                 worker.healthy = true;
                 worker.failures = 0;
                 worker.unhealthy_since = None;
                 // BUSY while our own jobs ran (or started) since the ping left is ours.
-                let ours = target.in_flight > 0 || worker.in_flight > 0 || worker.started != target.started;
+                let ours = target.in_flight > 0
+                    || worker.in_flight > 0
+                    || worker.started != target.started;
                 worker.busy = result == PingResult::Busy && !ours;
             }
             PingResult::Failed(error) => {
@@ -301,9 +316,15 @@ impl Registry {
     pub fn forget_expired(&self) {
         let forget_after = self.settings.forget_after;
         self.lock().retain(|id, w| {
-            let expired = !w.is_static && w.unhealthy_since.is_some_and(|t| t.elapsed() >= forget_after);
+            let expired = !w.is_static
+                && w.unhealthy_since
+                    .is_some_and(|t| t.elapsed() >= forget_after);
             if expired {
-                info!("worker {id} ({}) forgotten after {} unhealthy", w.addr, humantime::format_duration(forget_after));
+                info!(
+                    "worker {id} ({}) forgotten after {} unhealthy",
+                    w.addr,
+                    humantime::format_duration(forget_after)
+                );
             }
             !expired
         });
@@ -362,13 +383,20 @@ mod tests {
         let token = CancelToken::for_current_thread();
         registry.register("w", "127.0.0.1:1", 2, false);
         for _ in 0..2 {
-            registry.record_ping(&target(&registry, "w"), PingResult::Failed("timeout".into()));
+            registry.record_ping(
+                &target(&registry, "w"),
+                PingResult::Failed("timeout".into()),
+            );
         }
         assert!(claim_all(&registry, &hints, &token).is_empty(), "unhealthy");
         registry.record_ping(&target(&registry, "w"), PingResult::Busy);
         assert!(claim_all(&registry, &hints, &token).is_empty(), "busy");
         registry.record_ping(&target(&registry, "w"), PingResult::Free);
-        assert_eq!(claim_all(&registry, &hints, &token).len(), 2, "both slots hinted again");
+        assert_eq!(
+            claim_all(&registry, &hints, &token).len(),
+            2,
+            "both slots hinted again"
+        );
     }
 
     #[test]
@@ -377,7 +405,9 @@ mod tests {
         let token = CancelToken::for_current_thread();
         registry.register("w", "127.0.0.1:1", 1, false);
         let ping = target(&registry, "w");
-        let claim = claim_all(&registry, &hints, &token).pop().expect("one slot");
+        let claim = claim_all(&registry, &hints, &token)
+            .pop()
+            .expect("one slot");
         registry.release(&claim, "job0", Release::Done);
         registry.record_ping(&ping, PingResult::Busy);
         assert_eq!(claim_all(&registry, &hints, &token).len(), 1);
@@ -397,7 +427,9 @@ mod tests {
         assert!(claim_all(&registry, &hints, &token).is_empty());
 
         registry.register("v", "127.0.0.1:2", 1, false);
-        let claim = claim_all(&registry, &hints, &token).pop().expect("one slot");
+        let claim = claim_all(&registry, &hints, &token)
+            .pop()
+            .expect("one slot");
         registry.release(&claim, "job0", Release::Unreachable);
         assert!(claim_all(&registry, &hints, &token).is_empty());
     }

@@ -48,18 +48,33 @@ fn jobs_spread_over_workers_each_status_once_within_capacity() {
 
     let counts = count_by_job(&statuses);
     assert_eq!(counts.len(), ids.len(), "every job has a status");
-    assert!(counts.values().all(|&n| n == 1), "exactly one status per job");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "exactly one status per job"
+    );
     for status in &statuses {
         assert_eq!(status["outcome"], "succeeded", "{status}");
         assert_eq!(status["success"], true);
         let logs = status["logs"].as_str().unwrap();
-        assert!(logs.contains("with token ***") && !logs.contains(TOKEN), "token redacted: {logs}");
+        assert!(
+            logs.contains("with token ***") && !logs.contains(TOKEN),
+            "token redacted: {logs}"
+        );
     }
     let mut total = 0;
     for (w, capacity) in workers.iter().zip([1, 1, 2, 3]) {
         let max = w.observed.max_in_flight.load(Ordering::SeqCst);
-        assert!(max <= capacity, "{} ran {max} jobs at once, capacity {capacity}", w.id);
-        assert_eq!(w.observed.refused.load(Ordering::SeqCst), 0, "{} never had to refuse", w.id);
+        assert!(
+            max <= capacity,
+            "{} ran {max} jobs at once, capacity {capacity}",
+            w.id
+        );
+        assert_eq!(
+            w.observed.refused.load(Ordering::SeqCst),
+            0,
+            "{} never had to refuse",
+            w.id
+        );
         assert!(w.observed.job_count() > 0, "{} got jobs", w.id);
         total += w.observed.job_count();
     }
@@ -81,7 +96,9 @@ fn a_killed_worker_reports_worker_lost_and_gets_no_job_until_it_answers_pings() 
     let mut victim = TestWorker::start("killed-victim", 0, hold);
     victim.register(orch.grpc_port);
     mq.publish_job("killed-0", json!({}));
-    poll(LONG, "the victim to start job 0", || (victim.observed.job_count() == 1).then_some(()));
+    poll(LONG, "the victim to start job 0", || {
+        (victim.observed.job_count() == 1).then_some(())
+    });
 
     let fast = Behaviour::default();
     let survivor = TestWorker::start("killed-survivor", 0, fast);
@@ -96,7 +113,9 @@ fn a_killed_worker_reports_worker_lost_and_gets_no_job_until_it_answers_pings() 
         mq.publish_job(&format!("killed-{i}"), json!({}));
     }
     let statuses = mq.statuses(10, LONG);
-    assert!(statuses.iter().all(|s| s["outcome"] == "succeeded" && s["workerId"] == "killed-survivor"));
+    assert!(statuses
+        .iter()
+        .all(|s| s["outcome"] == "succeeded" && s["workerId"] == "killed-survivor"));
 
     // Back on the same port, answering pings: it gets jobs again without re-registering.
     victim.behaviour.lock().unwrap().run_time = Duration::from_millis(200);
@@ -138,7 +157,10 @@ fn a_busy_worker_is_skipped() {
         mq.publish_job(&format!("busy-{i}"), json!({}));
     }
     let statuses = mq.statuses(10, LONG);
-    assert!(statuses.iter().all(|s| s["workerId"] == "busy-f"), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| s["workerId"] == "busy-f"),
+        "{statuses:?}"
+    );
     assert_eq!(busy.observed.job_count(), 0);
     mq.cleanup();
 }
@@ -161,7 +183,10 @@ fn a_worker_registering_again_under_its_id_gets_jobs_at_its_new_address() {
         mq.publish_job(&format!("rereg-{i}"), json!({}));
     }
     let statuses = mq.statuses(5, LONG);
-    assert!(statuses.iter().all(|s| s["outcome"] == "succeeded"), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| s["outcome"] == "succeeded"),
+        "{statuses:?}"
+    );
     assert_eq!(second.observed.job_count(), 5);
     mq.cleanup();
 }
@@ -180,7 +205,10 @@ fn a_job_past_its_deadline_is_timed_out() {
     mq.publish_job("deadline-0", json!({"timeoutSeconds": 1}));
     let statuses = mq.statuses(1, LONG);
     assert_eq!(outcome_of(&statuses, "deadline-0"), "timed_out");
-    assert!(statuses[0]["error"].as_str().unwrap().contains("within 1s"), "{statuses:?}");
+    assert!(
+        statuses[0]["error"].as_str().unwrap().contains("within 1s"),
+        "{statuses:?}"
+    );
     mq.cleanup();
 }
 
@@ -201,21 +229,32 @@ fn bad_messages_go_to_the_rejected_queue_and_good_jobs_still_run() {
     assert_eq!(outcome_of(&statuses, "bad-big"), "rejected");
     assert_eq!(outcome_of(&statuses, "bad-good"), "succeeded");
     let big = statuses.iter().find(|s| s["jobId"] == "bad-big").unwrap();
-    assert!(big["error"].as_str().unwrap().contains("above the limit of 2000"), "{big}");
+    assert!(
+        big["error"]
+            .as_str()
+            .unwrap()
+            .contains("above the limit of 2000"),
+        "{big}"
+    );
 
     let rejected = mq.read_until(&names.rejected, LONG, |m| m.len() >= 3);
     assert_eq!(rejected.len(), 3);
     let reasons: Vec<String> = rejected
         .iter()
-        .map(|(_, headers)| match headers.get("x-blacktree-reject-reason") {
-            Some(amiquip::AmqpValue::LongString(r)) => r.clone(),
-            other => panic!("no reason header: {other:?}"),
-        })
+        .map(
+            |(_, headers)| match headers.get("x-blacktree-reject-reason") {
+                Some(amiquip::AmqpValue::LongString(r)) => r.clone(),
+                other => panic!("no reason header: {other:?}"),
+            },
+        )
         .collect();
     assert!(reasons[0].starts_with("not JSON"), "{reasons:?}");
     assert_eq!(reasons[1], "`jobId` is missing");
     assert!(reasons[2].contains("above the limit"), "{reasons:?}");
-    assert_eq!(rejected[0].0, b"this is not json", "the body is kept unchanged");
+    assert_eq!(
+        rejected[0].0, b"this is not json",
+        "the body is kept unchanged"
+    );
     assert_eq!(w.observed.job_count(), 1);
     assert_eq!(mq.depth(&names.execute), 0, "bad messages were acked");
     orch.assert_no_secret_logged();
@@ -239,15 +278,25 @@ fn sigterm_lets_running_jobs_finish_requeues_the_rest_and_exits_0() {
     for i in 0..3 {
         mq.publish_job(&format!("drain-{i}"), json!({}));
     }
-    poll(LONG, "a job to start", || (w.observed.job_count() == 1).then_some(()));
+    poll(LONG, "a job to start", || {
+        (w.observed.job_count() == 1).then_some(())
+    });
     orch.signal("TERM");
     assert_eq!(orch.wait_exit(LONG), Some(0));
 
     let statuses = mq.statuses(1, LONG);
     let running = w.observed.jobs.lock().unwrap()[0].clone();
-    assert_eq!(statuses.len(), 1, "only the running job ended: {statuses:?}");
+    assert_eq!(
+        statuses.len(),
+        1,
+        "only the running job ended: {statuses:?}"
+    );
     assert_eq!(outcome_of(&statuses, &running), "succeeded");
-    assert_eq!(mq.depth(&names.execute), 2, "the two waiting jobs are back in the queue");
+    assert_eq!(
+        mq.depth(&names.execute),
+        2,
+        "the two waiting jobs are back in the queue"
+    );
     assert_eq!(w.observed.job_count(), 1);
     mq.cleanup();
 }
@@ -288,10 +337,17 @@ fn a_sigkilled_orchestrator_restarted_loses_no_job() {
     });
     seen.extend(rest);
     let counts = count_by_job(&seen);
-    let missing: Vec<&&str> = wanted.iter().filter(|id| !counts.contains_key(**id)).collect();
+    let missing: Vec<&&str> = wanted
+        .iter()
+        .filter(|id| !counts.contains_key(**id))
+        .collect();
     assert!(missing.is_empty(), "jobs without a status: {missing:?}");
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    println!("sigkill restart: {} jobs, {} statuses, {duplicates} duplicates", ids.len(), seen.len());
+    println!(
+        "sigkill restart: {} jobs, {} statuses, {duplicates} duplicates",
+        ids.len(),
+        seen.len()
+    );
     assert!(seen.iter().all(|s| s["outcome"] == "succeeded"), "{seen:?}");
     orch.assert_no_secret_logged();
     mq.cleanup();
@@ -320,7 +376,12 @@ fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
         mq.publish_job(id, json!({}));
     }
     poll(LONG, "some jobs to run", || {
-        (workers.iter().map(|w| w.observed.job_count()).sum::<usize>() >= 8).then_some(())
+        (workers
+            .iter()
+            .map(|w| w.observed.job_count())
+            .sum::<usize>()
+            >= 8)
+            .then_some(())
     });
     drop(mq);
     broker.ctl(&["close_all_connections", "test cut"]);
@@ -336,9 +397,15 @@ fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
         wanted.iter().all(|id| have.contains(id))
     });
     let counts = count_by_job(&statuses);
-    let missing: Vec<&&str> = wanted.iter().filter(|id| !counts.contains_key(**id)).collect();
+    let missing: Vec<&&str> = wanted
+        .iter()
+        .filter(|id| !counts.contains_key(**id))
+        .collect();
     assert!(missing.is_empty(), "jobs without a status: {missing:?}");
-    assert!(statuses.iter().all(|s| s["outcome"] == "succeeded"), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| s["outcome"] == "succeeded"),
+        "{statuses:?}"
+    );
     let ran: usize = workers.iter().map(|w| w.observed.job_count()).sum();
     println!(
         "connections cut: {} jobs, {} statuses, {} runs",

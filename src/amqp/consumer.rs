@@ -164,7 +164,10 @@ impl Consumer {
             if self.drain_finished() {
                 break;
             }
-            info!("broker: reconnecting in {}", humantime::format_duration(backoff));
+            info!(
+                "broker: reconnecting in {}",
+                humantime::format_duration(backoff)
+            );
             self.serve_disconnected(Instant::now() + backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -182,15 +185,16 @@ impl Consumer {
 
     fn connect(&mut self) -> Result<(Connection, Channel), String> {
         let mut connection = self.config.url.connect()?;
-        let mut setup = || -> Result<(Channel, Channel, Receiver<amiquip::Confirm>), amiquip::Error> {
-            let channel = connection.open_channel(None)?;
-            declare_topology(&channel, &self.config.topology)?;
-            channel.qos(0, self.config.prefetch, false)?;
-            let publish = connection.open_channel(None)?;
-            let confirms = publish.listen_for_publisher_confirms()?;
-            publish.enable_publisher_confirms()?;
-            Ok((channel, publish, confirms))
-        };
+        let mut setup =
+            || -> Result<(Channel, Channel, Receiver<amiquip::Confirm>), amiquip::Error> {
+                let channel = connection.open_channel(None)?;
+                declare_topology(&channel, &self.config.topology)?;
+                channel.qos(0, self.config.prefetch, false)?;
+                let publish = connection.open_channel(None)?;
+                let confirms = publish.listen_for_publisher_confirms()?;
+                publish.enable_publisher_confirms()?;
+                Ok((channel, publish, confirms))
+            };
         match setup() {
             Ok((channel, publish, confirms)) => {
                 self.generation += 1;
@@ -258,9 +262,9 @@ impl Consumer {
                 }
             };
             match event {
-                Event::Delivery(Ok(ConsumerMessage::Delivery(delivery))) => {
-                    self.delivery(channel, delivery).map_err(|e| e.to_string())?
-                }
+                Event::Delivery(Ok(ConsumerMessage::Delivery(delivery))) => self
+                    .delivery(channel, delivery)
+                    .map_err(|e| e.to_string())?,
                 Event::Delivery(Ok(ConsumerMessage::ClientCancelled)) => consuming = false,
                 Event::Delivery(Ok(other)) => return Err(format!("consumer ended: {other:?}")),
                 Event::Delivery(Err(_)) => return Err("the connection closed".to_string()),
@@ -329,13 +333,19 @@ impl Consumer {
             }
         };
         if let Some(deliveries) = self.pending.get_mut(&job.job_id) {
-            info!("job {}: delivered again while running here; not run twice", job.job_id);
+            info!(
+                "job {}: delivered again while running here; not run twice",
+                job.job_id
+            );
             self.stats.duplicates += 1;
             deliveries.push(delivery);
             return Ok(());
         }
         if self.recent.contains(&job.job_id) {
-            info!("job {}: delivered again after its status was confirmed; acked", job.job_id);
+            info!(
+                "job {}: delivered again after its status was confirmed; acked",
+                job.job_id
+            );
             self.stats.duplicates += 1;
             return delivery.ack(channel);
         }
@@ -356,7 +366,12 @@ impl Consumer {
         self.next_rejected += 1;
         self.rejected.insert(id, delivery);
         let status = job_id.map(|job_id| {
-            Status::without_answer(&job_id, Outcome::Rejected, "", format!("rejected: {reason}"))
+            Status::without_answer(
+                &job_id,
+                Outcome::Rejected,
+                "",
+                format!("rejected: {reason}"),
+            )
         });
         let publication = Publication::Rejected {
             id,

@@ -50,17 +50,27 @@ impl AmqpUrl {
         let (tls, default_port) = match url.scheme() {
             "amqp" => (false, 5672),
             "amqps" => (true, 5671),
-            other => return Err(format!("AMQP URL {masked} has scheme {other}, not amqp or amqps")),
+            other => {
+                return Err(format!(
+                    "AMQP URL {masked} has scheme {other}, not amqp or amqps"
+                ))
+            }
         };
         let host = match url.host_str() {
             Some("") | None => "localhost".to_string(),
             Some(h) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
         };
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         let vhost = match url.path().trim_start_matches('/') {
             "" => "/".to_string(),
             path if path.contains('/') => {
-                return Err(format!("AMQP URL {masked}: the vhost must be one path segment (write / as %2f)"))
+                return Err(format!(
+                    "AMQP URL {masked}: the vhost must be one path segment (write / as %2f)"
+                ))
             }
             path => decode(path),
         };
@@ -85,7 +95,11 @@ impl AmqpUrl {
                 "connection_timeout" => {
                     connection_timeout = Duration::from_millis(value.parse().map_err(|_| bad())?)
                 }
-                other => return Err(format!("AMQP URL {masked}: unsupported parameter `{other}`")),
+                other => {
+                    return Err(format!(
+                        "AMQP URL {masked}: unsupported parameter `{other}`"
+                    ))
+                }
             }
         }
         Ok(AmqpUrl {
@@ -182,8 +196,10 @@ mod tests {
 
     #[test]
     fn urls_parse_like_rabbitmq_uris() {
-        let url = AmqpUrl::parse("amqp://user:p%40ss@broker:5673/%2f?heartbeat=5&connection_timeout=2000")
-            .unwrap();
+        let url = AmqpUrl::parse(
+            "amqp://user:p%40ss@broker:5673/%2f?heartbeat=5&connection_timeout=2000",
+        )
+        .unwrap();
         assert!(!url.tls);
         assert_eq!((url.host.as_str(), url.port), ("broker", 5673));
         assert_eq!(url.connection_timeout, Duration::from_secs(2));

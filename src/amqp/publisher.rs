@@ -190,7 +190,10 @@ impl Publisher {
 
     fn connected(&mut self, connected: Connected) {
         if let Some(old) = &self.link {
-            debug!("publisher: channel of connection {} replaced", old.generation);
+            debug!(
+                "publisher: channel of connection {} replaced",
+                old.generation
+            );
             self.lose_link_quietly();
         }
         self.link = Some(Link {
@@ -202,7 +205,9 @@ impl Publisher {
             tags: HashMap::new(),
         });
         while self.link.is_some() {
-            let Some(id) = self.waiting.pop_front() else { break };
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
             self.publish_entry(id);
         }
     }
@@ -227,7 +232,10 @@ impl Publisher {
             message.routing_key.as_str(),
             message.properties.clone(),
         );
-        match link.channel.basic_publish(message.exchange.as_str(), publish) {
+        match link
+            .channel
+            .basic_publish(message.exchange.as_str(), publish)
+        {
             Ok(()) => {
                 link.tags.insert(link.next_tag, (id, index));
                 link.next_tag += 1;
@@ -241,7 +249,9 @@ impl Publisher {
     }
 
     fn confirm(&mut self, raw: Confirm) {
-        let Some(link) = self.link.as_mut() else { return };
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
         let confirms: Vec<Confirm> = link.smoother.process(raw).collect();
         for confirm in confirms {
             let (tag, acked) = match confirm {
@@ -256,7 +266,9 @@ impl Publisher {
                 self.publish_message(id, index);
                 continue;
             }
-            let Some(entry) = self.entries.get_mut(&id) else { continue };
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
             entry.unconfirmed -= 1;
             if entry.unconfirmed == 0 {
                 let entry = self.entries.remove(&id).expect("entry present");

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, Channel, Connection, ExchangeDeclareOptions,
-    ExchangeType, FieldTable, Publish, QueueDeclareOptions, QueueDeleteOptions,
+    AmqpProperties, Channel, Connection, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use blacktree::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
@@ -39,7 +39,10 @@ pub fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -64,7 +67,11 @@ pub struct Names {
 
 impl Names {
     pub fn unique(test: &str) -> Names {
-        let tag = format!("{test}.{}.{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let tag = format!(
+            "{test}.{}.{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
         Names {
             exchange: format!("bt.{tag}.direct"),
             execute: format!("bt.{tag}.execute"),
@@ -120,7 +127,12 @@ impl Mq {
             channel.queue_declare(queue.as_str(), opts).unwrap();
             if let Some(key) = key {
                 channel
-                    .queue_bind(queue.as_str(), names.exchange.as_str(), key, FieldTable::new())
+                    .queue_bind(
+                        queue.as_str(),
+                        names.exchange.as_str(),
+                        key,
+                        FieldTable::new(),
+                    )
                     .unwrap();
             }
         }
@@ -156,7 +168,11 @@ impl Mq {
     }
 
     /// Reads statuses until `done` says so or `timeout` passes; returns them all.
-    pub fn statuses_until(&self, timeout: Duration, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    pub fn statuses_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
         self.read_until(&self.names.status, timeout, |msgs| done(msgs))
             .into_iter()
             .map(|(body, _)| serde_json::from_slice(&body).expect("status is JSON"))
@@ -166,7 +182,11 @@ impl Mq {
     /// Reads `n` statuses (asserting they arrive within `timeout`).
     pub fn statuses(&self, n: usize, timeout: Duration) -> Vec<Value> {
         let statuses = self.statuses_until(timeout, |s| s.len() >= n);
-        assert!(statuses.len() >= n, "only {} of {n} statuses arrived: {statuses:?}", statuses.len());
+        assert!(
+            statuses.len() >= n,
+            "only {} of {n} statuses arrived: {statuses:?}",
+            statuses.len()
+        );
         statuses
     }
 
@@ -200,16 +220,24 @@ impl Mq {
         self.channel
             .queue_declare_passive(queue)
             .unwrap()
-            .message_count()
+            .declared_message_count()
             .unwrap_or(0)
     }
 
     /// Deletes this test's queues and exchange.
     pub fn cleanup(self) {
-        for q in [&self.names.execute, &self.names.status, &self.names.rejected] {
-            let _ = self.channel.queue_delete(q.as_str(), QueueDeleteOptions::default());
+        for q in [
+            &self.names.execute,
+            &self.names.status,
+            &self.names.rejected,
+        ] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str(), QueueDeleteOptions::default());
         }
-        let _ = self.channel.exchange_delete(self.names.exchange.as_str(), false);
+        let _ = self
+            .channel
+            .exchange_delete(self.names.exchange.as_str(), false);
         let _ = self.connection.close();
     }
 }
@@ -218,7 +246,9 @@ impl Mq {
 pub fn count_by_job(statuses: &[Value]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for s in statuses {
-        *counts.entry(s["jobId"].as_str().unwrap().to_string()).or_default() += 1;
+        *counts
+            .entry(s["jobId"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     counts
 }
@@ -297,7 +327,7 @@ impl JobService for TestJobService {
                 imageUrl: format!("registry.test/{}", req.imageName),
                 ..Default::default()
             };
-            let _ = sink.success(resp);
+            let _ = futures_block_on(sink.success(resp));
         });
     }
 
@@ -306,13 +336,22 @@ impl JobService for TestJobService {
         let busy = self.behaviour.lock().unwrap().busy;
         let resp = PingResponse {
             workerId: self.id.clone(),
-            status: if busy { WorkerStatus::BUSY } else { WorkerStatus::FREE },
+            status: if busy {
+                WorkerStatus::BUSY
+            } else {
+                WorkerStatus::FREE
+            },
             ..Default::default()
         };
         let _ = sink.success(resp);
     }
 
-    fn cancel_job(&mut self, _ctx: RpcContext, _req: CancelJobRequest, sink: UnarySink<CancelJobResponse>) {
+    fn cancel_job(
+        &mut self,
+        _ctx: RpcContext,
+        _req: CancelJobRequest,
+        sink: UnarySink<CancelJobResponse>,
+    ) {
         let _ = sink.fail(RpcStatus::new(RpcStatusCode::UNIMPLEMENTED));
     }
 }
@@ -331,10 +370,20 @@ pub struct TestWorker {
 impl TestWorker {
     /// Starts a worker on `port` (0 = any free port).
     pub fn start(id: &str, port: u16, behaviour: Behaviour) -> TestWorker {
-        Self::start_with(id, port, Arc::new(Mutex::new(behaviour)), Arc::new(Observed::default()))
+        Self::start_with(
+            id,
+            port,
+            Arc::new(Mutex::new(behaviour)),
+            Arc::new(Observed::default()),
+        )
     }
 
-    fn start_with(id: &str, port: u16, behaviour: Arc<Mutex<Behaviour>>, observed: Arc<Observed>) -> TestWorker {
+    fn start_with(
+        id: &str,
+        port: u16,
+        behaviour: Arc<Mutex<Behaviour>>,
+        observed: Arc<Observed>,
+    ) -> TestWorker {
         let env = Arc::new(Environment::new(1));
         let (kill, killed) = crossbeam_channel::bounded(0);
         let service = TestJobService {
@@ -365,7 +414,8 @@ impl TestWorker {
     /// Registers with the orchestrator's WorkerService at `127.0.0.1:orchestrator_port`.
     pub fn register(&self, orchestrator_port: u16) {
         let capacity = self.behaviour.lock().unwrap().capacity as i32;
-        let ch = ChannelBuilder::new(self.env.clone()).connect(&format!("127.0.0.1:{orchestrator_port}"));
+        let ch = ChannelBuilder::new(self.env.clone())
+            .connect(&format!("127.0.0.1:{orchestrator_port}"));
         let client = WorkerServiceClient::new(ch);
         let info = WorkerInfo {
             id: self.id.clone(),
@@ -390,7 +440,12 @@ impl TestWorker {
     /// Starts the same worker again (same id, port, behaviour and observations).
     pub fn restart(&mut self) {
         assert!(self.server.is_none(), "kill it first");
-        *self = Self::start_with(&self.id, self.port, self.behaviour.clone(), self.observed.clone());
+        *self = Self::start_with(
+            &self.id,
+            self.port,
+            self.behaviour.clone(),
+            self.observed.clone(),
+        );
     }
 }
 
@@ -471,7 +526,11 @@ impl Orchestrator {
         let grpc_port = port_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("orchestrator announced its gRPC port");
-        let orchestrator = Orchestrator { child, grpc_port, log };
+        let orchestrator = Orchestrator {
+            child,
+            grpc_port,
+            log,
+        };
         orchestrator.wait_for_log("broker: connected", Duration::from_secs(30));
         orchestrator
     }
@@ -499,14 +558,19 @@ impl Orchestrator {
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let status = poll(timeout, "orchestrator exit", || self.child.try_wait().unwrap());
+        let status = poll(timeout, "orchestrator exit", || {
+            self.child.try_wait().unwrap()
+        });
         status.code()
     }
 
     /// Asserts that the test token never reached its log.
     pub fn assert_no_secret_logged(&self) {
         let log = self.log();
-        assert!(!log.contains(TOKEN), "the token reached the orchestrator's log:\n{log}");
+        assert!(
+            !log.contains(TOKEN),
+            "the token reached the orchestrator's log:\n{log}"
+        );
     }
 }
 
@@ -533,6 +597,9 @@ impl PrivateBroker {
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
+        // Our own config file: the machine's may pin the listener to 5672.
+        let config = dir.join("rabbitmq.conf");
+        std::fs::write(&config, format!("listeners.tcp.local = 127.0.0.1:{port}\n")).unwrap();
         let status = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir)
@@ -541,6 +608,7 @@ impl PrivateBroker {
         assert!(status.success(), "chown of the private broker directory");
         let status = Command::new("rabbitmq-server")
             .arg("-detached")
+            .env("RABBITMQ_CONFIG_FILE", &config)
             .env("RABBITMQ_NODENAME", &node)
             .env("RABBITMQ_NODE_PORT", port.to_string())
             .env("RABBITMQ_DIST_PORT", dist_port.to_string())
@@ -556,11 +624,15 @@ impl PrivateBroker {
         assert!(status.success(), "rabbitmq-server -detached");
         let broker = PrivateBroker { node, port, dir };
         let url = broker.url();
-        poll(Duration::from_secs(90), "the private broker to accept AMQP", || {
-            Connection::insecure_open(&url).ok().map(|c| {
-                let _ = c.close();
-            })
-        });
+        poll(
+            Duration::from_secs(90),
+            "the private broker to accept AMQP",
+            || {
+                Connection::insecure_open(&url).ok().map(|c| {
+                    let _ = c.close();
+                })
+            },
+        );
         broker
     }
 
@@ -575,7 +647,11 @@ impl PrivateBroker {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

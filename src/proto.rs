@@ -3,7 +3,4 @@
 //! `job` / `job_grpc`: the `JobService` every build worker serves.
 //! `worker` / `worker_grpc`: the `WorkerService` the orchestrator serves.
 
-pub mod job;
-pub mod job_grpc;
-pub mod worker;
-pub mod worker_grpc;
+include!(concat!(env!("OUT_DIR"), "/proto.rs"));

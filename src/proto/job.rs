@@ -1,2 +1,0 @@
-//! Generated from `proto/job.proto`; see `build.rs`.
-include!(concat!(env!("OUT_DIR"), "/job.rs"));
