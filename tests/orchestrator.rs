@@ -416,3 +416,25 @@ fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
     assert_eq!(ran, ids.len(), "no job ran twice across the reconnect");
     orch.assert_no_secret_logged();
 }
+
+#[test]
+fn a_static_worker_named_on_the_command_line_runs_jobs_once_it_answers_pings() {
+    let names = Names::unique("static");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let w = TestWorker::start("static-w", 0, Behaviour::default());
+    let flag = format!("static-w=127.0.0.1:{}", w.port);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &["--worker", &flag]);
+    for i in 0..3 {
+        mq.publish_job(&format!("static-{i}"), json!({}));
+    }
+    let statuses = mq.statuses(3, LONG);
+    assert!(statuses
+        .iter()
+        .all(|s| s["outcome"] == "succeeded" && s["workerId"] == "static-w"));
+    assert!(
+        w.observed.pings.load(Ordering::SeqCst) >= 1,
+        "pinged before its first job"
+    );
+    orch.assert_no_secret_logged();
+    mq.cleanup();
+}

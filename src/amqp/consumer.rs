@@ -138,6 +138,9 @@ struct Consumer {
 }
 
 /// One step of the consuming loop.
+// Most events are deliveries (as in amiquip's own `ConsumerMessage`): boxing them would
+// allocate once per message for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Delivery(Result<ConsumerMessage, crossbeam_channel::RecvError>),
     Inbox(ConsumerMsg),

@@ -300,17 +300,18 @@ struct TestJobService {
 }
 
 impl JobService for TestJobService {
-    fn run_job(&mut self, _ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
+    fn run_job(&mut self, ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
         let behaviour = self.behaviour.lock().unwrap().clone();
         let obs = self.observed.clone();
         let now = obs.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         if now > behaviour.capacity {
             obs.in_flight.fetch_sub(1, Ordering::SeqCst);
             obs.refused.fetch_add(1, Ordering::SeqCst);
-            let _ = sink.fail(RpcStatus::with_message(
-                RpcStatusCode::RESOURCE_EXHAUSTED,
-                "no free slot".into(),
-            ));
+            let status =
+                RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, "no free slot".into());
+            ctx.spawn(async move {
+                let _ = sink.fail(status).await;
+            });
             return;
         }
         obs.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -331,7 +332,7 @@ impl JobService for TestJobService {
         });
     }
 
-    fn ping(&mut self, _ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
         self.observed.pings.fetch_add(1, Ordering::SeqCst);
         let busy = self.behaviour.lock().unwrap().busy;
         let resp = PingResponse {
@@ -343,16 +344,22 @@ impl JobService for TestJobService {
             },
             ..Default::default()
         };
-        let _ = sink.success(resp);
+        ctx.spawn(async move {
+            let _ = sink.success(resp).await;
+        });
     }
 
     fn cancel_job(
         &mut self,
-        _ctx: RpcContext,
+        ctx: RpcContext,
         _req: CancelJobRequest,
         sink: UnarySink<CancelJobResponse>,
     ) {
-        let _ = sink.fail(RpcStatus::new(RpcStatusCode::UNIMPLEMENTED));
+        ctx.spawn(async move {
+            let _ = sink
+                .fail(RpcStatus::new(RpcStatusCode::UNIMPLEMENTED))
+                .await;
+        });
     }
 }
 
