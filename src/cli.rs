@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::OrchestratorConfig;
+use crate::agent;
+use crate::config::{OrchestratorConfig, WorkerConfig};
 use crate::orchestrator;
 
 /// Blacktree: dispatches Docker build jobs from RabbitMQ to gRPC build workers.
@@ -19,6 +20,8 @@ pub struct Cli {
 enum Command {
     /// Consume jobs from RabbitMQ, run them on workers, publish their statuses.
     Orchestrator(OrchestratorConfig),
+    /// Serve JobService on a build host: clone, build and push images.
+    Worker(WorkerConfig),
 }
 
 /// Parses the command line, runs the subcommand and turns its result into an exit code.
@@ -27,6 +30,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Orchestrator(config) => orchestrator::run(config),
+        Command::Worker(config) => agent::run(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,6 +197,105 @@ impl fmt::Display for OrchestratorConfig {
     }
 }
 
+/// How the worker agent runs a job.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorKind {
+    /// Clone, `docker build`, and push when a registry is configured.
+    Docker,
+    /// Clone (when `repoUrl` is set), then run `--exec-command` with `sh -c`.
+    Exec,
+}
+
+/// Configuration of `blacktree worker`.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerConfig {
+    /// `HOST:PORT` of the orchestrator's gRPC server.
+    #[arg(long, env = "BLACKTREE_ORCHESTRATOR", default_value = "127.0.0.1:5051")]
+    pub orchestrator: String,
+
+    /// Address the worker's JobService listens on.
+    #[arg(long, env = "BLACKTREE_WORKER_LISTEN", default_value = "0.0.0.0:6000")]
+    pub listen: String,
+
+    /// `IP:PORT` the orchestrator reaches this worker at (default: the address of the
+    /// interface that reaches the orchestrator, and the listening port).
+    #[arg(long, env = "BLACKTREE_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Worker id (default: the hostname plus a random suffix).
+    #[arg(long, env = "BLACKTREE_WORKER_ID")]
+    pub id: Option<String>,
+
+    /// Jobs this worker runs at once.
+    #[arg(long, env = "BLACKTREE_CAPACITY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub capacity: u32,
+
+    /// Region reported at registration.
+    #[arg(long, env = "BLACKTREE_REGION", default_value = "")]
+    pub region: String,
+
+    /// How jobs are run.
+    #[arg(long, env = "BLACKTREE_EXECUTOR", value_enum, default_value = "docker")]
+    pub executor: ExecutorKind,
+
+    /// Command run by the exec executor (`sh -c`), with the job in `BLACKTREE_*` variables.
+    #[arg(
+        long,
+        env = "BLACKTREE_EXEC_COMMAND",
+        required_if_eq("executor", "exec")
+    )]
+    pub exec_command: Option<String>,
+
+    /// Base URL that `owner/name` repositories are cloned from.
+    #[arg(
+        long,
+        env = "BLACKTREE_GIT_BASE_URL",
+        default_value = "https://github.com"
+    )]
+    pub git_base_url: String,
+
+    /// Registry that images are tagged for and pushed to (e.g. `registry.internal:5000`).
+    #[arg(long, env = "BLACKTREE_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// User for `docker login` to the registry.
+    #[arg(
+        long,
+        env = "BLACKTREE_REGISTRY_USER",
+        requires = "registry_password_file"
+    )]
+    pub registry_user: Option<String>,
+
+    /// File holding the registry password (sent to `docker login` on stdin).
+    #[arg(
+        long,
+        env = "BLACKTREE_REGISTRY_PASSWORD_FILE",
+        requires = "registry_user"
+    )]
+    pub registry_password_file: Option<std::path::PathBuf>,
+
+    /// Job logs are cut to their last this many bytes.
+    #[arg(long, env = "BLACKTREE_MAX_LOG_BYTES", default_value_t = 1024 * 1024)]
+    pub max_log_bytes: usize,
+
+    /// Directory for job workspaces (each removed after its job) and the Docker config.
+    #[arg(
+        long,
+        env = "BLACKTREE_WORK_DIR",
+        default_value = "/var/lib/blacktree/worker"
+    )]
+    pub work_dir: std::path::PathBuf,
+
+    /// The docker command.
+    #[arg(long, env = "BLACKTREE_DOCKER", default_value = "docker")]
+    pub docker: String,
+
+    /// How often the worker asks the orchestrator whether it still knows it.
+    #[arg(long, env = "BLACKTREE_CHECK_IN_INTERVAL", default_value = "3s", value_parser = parse_duration)]
+    pub check_in_interval: Duration,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

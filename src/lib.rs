@@ -2,6 +2,7 @@
 //! from RabbitMQ, runs each on a free gRPC build worker, and publishes the worker's
 //! answer as the job's status. See ARCHITECTURE.md for the threads and channels.
 
+pub mod agent;
 pub mod amqp;
 pub mod cli;
 pub mod config;

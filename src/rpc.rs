@@ -6,7 +6,6 @@
 //! dispatch thread can block on `RunJob` and still be cancelled from another thread.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
@@ -101,23 +100,37 @@ impl Wake for ThreadWaker {
     }
 }
 
-/// Blocks the current thread until `call` completes or `token` (which must have been
-/// made on this thread) is cancelled; a cancelled call is cancelled in gRPC too.
-pub fn wait<T: Unpin>(
-    mut call: ClientUnaryReceiver<T>,
+/// Blocks the current thread until `future` (a grpcio future, which grpcio's own threads
+/// complete) is ready, or `token` (made on this thread) is cancelled.
+pub fn block_on<F: Future>(
+    future: F,
     token: Option<&CancelToken>,
-) -> Result<T, CallError> {
+) -> Result<F::Output, CancelReason> {
+    let mut future = std::pin::pin!(future);
     let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     loop {
         if let Some(reason) = token.and_then(CancelToken::reason) {
-            call.cancel();
-            return Err(CallError::Cancelled(reason));
+            return Err(reason);
         }
-        if let Poll::Ready(result) = Pin::new(&mut call).poll(&mut cx) {
-            return result.map_err(CallError::Grpc);
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return Ok(output);
         }
         thread::park();
+    }
+}
+
+/// Waits for a unary call's answer; a cancelled call is cancelled in gRPC too.
+pub fn wait<T: Unpin>(
+    mut call: ClientUnaryReceiver<T>,
+    token: Option<&CancelToken>,
+) -> Result<T, CallError> {
+    match block_on(&mut call, token) {
+        Ok(answer) => answer.map_err(CallError::Grpc),
+        Err(reason) => {
+            call.cancel();
+            Err(CallError::Cancelled(reason))
+        }
     }
 }
 
@@ -215,10 +228,12 @@ fn checked_registration(info: &WorkerInfo) -> Result<(String, u32), String> {
     Ok((format!("{host}:{port}"), capacity))
 }
 
-fn reply<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, message: T) {
+/// Answers a unary call from a handler without blocking grpcio's thread. (The sink's
+/// future must be driven to completion: dropping it early may cancel the call.)
+pub fn reply<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, message: T) {
     ctx.spawn(async move {
         if let Err(e) = sink.success(message).await {
-            debug!("could not answer a WorkerService call: {e}");
+            debug!("could not answer a call: {e}");
         }
     });
 }

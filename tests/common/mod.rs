@@ -464,22 +464,7 @@ impl Drop for TestWorker {
 
 /// Waits for a grpcio future without an async runtime.
 fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = Box::pin(future);
-    loop {
-        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park();
-    }
+    blacktree::rpc::block_on(future, None).expect("no cancel token")
 }
 
 /// The `blacktree orchestrator` binary running as a child process.

@@ -1,0 +1,531 @@
+//! Runs one job on the worker: clone, then `docker build` (and push), or the exec
+//! command. Every step runs in a process group of its own, so a cancel kills the whole
+//! step; output of all steps is kept (the tail, up to the log limit) with every secret
+//! redacted.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use log::info;
+
+use super::checks::{self, CheckedJob};
+use crate::config::{ExecutorKind, WorkerConfig};
+use crate::job::Secret;
+use crate::proto::job::{JobRequest, JobResponse};
+
+/// Lets another thread stop a running job: `cancel` kills the process group of the step
+/// that runs, and every later step is skipped.
+#[derive(Default)]
+pub struct JobControl {
+    state: Mutex<ControlState>,
+}
+
+#[derive(Default)]
+struct ControlState {
+    /// Why the job was stopped, once it was.
+    reason: Option<String>,
+    /// Process group of the running step.
+    group: Option<i32>,
+}
+
+impl JobControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().expect("job control lock")
+    }
+
+    /// Stops the job (the first reason wins); returns false when it was already stopped.
+    pub fn cancel(&self, reason: &str) -> bool {
+        let mut state = self.lock();
+        if state.reason.is_some() {
+            return false;
+        }
+        state.reason = Some(reason.to_string());
+        if let Some(group) = state.group {
+            kill_group(group);
+        }
+        true
+    }
+
+    /// Why the job was stopped, if it was.
+    pub fn reason(&self) -> Option<String> {
+        self.lock().reason.clone()
+    }
+
+    /// Records the group of a step that just started; kills it if the job was stopped.
+    fn started(&self, group: i32) {
+        let mut state = self.lock();
+        state.group = Some(group);
+        if state.reason.is_some() {
+            kill_group(group);
+        }
+    }
+
+    fn finished(&self) {
+        self.lock().group = None;
+    }
+}
+
+fn kill_group(group: i32) {
+    // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+    unsafe {
+        libc::kill(-group, libc::SIGKILL);
+    }
+}
+
+/// How a step failed.
+enum StepError {
+    /// The job was stopped (cancel or deadline).
+    Stopped(String),
+    /// The step failed; the text says which and how.
+    Failed(String),
+}
+
+/// Output of a job's steps: the last `max` bytes, secrets redacted.
+struct JobLog {
+    bytes: Vec<u8>,
+    max: usize,
+    secrets: Vec<Secret>,
+    cut: usize,
+}
+
+impl JobLog {
+    fn new(max: usize, secrets: Vec<Secret>) -> JobLog {
+        JobLog {
+            bytes: Vec::new(),
+            max,
+            secrets,
+            cut: 0,
+        }
+    }
+
+    /// Keeps a margin beyond `max` so a secret cut in half at the front still gets
+    /// redacted before the final cut.
+    fn push(&mut self, data: &[u8]) {
+        self.bytes.extend_from_slice(data);
+        let margin = self
+            .secrets
+            .iter()
+            .map(|s| s.expose().len())
+            .max()
+            .unwrap_or(0);
+        let keep = self.max + margin;
+        if self.bytes.len() > keep * 2 {
+            let drop = self.bytes.len() - keep;
+            self.bytes.drain(..drop);
+            self.cut += drop;
+        }
+    }
+
+    fn note(&mut self, text: &str) {
+        self.push(text.as_bytes());
+    }
+
+    fn finish(self) -> String {
+        let mut text = String::from_utf8_lossy(&self.bytes).into_owned();
+        for secret in &self.secrets {
+            text = secret.redact(&text);
+        }
+        let mut cut = self.cut;
+        if text.len() > self.max {
+            let mut start = text.len() - self.max;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            cut += start;
+            text.drain(..start);
+        }
+        if cut > 0 {
+            text.insert_str(0, &format!("[... {cut} earlier bytes of output cut ...]\n"));
+        }
+        text
+    }
+}
+
+/// A registry to push to.
+struct RegistryLogin {
+    host: String,
+    credentials: Option<(String, Secret)>,
+}
+
+/// Runs jobs as the worker's configuration says.
+pub struct Executor {
+    kind: ExecutorKind,
+    exec_command: String,
+    git_base_url: String,
+    registry: Option<RegistryLogin>,
+    max_log_bytes: usize,
+    jobs_dir: PathBuf,
+    docker: String,
+    docker_config: PathBuf,
+}
+
+impl Executor {
+    /// Prepares the work directory and reads the registry password file.
+    pub fn new(config: &WorkerConfig) -> Result<Executor, String> {
+        let jobs_dir = config.work_dir.join("jobs");
+        let docker_config = config.work_dir.join("docker-config");
+        for dir in [&jobs_dir, &docker_config] {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        let credentials = match (&config.registry_user, &config.registry_password_file) {
+            (Some(user), Some(file)) => {
+                let password = std::fs::read_to_string(file).map_err(|e| {
+                    format!("reading the registry password file {}: {e}", file.display())
+                })?;
+                Some((
+                    user.clone(),
+                    Secret::new(password.trim_end_matches(['\r', '\n']).to_string()),
+                ))
+            }
+            _ => None,
+        };
+        Ok(Executor {
+            kind: config.executor,
+            exec_command: config.exec_command.clone().unwrap_or_default(),
+            git_base_url: config.git_base_url.clone(),
+            registry: config
+                .registry
+                .clone()
+                .map(|host| RegistryLogin { host, credentials }),
+            max_log_bytes: config.max_log_bytes,
+            jobs_dir,
+            docker: config.docker.clone(),
+            docker_config,
+        })
+    }
+
+    /// Runs `job` to its end (or until `control` stops it) and returns the answer.
+    pub fn run(&self, job: &JobRequest, control: &JobControl) -> JobResponse {
+        let mut response = JobResponse {
+            jobId: job.jobId.clone(),
+            ..JobResponse::default()
+        };
+        let checked = match checks::check(job, &self.git_base_url) {
+            Ok(checked) => checked,
+            Err(e) => {
+                response.error = format!("invalid job: {e}");
+                return response;
+            }
+        };
+        let token = Secret::new(job.githubToken.clone());
+        let mut secrets = vec![token.clone()];
+        secrets.extend(
+            self.registry
+                .iter()
+                .filter_map(|r| r.credentials.as_ref().map(|c| c.1.clone())),
+        );
+        let mut log = JobLog::new(self.max_log_bytes, secrets);
+        let workspace = match Workspace::create(&self.jobs_dir, &job.jobId) {
+            Ok(w) => w,
+            Err(e) => {
+                response.error = e;
+                return response;
+            }
+        };
+        let result = self.steps(job, &checked, &token, &workspace, &mut log, control);
+        match result {
+            Ok(image_url) => {
+                response.success = true;
+                response.imageUrl = image_url;
+            }
+            Err(StepError::Stopped(reason)) => response.error = reason,
+            Err(StepError::Failed(error)) => response.error = error,
+        }
+        for secret in &log.secrets {
+            response.error = secret.redact(&response.error);
+        }
+        response.logs = log.finish();
+        response
+    }
+
+    fn steps(
+        &self,
+        job: &JobRequest,
+        checked: &CheckedJob,
+        token: &Secret,
+        workspace: &Workspace,
+        log: &mut JobLog,
+        control: &JobControl,
+    ) -> Result<String, StepError> {
+        let checkout = workspace.path.join("src");
+        if let Some(source) = &checked.source {
+            self.clone_repo(source, &checked.branch, token, &checkout, log, control)?;
+        }
+        match self.kind {
+            ExecutorKind::Exec => {
+                let cwd = if checked.source.is_some() {
+                    &checkout
+                } else {
+                    &workspace.path
+                };
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c").arg(&self.exec_command).current_dir(cwd);
+                for (name, value) in [
+                    ("JOB_ID", &job.jobId),
+                    ("REPO_URL", &job.repoUrl),
+                    ("BRANCH", &job.branch),
+                    ("DOCKERFILE_PATH", &job.dockerfilePath),
+                    ("CONTEXT_DIR", &job.contextDir),
+                    ("IMAGE_NAME", &job.imageName),
+                    ("GITHUB_TOKEN", &job.githubToken),
+                ] {
+                    cmd.env(format!("BLACKTREE_{name}"), value);
+                }
+                cmd.env("BLACKTREE_WORKSPACE", &workspace.path);
+                run_step("exec command", cmd, None, log, control)?;
+                Ok(String::new())
+            }
+            ExecutorKind::Docker => {
+                if checked.source.is_none() {
+                    return Err(StepError::Failed(
+                        "invalid job: repoUrl is required to build an image".into(),
+                    ));
+                }
+                if checked.image_name.is_empty() {
+                    return Err(StepError::Failed(
+                        "invalid job: imageName is required to build an image".into(),
+                    ));
+                }
+                self.build_and_push(checked, &checkout, log, control)
+            }
+        }
+    }
+
+    fn clone_repo(
+        &self,
+        source: &str,
+        branch: &str,
+        token: &Secret,
+        checkout: &Path,
+        log: &mut JobLog,
+        control: &JobControl,
+    ) -> Result<(), StepError> {
+        let mut cmd = Command::new("git");
+        if !token.expose().is_empty() {
+            // The helper reads the token from the environment: it never is in argv, in a
+            // URL, or in the checkout's .git/config.
+            cmd.args(["-c", "credential.helper="]).args([
+                "-c",
+                "credential.helper=!f() { echo username=x-access-token; echo \"password=$BLACKTREE_GIT_TOKEN\"; }; f",
+            ]);
+            cmd.env("BLACKTREE_GIT_TOKEN", token.expose());
+        }
+        cmd.args(["clone", "--depth", "1", "--single-branch"]);
+        if !branch.is_empty() {
+            cmd.args(["--branch", branch]);
+        }
+        cmd.arg("--")
+            .arg(source)
+            .arg(checkout)
+            .env("GIT_TERMINAL_PROMPT", "0");
+        run_step("git clone", cmd, None, log, control)
+    }
+
+    fn build_and_push(
+        &self,
+        checked: &CheckedJob,
+        checkout: &Path,
+        log: &mut JobLog,
+        control: &JobControl,
+    ) -> Result<String, StepError> {
+        let context = inside(checkout, &checked.context_dir, "contextDir")?;
+        let dockerfile = inside(
+            checkout,
+            &context.join(&checked.dockerfile),
+            "dockerfilePath",
+        )?;
+        let tag = match &self.registry {
+            Some(registry) => format!("{}/{}", registry.host, checked.image_name),
+            None => checked.image_name.clone(),
+        };
+        let mut build = self.docker_command();
+        build
+            .arg("build")
+            .arg("--force-rm")
+            .arg("-f")
+            .arg(&dockerfile)
+            .arg("-t")
+            .arg(&tag)
+            .arg(&context);
+        run_step("docker build", build, None, log, control)?;
+        let Some(registry) = &self.registry else {
+            return Ok(tag);
+        };
+        if let Some((user, password)) = &registry.credentials {
+            let mut login = self.docker_command();
+            login.args([
+                "login",
+                &registry.host,
+                "--username",
+                user,
+                "--password-stdin",
+            ]);
+            run_step(
+                "docker login",
+                login,
+                Some(password.expose().as_bytes()),
+                log,
+                control,
+            )?;
+        }
+        let mut push = self.docker_command();
+        push.arg("push").arg(&tag);
+        run_step("docker push", push, None, log, control)?;
+        Ok(tag)
+    }
+
+    fn docker_command(&self) -> Command {
+        let mut cmd = Command::new(&self.docker);
+        cmd.env("DOCKER_CONFIG", &self.docker_config);
+        cmd
+    }
+}
+
+/// `base/relative`, resolved through symlinks, must stay inside `base`.
+fn inside(base: &Path, relative: &Path, field: &str) -> Result<PathBuf, StepError> {
+    let fail = |why: &str| StepError::Failed(format!("invalid job: {field} {why}"));
+    let base = base
+        .canonicalize()
+        .map_err(|_| fail("has no checkout to resolve in"))?;
+    let path = base
+        .join(relative)
+        .canonicalize()
+        .map_err(|_| fail("does not exist in the repository"))?;
+    if path.starts_with(&base) {
+        Ok(path)
+    } else {
+        Err(fail("must stay inside the repository"))
+    }
+}
+
+/// Runs one step in a process group of its own, its stdout and stderr into `log`.
+fn run_step(
+    title: &str,
+    mut cmd: Command,
+    stdin: Option<&[u8]>,
+    log: &mut JobLog,
+    control: &JobControl,
+) -> Result<(), StepError> {
+    if let Some(reason) = control.reason() {
+        return Err(StepError::Stopped(reason));
+    }
+    log.note(&format!("$ {title}\n"));
+    let failed = |e: std::io::Error| StepError::Failed(format!("{title} could not start: {e}"));
+    let (mut reader, writer) = std::io::pipe().map_err(failed)?;
+    cmd.process_group(0)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(writer.try_clone().map_err(failed)?)
+        .stderr(writer);
+    let mut child = cmd.spawn().map_err(failed)?;
+    // Our copies of the pipe's write end must go, or reading never ends.
+    drop(cmd);
+    control.started(child.id() as i32);
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A step that exits without reading its input fails on its own.
+        let _ = pipe.write_all(input);
+    }
+    let mut chunk = [0u8; 8192];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => log.push(&chunk[..n]),
+        }
+    }
+    let status = child.wait();
+    control.finished();
+    if let Some(reason) = control.reason() {
+        return Err(StepError::Stopped(reason));
+    }
+    match status {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(StepError::Failed(format!("{title} failed ({status})"))),
+        Err(e) => Err(StepError::Failed(format!("{title}: {e}"))),
+    }
+}
+
+/// A job's own directory, removed when the job ends.
+struct Workspace {
+    path: PathBuf,
+}
+
+impl Workspace {
+    fn create(jobs_dir: &Path, job_id: &str) -> Result<Workspace, String> {
+        let safe: String = job_id
+            .chars()
+            .take(64)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = jobs_dir.join(format!("{safe}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| format!("creating the workspace {}: {e}", path.display()))?;
+        Ok(Workspace { path })
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            info!(
+                "could not remove the workspace {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_keep_the_tail_and_redact_secrets_even_across_the_cut() {
+        let secret = Secret::new("s3cr3t-token".into());
+        let mut log = JobLog::new(32, vec![secret]);
+        log.push(&[b'a'; 100]);
+        log.push(b"s3cr3t-token");
+        log.push(b" end");
+        let text = log.finish();
+        assert!(text.ends_with("*** end"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(text.starts_with("[... "), "{text}");
+
+        let mut log = JobLog::new(1000, vec![]);
+        log.note("short");
+        assert_eq!(log.finish(), "short");
+    }
+
+    #[test]
+    fn cancelling_kills_the_running_step_and_skips_the_rest() {
+        let control = JobControl::default();
+        let mut log = JobLog::new(1000, vec![]);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while control.lock().group.is_none() {
+                    std::thread::yield_now();
+                }
+                assert!(control.cancel("cancelled"));
+                assert!(!control.cancel("again"), "the first reason wins");
+            });
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "sleep 30 & sleep 30; echo never"]);
+            let result = run_step("sleepers", cmd, None, &mut log, &control);
+            assert!(matches!(result, Err(StepError::Stopped(r)) if r == "cancelled"));
+        });
+        let after = run_step("next", Command::new("true"), None, &mut log, &control);
+        assert!(matches!(after, Err(StepError::Stopped(_))));
+        assert!(!log.finish().contains("never"));
+    }
+}

@@ -1,0 +1,328 @@
+//! `blacktree worker`: the build worker agent.
+//!
+//! It serves `JobService` (RunJob, Ping, CancelJob) and grpc.health.v1, and keeps itself
+//! registered with the orchestrator. Threads:
+//! * grpcio's threads run the handlers, which never block: `RunJob` takes a slot and
+//!   moves the call's sink to a job thread of its own;
+//! * one thread per running job ([`executor`]), plus a watchdog when the job has a
+//!   deadline;
+//! * the check-in thread registers (retrying with capped backoff) and then asks
+//!   `WorkerService.Ping{id}` every `--check-in-interval`, registering again when the
+//!   orchestrator no longer knows it (after an orchestrator restart).
+
+pub mod checks;
+pub mod executor;
+
+use std::collections::HashMap;
+use std::net::{ToSocketAddrs, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, RecvTimeoutError};
+use grpcio::{
+    CallOption, ChannelBuilder, EnvBuilder, RpcContext, RpcStatus, RpcStatusCode, ServerBuilder,
+    ServerCredentials, UnarySink,
+};
+use grpcio_health::{create_health, HealthService, ServingStatus};
+use log::{debug, info, warn};
+
+use crate::config::WorkerConfig;
+use crate::proto::job::{
+    CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
+    WorkerStatus,
+};
+use crate::proto::job_grpc::{create_job_service, JobService};
+use crate::proto::worker::{self, WorkerInfo};
+use crate::proto::worker_grpc::WorkerServiceClient;
+use crate::rpc;
+use executor::{Executor, JobControl};
+
+/// Runs the worker agent until SIGINT/SIGTERM.
+pub fn run(config: WorkerConfig) -> Result<(), String> {
+    let id = config.id.clone().unwrap_or_else(default_id);
+    let executor = Arc::new(Executor::new(&config)?);
+    let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
+    let agent = Agent {
+        id: id.clone(),
+        capacity: config.capacity as usize,
+        running: Arc::new(Mutex::new(HashMap::new())),
+        executor,
+    };
+    let health = HealthService::default();
+    health.set_serving_status("", ServingStatus::Serving);
+    let mut server = ServerBuilder::new(env.clone())
+        .register_service(create_job_service(agent.clone()))
+        .register_service(create_health(health.clone()))
+        .build()
+        .map_err(|e| format!("building the gRPC server: {e}"))?;
+    let port = server
+        .add_listening_port(config.listen.as_str(), ServerCredentials::insecure())
+        .map_err(|e| format!("worker cannot listen on {}: {e}", config.listen))?;
+    server.start();
+    let advertise = match &config.advertise {
+        Some(addr) => addr.clone(),
+        None => format!("{}:{port}", local_ip_towards(&config.orchestrator)?),
+    };
+    info!(
+        "worker {id} listening on port {port} ({}), advertised as {advertise}, capacity {}, {:?} executor",
+        config.listen, config.capacity, config.executor
+    );
+    let (host, advertised_port) = advertise
+        .rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<i32>().ok()?,
+            ))
+        })
+        .ok_or_else(|| format!("--advertise {advertise} is not IP:PORT"))?;
+    let info = WorkerInfo {
+        id: id.clone(),
+        ip: host,
+        port: advertised_port,
+        region: config.region.clone(),
+        capacity: config.capacity as i32,
+        ..WorkerInfo::default()
+    };
+    let orchestrator = config.orchestrator.clone();
+    let interval = config.check_in_interval;
+    std::thread::Builder::new()
+        .name("check-in".into())
+        .spawn(move || check_in(env, &orchestrator, info, interval))
+        .map_err(|e| format!("spawning the check-in thread: {e}"))?;
+
+    let (signal_tx, signal_rx) = bounded(1);
+    ctrlc::set_handler(move || {
+        let _ = signal_tx.try_send(());
+    })
+    .map_err(|e| format!("installing the signal handler: {e}"))?;
+    let _ = signal_rx.recv();
+    health.set_serving_status("", ServingStatus::NotServing);
+    let running: Vec<Arc<JobControl>> = agent
+        .running
+        .lock()
+        .expect("slots lock")
+        .values()
+        .cloned()
+        .collect();
+    info!("signal received: stopping {} running jobs", running.len());
+    for control in &running {
+        control.cancel("cancelled: the worker is shutting down");
+    }
+    // Give the job threads a moment to answer their calls before the process ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !agent.running.lock().expect("slots lock").is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The hostname plus a random suffix.
+fn default_id() -> String {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "worker".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", host.trim(), &suffix[..6])
+}
+
+/// The local address of the interface that routes to `target` (no packet is sent).
+fn local_ip_towards(target: &str) -> Result<std::net::IpAddr, String> {
+    let addr = target
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve the orchestrator address {target}"))?;
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    socket
+        .connect(addr)
+        .and_then(|()| socket.local_addr())
+        .map(|a| a.ip())
+        .map_err(|e| format!("no route to the orchestrator {target}: {e}; set --advertise"))
+}
+
+/// Registers (with capped backoff), then checks in every `interval`, registering
+/// again whenever the orchestrator says it no longer knows this worker.
+fn check_in(
+    env: Arc<grpcio::Environment>,
+    orchestrator: &str,
+    info: WorkerInfo,
+    interval: Duration,
+) {
+    let client = WorkerServiceClient::new(ChannelBuilder::new(env).connect(orchestrator));
+    let call = || CallOption::default().timeout(Duration::from_secs(5));
+    let ping = worker::PingRequest {
+        id: info.id.clone(),
+        ..worker::PingRequest::default()
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.register_opt(&info, call()) {
+            Ok(ack) if ack.success => {
+                info!(
+                    "registered with the orchestrator at {orchestrator}: {}",
+                    ack.message
+                );
+                backoff = Duration::from_millis(200);
+                loop {
+                    std::thread::sleep(interval);
+                    match client.ping_opt(&ping, call()) {
+                        Ok(pong) if pong.healthy => {}
+                        Ok(_) => {
+                            info!(
+                                "the orchestrator no longer knows this worker: registering again"
+                            );
+                            break;
+                        }
+                        Err(e) => debug!("orchestrator {orchestrator} unreachable: {e}"),
+                    }
+                }
+                continue;
+            }
+            Ok(ack) => warn!(
+                "the orchestrator at {orchestrator} refused the registration: {}",
+                ack.message
+            ),
+            Err(e) => warn!(
+                "cannot register with the orchestrator at {orchestrator}: {e}; retrying in {}",
+                humantime::format_duration(backoff)
+            ),
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The `JobService` of the worker.
+#[derive(Clone)]
+struct Agent {
+    id: String,
+    capacity: usize,
+    /// Running jobs → their control (to cancel them).
+    running: Arc<Mutex<HashMap<String, Arc<JobControl>>>>,
+    executor: Arc<Executor>,
+}
+
+impl JobService for Agent {
+    fn run_job(&mut self, ctx: RpcContext, job: JobRequest, sink: UnarySink<JobResponse>) {
+        let control = Arc::new(JobControl::default());
+        {
+            let mut running = self.running.lock().expect("slots lock");
+            let refusal = if running.len() >= self.capacity {
+                Some((RpcStatusCode::RESOURCE_EXHAUSTED, "no free slot"))
+            } else if running.contains_key(&job.jobId) {
+                Some((
+                    RpcStatusCode::ALREADY_EXISTS,
+                    "this job is already running here",
+                ))
+            } else {
+                None
+            };
+            if let Some((code, message)) = refusal {
+                let status = RpcStatus::with_message(code, message.to_string());
+                ctx.spawn(async move {
+                    let _ = sink.fail(status).await;
+                });
+                return;
+            }
+            running.insert(job.jobId.clone(), control.clone());
+        }
+        let agent = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!(
+                "job-{}",
+                job.jobId.chars().take(24).collect::<String>()
+            ))
+            .spawn(move || agent.run(job, control, sink));
+        if let Err(e) = spawned {
+            warn!("could not start a job thread: {e}");
+        }
+    }
+
+    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+        let busy = self.running.lock().expect("slots lock").len() >= self.capacity;
+        let pong = PingResponse {
+            workerId: self.id.clone(),
+            status: if busy {
+                WorkerStatus::BUSY
+            } else {
+                WorkerStatus::FREE
+            },
+            ..PingResponse::default()
+        };
+        rpc::reply(&ctx, sink, pong);
+    }
+
+    fn cancel_job(
+        &mut self,
+        ctx: RpcContext,
+        req: CancelJobRequest,
+        sink: UnarySink<CancelJobResponse>,
+    ) {
+        let control = self
+            .running
+            .lock()
+            .expect("slots lock")
+            .get(&req.jobId)
+            .cloned();
+        let mut answer = CancelJobResponse::default();
+        match control {
+            Some(control) => {
+                answer.cancelled = control.cancel("cancelled");
+                answer.message = "stopping the job".to_string();
+                info!("job {}: cancel requested", req.jobId);
+            }
+            None => answer.message = "no such job is running here".to_string(),
+        }
+        rpc::reply(&ctx, sink, answer);
+    }
+}
+
+impl Agent {
+    /// Runs one job on its own thread and answers its call.
+    fn run(self, job: JobRequest, control: Arc<JobControl>, sink: UnarySink<JobResponse>) {
+        let job_id = job.jobId.clone();
+        info!("job {job_id}: started");
+        let started = std::time::Instant::now();
+        // The watchdog stops the job at its deadline; the job's end closes `done`.
+        let (done, finished) = bounded::<()>(0);
+        if job.timeoutSeconds > 0 {
+            let control = control.clone();
+            let timeout = Duration::from_secs(job.timeoutSeconds.into());
+            std::thread::spawn(move || {
+                if finished.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) {
+                    control.cancel(&format!(
+                        "timed out after {}",
+                        humantime::format_duration(timeout)
+                    ));
+                }
+            });
+        }
+        let answer = self.executor.run(&job, &control);
+        drop(done);
+        self.running.lock().expect("slots lock").remove(&job_id);
+        info!(
+            "job {job_id}: {} after {} ms{}",
+            if answer.success {
+                "succeeded"
+            } else {
+                "failed"
+            },
+            started.elapsed().as_millis(),
+            if answer.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", answer.error)
+            }
+        );
+        if let Err(e) = rpc::block_on(sink.success(answer), None).expect("no cancel token") {
+            warn!("job {job_id}: the answer could not be sent (the caller is gone): {e}");
+        }
+    }
+}
