@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # Debian packages the build and the tests need.
-BLACKTREE_PACKAGES=(cmake pkg-config libssl-dev git g++ rabbitmq-server)
+BLACKTREE_PACKAGES=(cmake pkg-config libssl-dev git g++ rabbitmq-server
+  docker.io docker-registry apache2-utils busybox-static curl)
 
 apt_install_missing() {
   local missing=()
@@ -37,6 +38,19 @@ ensure_rabbitmq() {
   rabbitmqctl await_startup >/dev/null
 }
 
+# Debian's dockerd; no systemd here, so it is started by hand and logs to /var/log.
+ensure_docker() {
+  docker info >/dev/null 2>&1 && return 0
+  echo "setup: starting dockerd"
+  nohup dockerd >/var/log/dockerd.log 2>&1 &
+  local deadline=$((SECONDS + 60))
+  until docker info >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "setup: dockerd did not start (see /var/log/dockerd.log)" >&2; return 1; }
+    sleep 0.5
+  done
+}
+
 apt_install_missing "${BLACKTREE_PACKAGES[@]}"
 ensure_rabbitmq
+ensure_docker
 command -v cargo >/dev/null || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }

@@ -2,6 +2,8 @@
 //! and the real `blacktree` binary as a child process.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod build_env;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -463,7 +465,7 @@ impl Drop for TestWorker {
 }
 
 /// Waits for a grpcio future without an async runtime.
-fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
+pub fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
     blacktree::rpc::block_on(future, None).expect("no cancel token")
 }
 
@@ -482,8 +484,6 @@ impl Orchestrator {
             "orchestrator".to_string(),
             "--amqp-url".into(),
             url.into(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
             "--health-interval".into(),
             "200ms".into(),
             "--health-timeout".into(),
@@ -492,6 +492,9 @@ impl Orchestrator {
             "16".into(),
         ];
         args.extend(names.args());
+        if !extra.contains(&"--grpc-listen") {
+            args.extend(["--grpc-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
             .args(&args)

@@ -1,0 +1,272 @@
+//! The real build environment for worker tests: Debian's Docker engine, a
+//! `docker-registry` with htpasswd auth on 127.0.0.1, a busybox base image made with
+//! `docker import`, git repositories made on the spot, and `blacktree worker` processes.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use super::{free_port, poll};
+
+/// The base image for `RUN` steps (no image can be pulled here).
+pub const BASE_IMAGE: &str = "bt-busybox:test";
+/// Registry credentials used by the tests.
+pub const REGISTRY_USER: &str = "btuser";
+pub const REGISTRY_PASSWORD: &str = "bt-REGISTRY-pass-42";
+
+/// Runs a command, asserting it succeeds; returns its stdout.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("bt-{tag}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes sure the Docker engine answers and the base image exists (once per test binary).
+pub fn docker_ready() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        assert!(
+            Command::new("docker")
+                .arg("info")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "the Docker engine must be running (scripts/setup.sh starts it)"
+        );
+        if sh(&format!("docker images -q {BASE_IMAGE}"))
+            .trim()
+            .is_empty()
+        {
+            let root = TempDir::new("rootfs");
+            let bin = root.0.join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+            for tool in ["sh", "sleep", "echo", "cat", "ls", "true", "false", "env"] {
+                std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
+            }
+            sh(&format!(
+                "tar -C {} -c . | docker import - {BASE_IMAGE}",
+                root.0.display()
+            ));
+        }
+    });
+}
+
+/// A git repository with one commit on `main` holding `files`.
+pub fn git_repo(files: &[(&str, &str)]) -> TempDir {
+    let repo = TempDir::new("repo");
+    for (name, content) in files {
+        let path = repo.0.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    let dir = repo.0.display();
+    sh(&format!(
+        "cd {dir} && git init -q -b main && git add -A && \
+         git -c user.name=t -c user.email=t@t commit -qm init"
+    ));
+    repo
+}
+
+/// `docker-registry` on 127.0.0.1 with htpasswd auth, stopped on drop.
+pub struct Registry {
+    pub addr: String,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = TempDir::new("registry");
+        let port = free_port();
+        let htpasswd = dir.0.join("htpasswd");
+        sh(&format!(
+            "htpasswd -Bbn {REGISTRY_USER} {REGISTRY_PASSWORD} > {}",
+            htpasswd.display()
+        ));
+        let config = dir.0.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.0.join("data").display(),
+                htpasswd.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        let addr = format!("127.0.0.1:{port}");
+        poll(Duration::from_secs(30), "the registry to listen", || {
+            std::net::TcpStream::connect(&addr).ok()
+        });
+        Registry {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// The tags of `repository`, read from the registry's HTTP API.
+    pub fn tags(&self, repository: &str) -> String {
+        sh(&format!(
+            "curl -sf -u {REGISTRY_USER}:{REGISTRY_PASSWORD} http://{}/v2/{repository}/tags/list",
+            self.addr
+        ))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `blacktree worker` child process.
+pub struct WorkerProcess {
+    pub id: String,
+    pub port: u16,
+    pub work_dir: TempDir,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl WorkerProcess {
+    /// Starts a worker with `args` (executor, registry…) that registers with the
+    /// orchestrator at `127.0.0.1:orchestrator_port`.
+    pub fn start(id: &str, orchestrator_port: u16, args: &[&str]) -> WorkerProcess {
+        let work_dir = TempDir::new("worker");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+            .args([
+                "worker",
+                "--id",
+                id,
+                "--listen",
+                "127.0.0.1:0",
+                "--check-in-interval",
+                "500ms",
+            ])
+            .arg("--orchestrator")
+            .arg(format!("127.0.0.1:{orchestrator_port}"))
+            .arg("--work-dir")
+            .arg(&work_dir.0)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting blacktree worker");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (port_tx, port_rx) = crossbeam_channel::unbounded();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split(" listening on port ").nth(1) {
+                    let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    let _ = port_tx.send(port);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let port = port_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the worker announced its port");
+        WorkerProcess {
+            id: id.to_string(),
+            port,
+            work_dir,
+            child,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Job workspaces currently on disk.
+    pub fn workspaces(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.work_dir.0.join("jobs"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Command lines of every process on the machine.
+pub fn all_command_lines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .collect()
+}
+
+/// Whether any process's command line contains `needle`.
+pub fn process_running(needle: &str) -> bool {
+    all_command_lines().iter().any(|c| c.contains(needle))
+}
+
+/// Reads every file under `dir` (recursively) and returns whether any contains `needle`.
+pub fn tree_contains(dir: &Path, needle: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let path = e.path();
+        if path.is_dir() && !path.is_symlink() {
+            tree_contains(&path, needle)
+        } else {
+            std::fs::read(&path).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle))
+        }
+    })
+}

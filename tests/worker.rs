@@ -1,0 +1,380 @@
+//! The worker agent end to end: the real `blacktree worker` binary, real git
+//! repositories, Debian's Docker engine and a real registry with htpasswd auth.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blacktree::proto::job::{CancelJobRequest, JobRequest, JobResponse};
+use blacktree::proto::job_grpc::JobServiceClient;
+use common::build_env::*;
+use common::*;
+use grpcio::{CallOption, ChannelBuilder, Environment};
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn client(port: u16) -> JobServiceClient {
+    let env = Arc::new(Environment::new(1));
+    JobServiceClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{port}")))
+}
+
+fn job(id: &str, repo: &TempDir, image: &str) -> JobRequest {
+    JobRequest {
+        jobId: id.into(),
+        repoUrl: repo.0.display().to_string(),
+        branch: "main".into(),
+        dockerfilePath: "Dockerfile".into(),
+        contextDir: ".".into(),
+        imageName: image.into(),
+        githubToken: TOKEN.into(),
+        ..JobRequest::default()
+    }
+}
+
+fn run(port: u16, request: &JobRequest) -> JobResponse {
+    client(port)
+        .run_job_opt(request, CallOption::default().timeout(LONG))
+        .expect("RunJob call")
+}
+
+/// An orchestrator port nobody listens on: direct RunJob tests need no orchestrator.
+fn no_orchestrator() -> u16 {
+    free_port()
+}
+
+fn registry_args(registry: &Registry, password_file: &TempDir) -> Vec<String> {
+    let file = password_file.0.join("password");
+    std::fs::write(&file, format!("{REGISTRY_PASSWORD}\n")).unwrap();
+    vec![
+        "--registry".into(),
+        registry.addr.clone(),
+        "--registry-user".into(),
+        REGISTRY_USER.into(),
+        "--registry-password-file".into(),
+        file.display().to_string(),
+    ]
+}
+
+#[test]
+fn the_exec_executor_runs_its_command_in_the_checkout_with_the_job_in_its_environment() {
+    let repo = git_repo(&[("Dockerfile", "FROM scratch\n"), ("build.sh", "exit 3\n")]);
+    let command = r#"echo "job=$BLACKTREE_JOB_ID image=$BLACKTREE_IMAGE_NAME token=$BLACKTREE_GITHUB_TOKEN"; test -f Dockerfile; [ "$BLACKTREE_IMAGE_NAME" != fail ] || sh build.sh"#;
+    let worker = WorkerProcess::start(
+        "exec-w",
+        no_orchestrator(),
+        &["--executor", "exec", "--exec-command", command],
+    );
+
+    let answer = run(worker.port, &job("exec-1", &repo, "acme/app:1"));
+    assert!(answer.success, "{answer:?}");
+    assert_eq!(answer.jobId, "exec-1");
+    assert!(
+        answer
+            .logs
+            .contains("job=exec-1 image=acme/app:1 token=***"),
+        "{}",
+        answer.logs
+    );
+    assert!(!answer.logs.contains(TOKEN));
+
+    let answer = run(worker.port, &job("exec-2", &repo, "fail"));
+    assert!(!answer.success);
+    assert!(
+        answer.error.contains("exec command failed") && answer.error.contains('3'),
+        "{answer:?}"
+    );
+    assert!(
+        worker.workspaces().is_empty(),
+        "workspaces are removed after each job"
+    );
+    assert!(!worker.log().contains(TOKEN));
+}
+
+#[test]
+fn a_docker_build_is_pushed_to_the_registry_and_can_be_read_back() {
+    docker_ready();
+    let registry = Registry::start();
+    let secrets = TempDir::new("secrets");
+    let repo = git_repo(&[
+        (
+            "svc/Dockerfile",
+            &format!("FROM {BASE_IMAGE}\nCOPY hello.txt /hello.txt\nRUN cat /hello.txt\n"),
+        ),
+        ("svc/hello.txt", "hello from blacktree\n"),
+    ]);
+    let args = registry_args(&registry, &secrets);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let worker = WorkerProcess::start("docker-w", no_orchestrator(), &args);
+
+    let mut request = job("push-1", &repo, "bt/pushed:v1");
+    request.contextDir = "svc".into();
+    let answer = run(worker.port, &request);
+    assert!(answer.success, "{answer:?}");
+    assert_eq!(answer.imageUrl, format!("{}/bt/pushed:v1", registry.addr));
+    assert!(
+        answer.logs.contains("hello from blacktree"),
+        "build output in logs: {}",
+        answer.logs
+    );
+    assert!(
+        registry.tags("bt/pushed").contains("\"v1\""),
+        "{}",
+        registry.tags("bt/pushed")
+    );
+    // Pulled back from the registry after removing the local copy.
+    sh(&format!("docker rmi -f {} >/dev/null", answer.imageUrl));
+    let config = worker.work_dir.0.join("docker-config");
+    sh(&format!(
+        "DOCKER_CONFIG={} docker pull -q {} >/dev/null",
+        config.display(),
+        answer.imageUrl
+    ));
+    let content = sh(&format!(
+        "docker run --rm {} cat /hello.txt",
+        answer.imageUrl
+    ));
+    assert_eq!(content, "hello from blacktree\n");
+    for text in [answer.logs.as_str(), answer.error.as_str(), &worker.log()] {
+        assert!(
+            !text.contains(REGISTRY_PASSWORD) && !text.contains(TOKEN),
+            "secret leaked: {text}"
+        );
+    }
+    assert!(worker.workspaces().is_empty());
+}
+
+#[test]
+fn a_broken_dockerfile_fails_with_the_build_output_in_the_logs() {
+    docker_ready();
+    let repo = git_repo(&[(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nRUN echo about-to-fail && exit 7\n"),
+    )]);
+    let worker = WorkerProcess::start("broken-w", no_orchestrator(), &[]);
+    let answer = run(worker.port, &job("broken-1", &repo, "bt/broken:1"));
+    assert!(!answer.success);
+    assert!(answer.error.contains("docker build failed"), "{answer:?}");
+    assert!(answer.logs.contains("about-to-fail"), "{}", answer.logs);
+    assert!(answer.logs.contains('7'), "{}", answer.logs);
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_runs() {
+    let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
+    let worker = WorkerProcess::start("refuse-w", no_orchestrator(), &[]);
+    type Spoil = fn(&mut JobRequest);
+    let cases: [(&str, Spoil); 4] = [
+        ("contextDir", |j| j.contextDir = "../../etc".into()),
+        ("dockerfilePath", |j| {
+            j.dockerfilePath = "/etc/passwd".into()
+        }),
+        ("branch", |j| {
+            j.branch = "--upload-pack=touch /tmp/pwned".into()
+        }),
+        ("imageName", |j| j.imageName = "-H evil".into()),
+    ];
+    for (i, (field, spoil)) in cases.iter().enumerate() {
+        let mut request = job(&format!("refuse-{i}"), &repo, "bt/app:1");
+        spoil(&mut request);
+        let answer = run(worker.port, &request);
+        assert!(!answer.success);
+        assert!(
+            answer.error.starts_with("invalid job") && answer.error.contains(field),
+            "{answer:?}"
+        );
+        assert!(
+            answer.logs.is_empty(),
+            "nothing ran, not even the clone: {}",
+            answer.logs
+        );
+    }
+    let mut empty_id = job("", &repo, "bt/app:1");
+    empty_id.jobId = String::new();
+    let answer = run(worker.port, &empty_id);
+    assert!(
+        !answer.success && answer.error.contains("jobId"),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn a_cancel_during_a_long_run_step_stops_it_and_leaves_no_process_or_secret() {
+    docker_ready();
+    let marker = format!("sleep 3{}", std::process::id() % 10000 + 10000);
+    let repo = git_repo(&[("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"))]);
+    let worker = WorkerProcess::start("cancel-w", no_orchestrator(), &[]);
+    let client = client(worker.port);
+    let call = client
+        .run_job_async_opt(
+            &job("cancel-1", &repo, "bt/cancel:1"),
+            CallOption::default().timeout(LONG),
+        )
+        .unwrap();
+    poll(LONG, "the RUN step to start", || {
+        process_running(&marker).then_some(())
+    });
+
+    // While it runs: the token is in no command line and not in the checkout.
+    assert!(
+        !all_command_lines().iter().any(|c| c.contains(TOKEN)),
+        "token in argv"
+    );
+    let workspaces = worker.workspaces();
+    assert_eq!(workspaces.len(), 1);
+    assert!(
+        !tree_contains(&workspaces[0], TOKEN),
+        "token written into the workspace"
+    );
+
+    let started = Instant::now();
+    let cancel = CancelJobRequest {
+        jobId: "cancel-1".into(),
+        ..CancelJobRequest::default()
+    };
+    assert!(client.cancel_job(&cancel).unwrap().cancelled);
+    let answer = futures_block_on(call).expect("RunJob answer");
+    let took = started.elapsed();
+    assert!(!answer.success);
+    assert_eq!(answer.error, "cancelled");
+    assert!(took < Duration::from_secs(10), "cancel took {took:?}");
+    poll(
+        Duration::from_secs(30),
+        "the RUN step's process to go",
+        || (!process_running(&marker)).then_some(()),
+    );
+    assert!(worker.workspaces().is_empty());
+    let again = client.cancel_job(&cancel).unwrap();
+    assert!(!again.cancelled, "a finished job cannot be cancelled");
+}
+
+#[test]
+fn jobs_on_the_execute_queue_end_as_images_in_the_registry_via_two_workers() {
+    docker_ready();
+    let registry = Registry::start();
+    let secrets = TempDir::new("secrets");
+    let names = Names::unique("e2e");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let args = registry_args(&registry, &secrets);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let workers: Vec<WorkerProcess> = (0..2)
+        .map(|i| WorkerProcess::start(&format!("e2e-w{i}"), orch.grpc_port, &args))
+        .collect();
+    for w in &workers {
+        orch.wait_for_log(&format!("worker {} registered", w.id), LONG);
+    }
+    let repo = git_repo(&[(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nRUN echo built\n"),
+    )]);
+    let ids: Vec<String> = (0..4).map(|i| format!("e2e-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        mq.publish_job(
+            id,
+            json!({"repoUrl": repo.0.display().to_string(), "imageName": format!("bt/e2e:v{i}")}),
+        );
+    }
+    let statuses = mq.statuses(ids.len(), LONG);
+    let mut by_worker = HashSet::new();
+    for status in &statuses {
+        assert_eq!(status["outcome"], "succeeded", "{status}");
+        by_worker.insert(status["workerId"].as_str().unwrap().to_string());
+    }
+    let tags = registry.tags("bt/e2e");
+    for i in 0..ids.len() {
+        assert!(
+            tags.contains(&format!("\"v{i}\"")),
+            "v{i} missing from {tags}"
+        );
+    }
+    println!("e2e: {} images built by {:?}", ids.len(), by_worker);
+    for i in 0..ids.len() {
+        sh(&format!(
+            "docker rmi -f {}/bt/e2e:v{i} >/dev/null",
+            registry.addr
+        ));
+    }
+    orch.assert_no_secret_logged();
+    mq.cleanup();
+}
+
+#[test]
+fn a_full_worker_reports_busy_and_refuses_more_jobs_at_once() {
+    let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
+    let worker = WorkerProcess::start(
+        "full-w",
+        no_orchestrator(),
+        &[
+            "--executor",
+            "exec",
+            "--exec-command",
+            "sleep 2",
+            "--capacity",
+            "1",
+        ],
+    );
+    let client = client(worker.port);
+    let ping = blacktree::proto::job::PingRequest::default();
+    let pong = client.ping(&ping).unwrap();
+    assert_eq!(pong.status, blacktree::proto::job::WorkerStatus::FREE);
+    assert_eq!(pong.workerId, "full-w");
+    let first = client
+        .run_job_async_opt(
+            &job("full-1", &repo, ""),
+            CallOption::default().timeout(LONG),
+        )
+        .unwrap();
+    poll(LONG, "the worker to report BUSY", || {
+        (client.ping(&ping).unwrap().status == blacktree::proto::job::WorkerStatus::BUSY)
+            .then_some(())
+    });
+    match client.run_job(&job("full-2", &repo, "")) {
+        Err(grpcio::Error::RpcFailure(status)) => {
+            assert_eq!(status.code(), grpcio::RpcStatusCode::RESOURCE_EXHAUSTED)
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    assert!(futures_block_on(first).unwrap().success);
+}
+
+#[test]
+fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
+    let names = Names::unique("rejoin");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut first = Orchestrator::start(SHARED_BROKER, &names, &["--grpc-listen", &listen]);
+    let worker = WorkerProcess::start(
+        "rejoin-w",
+        first.grpc_port,
+        &[
+            "--executor",
+            "exec",
+            "--exec-command",
+            "echo ran $BLACKTREE_JOB_ID",
+        ],
+    );
+    first.wait_for_log("worker rejoin-w registered", LONG);
+    first.signal("KILL");
+    first.wait_exit(LONG);
+
+    let second = Orchestrator::start(SHARED_BROKER, &names, &["--grpc-listen", &listen]);
+    second.wait_for_log("worker rejoin-w registered", LONG);
+    mq.publish_job("rejoin-1", json!({"repoUrl": ""}));
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(statuses[0]["outcome"], "succeeded", "{statuses:?}");
+    assert_eq!(statuses[0]["workerId"], "rejoin-w");
+    assert!(statuses[0]["logs"]
+        .as_str()
+        .unwrap()
+        .contains("ran rejoin-1"));
+    assert!(
+        worker.log().contains("registering again"),
+        "{}",
+        worker.log()
+    );
+    mq.cleanup();
+}
