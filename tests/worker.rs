@@ -378,3 +378,38 @@ fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
     );
     mq.cleanup();
 }
+
+#[test]
+fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
+    // The step's command line (`sleep 5NNNN`) differs from the worker's own argv.
+    let n = std::process::id() % 10000 + 10000;
+    let marker = format!("sleep {}", 40000 + n);
+    let command = format!("sleep $((40000 + {n}))");
+    let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
+    let args = ["--executor", "exec", "--exec-command", command.as_str()];
+    let worker = WorkerProcess::start("gone-w", no_orchestrator(), &args);
+    let client = client(worker.port);
+    let mut call = client
+        .run_job_async_opt(
+            &job("gone-1", &repo, ""),
+            CallOption::default().timeout(LONG),
+        )
+        .unwrap();
+    poll(LONG, "the job's command to start", || {
+        process_running(&marker).then_some(())
+    });
+    call.cancel();
+    poll(Duration::from_secs(10), "the command to be killed", || {
+        (!process_running(&marker)).then_some(())
+    });
+    let ping = blacktree::proto::job::PingRequest::default();
+    poll(Duration::from_secs(10), "the slot to be free", || {
+        (client.ping(&ping).unwrap().status == blacktree::proto::job::WorkerStatus::FREE)
+            .then_some(())
+    });
+    assert!(
+        worker.log().contains("the caller cancelled the call"),
+        "{}",
+        worker.log()
+    );
+}

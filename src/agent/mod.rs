@@ -19,9 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Poll, Waker};
+
+use futures_sink::Sink;
 use grpcio::{
-    CallOption, ChannelBuilder, EnvBuilder, RpcContext, RpcStatus, RpcStatusCode, ServerBuilder,
-    ServerCredentials, UnarySink,
+    CallOption, ChannelBuilder, EnvBuilder, Marshaller, Method, MethodType, RpcContext, RpcStatus,
+    RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, ServiceBuilder,
+    UnarySink, WriteFlags,
 };
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
@@ -31,7 +37,6 @@ use crate::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
     WorkerStatus,
 };
-use crate::proto::job_grpc::{create_job_service, JobService};
 use crate::proto::worker::{self, WorkerInfo};
 use crate::proto::worker_grpc::WorkerServiceClient;
 use crate::rpc;
@@ -51,7 +56,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
     let mut server = ServerBuilder::new(env.clone())
-        .register_service(create_job_service(agent.clone()))
+        .register_service(job_service(agent.clone()))
         .register_service(create_health(health.clone()))
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
@@ -209,8 +214,72 @@ struct Agent {
     executor: Arc<Executor>,
 }
 
-impl JobService for Agent {
-    fn run_job(&mut self, ctx: RpcContext, job: JobRequest, sink: UnarySink<JobResponse>) {
+/// `RunJob` served as a server-streaming method that sends exactly one message: on the
+/// wire that is a unary answer, and unlike a unary sink, a streaming sink shows when the
+/// caller cancelled the call (or its connection died), so the job can be stopped.
+const RUN_JOB: Method<JobRequest, JobResponse> = Method {
+    ty: MethodType::ServerStreaming,
+    name: "/job.JobService/RunJob",
+    req_mar: Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+    resp_mar: Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+};
+const PING: Method<PingRequest, PingResponse> = Method {
+    ty: MethodType::Unary,
+    name: "/job.JobService/Ping",
+    req_mar: Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+    resp_mar: Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+};
+const CANCEL_JOB: Method<CancelJobRequest, CancelJobResponse> = Method {
+    ty: MethodType::Unary,
+    name: "/job.JobService/CancelJob",
+    req_mar: Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+    resp_mar: Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+};
+
+/// The worker's `JobService` (the contract of `proto/job.proto`).
+fn job_service(agent: Agent) -> grpcio::Service {
+    let (run, ping, cancel) = (agent.clone(), agent.clone(), agent);
+    ServiceBuilder::new()
+        .add_server_streaming_handler(&RUN_JOB, move |ctx, job, sink| run.run_job(ctx, job, sink))
+        .add_unary_handler(&PING, move |ctx, _req, sink| ping.ping(ctx, sink))
+        .add_unary_handler(&CANCEL_JOB, move |ctx, req, sink| {
+            cancel.cancel_job(ctx, req, sink)
+        })
+        .build()
+}
+
+/// Where a job thread leaves its answer for the call's future.
+#[derive(Default)]
+struct AnswerSlot {
+    answer: Option<JobResponse>,
+    waker: Option<Waker>,
+}
+
+impl Agent {
+    fn run_job(
+        &self,
+        ctx: RpcContext,
+        job: JobRequest,
+        mut sink: ServerStreamingSink<JobResponse>,
+    ) {
         let control = Arc::new(JobControl::default());
         {
             let mut running = self.running.lock().expect("slots lock");
@@ -233,19 +302,52 @@ impl JobService for Agent {
             }
             running.insert(job.jobId.clone(), control.clone());
         }
-        let agent = self.clone();
+        let slot = Arc::new(Mutex::new(AnswerSlot::default()));
+        let job_id = job.jobId.clone();
+        let (agent, thread_slot, thread_control) = (self.clone(), slot.clone(), control.clone());
         let spawned = std::thread::Builder::new()
             .name(format!(
                 "job-{}",
                 job.jobId.chars().take(24).collect::<String>()
             ))
-            .spawn(move || agent.run(job, control, sink));
+            .spawn(move || agent.run(job, thread_control, thread_slot));
         if let Err(e) = spawned {
             warn!("could not start a job thread: {e}");
         }
+        // Waits on grpcio's thread (without blocking it) for the answer or the caller
+        // going away, whichever comes first, then sends the one answer.
+        ctx.spawn(async move {
+            let answer = poll_fn(|cx| {
+                let mut slot = slot.lock().expect("answer slot lock");
+                if let Some(answer) = slot.answer.take() {
+                    return Poll::Ready(Some(answer));
+                }
+                slot.waker = Some(cx.waker().clone());
+                drop(slot);
+                match Pin::new(&mut sink).poll_flush(cx) {
+                    Poll::Ready(Err(_)) => Poll::Ready(None),
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+            let Some(answer) = answer else {
+                if control.cancel("cancelled: the caller went away") {
+                    info!("job {job_id}: the caller cancelled the call; stopping the job");
+                }
+                return;
+            };
+            let sent = async {
+                poll_fn(|cx| Pin::new(&mut sink).poll_ready(cx)).await?;
+                Pin::new(&mut sink).start_send((answer, WriteFlags::default()))?;
+                poll_fn(|cx| Pin::new(&mut sink).poll_close(cx)).await
+            };
+            if let Err(e) = sent.await {
+                warn!("job {job_id}: the answer could not be sent (the caller is gone): {e}");
+            }
+        });
     }
 
-    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+    fn ping(&self, ctx: RpcContext, sink: UnarySink<PingResponse>) {
         let busy = self.running.lock().expect("slots lock").len() >= self.capacity;
         let pong = PingResponse {
             workerId: self.id.clone(),
@@ -260,7 +362,7 @@ impl JobService for Agent {
     }
 
     fn cancel_job(
-        &mut self,
+        &self,
         ctx: RpcContext,
         req: CancelJobRequest,
         sink: UnarySink<CancelJobResponse>,
@@ -282,11 +384,9 @@ impl JobService for Agent {
         }
         rpc::reply(&ctx, sink, answer);
     }
-}
 
-impl Agent {
     /// Runs one job on its own thread and answers its call.
-    fn run(self, job: JobRequest, control: Arc<JobControl>, sink: UnarySink<JobResponse>) {
+    fn run(self, job: JobRequest, control: Arc<JobControl>, slot: Arc<Mutex<AnswerSlot>>) {
         let job_id = job.jobId.clone();
         info!("job {job_id}: started");
         let started = std::time::Instant::now();
@@ -321,8 +421,10 @@ impl Agent {
                 format!(": {}", answer.error)
             }
         );
-        if let Err(e) = rpc::block_on(sink.success(answer), None).expect("no cancel token") {
-            warn!("job {job_id}: the answer could not be sent (the caller is gone): {e}");
+        let mut slot = slot.lock().expect("answer slot lock");
+        slot.answer = Some(answer);
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
         }
     }
 }
