@@ -413,3 +413,40 @@ fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
         worker.log()
     );
 }
+
+#[test]
+fn the_token_reaches_git_over_http_and_nowhere_else() {
+    let server = GitHttpServer::start(TOKEN);
+    let repo = git_repo(&[
+        ("Dockerfile", "FROM scratch\n"),
+        ("marker.txt", "private content\n"),
+    ]);
+    let url = server.publish(&repo, "private");
+    let worker = WorkerProcess::start(
+        "token-w",
+        no_orchestrator(),
+        &[
+            "--executor",
+            "exec",
+            "--exec-command",
+            "cat marker.txt; git config --list --show-origin",
+        ],
+    );
+    let mut request = job("token-1", &repo, "");
+    request.repoUrl = url.clone();
+    let answer = run(worker.port, &request);
+    assert!(answer.success, "the clone with the token works: {answer:?}");
+    assert!(answer.logs.contains("private content"), "{}", answer.logs);
+    assert!(
+        !answer.logs.contains(TOKEN) && !answer.logs.contains("***"),
+        "not in the checkout's config either: {}",
+        answer.logs
+    );
+
+    request.jobId = "token-2".into();
+    request.githubToken = "ghp_WRONG_TOKEN_987".into();
+    let answer = run(worker.port, &request);
+    assert!(!answer.success, "a wrong token is refused by the server");
+    assert!(answer.error.contains("git clone failed"), "{answer:?}");
+    assert!(!answer.logs.contains("ghp_WRONG_TOKEN_987") && !worker.log().contains(TOKEN));
+}

@@ -270,3 +270,54 @@ pub fn tree_contains(dir: &Path, needle: &str) -> bool {
         }
     })
 }
+
+/// `tests/fixtures/git_http_server.py`: bare repositories over smart HTTP, behind Basic
+/// auth that accepts only `token` as the password. Stopped on drop.
+pub struct GitHttpServer {
+    pub port: u16,
+    pub root: TempDir,
+    child: Child,
+}
+
+impl GitHttpServer {
+    pub fn start(token: &str) -> GitHttpServer {
+        let root = TempDir::new("git-http");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/git_http_server.py"
+        );
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(&root.0)
+            .arg(token)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 git server");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let port = first
+            .trim()
+            .parse()
+            .expect("the git server prints its port");
+        GitHttpServer { port, root, child }
+    }
+
+    /// Publishes `repo` as `NAME.git`; returns its clone URL.
+    pub fn publish(&self, repo: &TempDir, name: &str) -> String {
+        sh(&format!(
+            "git clone -q --bare {} {}/{name}.git",
+            repo.0.display(),
+            self.root.0.display()
+        ));
+        format!("http://127.0.0.1:{}/{name}.git", self.port)
+    }
+}
+
+impl Drop for GitHttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
