@@ -81,6 +81,18 @@ pub struct Topology {
         default_value = "execute.rejected"
     )]
     pub rejected_queue: String,
+    /// Durable queue the orchestrator consumes cancel requests (`{"jobId"}`) from.
+    #[arg(long, env = "BLACKTREE_CANCEL_QUEUE", default_value = "cancel.queue")]
+    pub cancel_queue: String,
+    /// Routing key binding the cancel queue to the exchange.
+    #[arg(long, env = "BLACKTREE_CANCEL_KEY", default_value = "worker.cancel")]
+    pub cancel_key: String,
+    /// Routing key of lifecycle events (received, dispatched, finished); empty: no events.
+    #[arg(long, env = "BLACKTREE_EVENTS_KEY", default_value = "")]
+    pub events_key: String,
+    /// Durable queue bound to the events key, when events are on.
+    #[arg(long, env = "BLACKTREE_EVENTS_QUEUE", default_value = "events.queue")]
+    pub events_queue: String,
 }
 
 /// Configuration of `blacktree orchestrator`.
@@ -142,6 +154,10 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_DEDUPE_WINDOW", default_value = "10m", value_parser = parse_duration)]
     pub dedupe_window: Duration,
 
+    /// A cancel for a job not consumed yet is remembered this long.
+    #[arg(long, env = "BLACKTREE_CANCEL_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub cancel_ttl: Duration,
+
     /// Larger job messages are rejected.
     #[arg(long, env = "BLACKTREE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -171,9 +187,10 @@ impl fmt::Display for OrchestratorConfig {
         write!(
             f,
             "amqp-url={} exchange={} execute-queue={} execute-key={} status-queue={} \
-             status-key={} rejected-queue={} grpc-listen={} dispatch-threads={} prefetch={} \
-             job-timeout={} health-interval={} health-timeout={} unhealthy-after={} \
-             forget-after={} drain-timeout={} dedupe-window={} max-message-bytes={} workers=[{}]",
+             status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} \
+             events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
+             health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
+             drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} workers=[{}]",
             mask_url(&self.amqp_url),
             t.exchange,
             t.execute_queue,
@@ -181,6 +198,10 @@ impl fmt::Display for OrchestratorConfig {
             t.status_queue,
             t.status_key,
             t.rejected_queue,
+            t.cancel_queue,
+            t.cancel_key,
+            t.events_key,
+            t.events_queue,
             self.grpc_listen,
             self.dispatch_threads,
             self.prefetch(),
@@ -191,6 +212,7 @@ impl fmt::Display for OrchestratorConfig {
             d(self.forget_after),
             d(self.drain_timeout),
             d(self.dedupe_window),
+            d(self.cancel_ttl),
             self.max_message_bytes,
             workers.join(","),
         )

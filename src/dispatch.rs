@@ -3,12 +3,13 @@
 //! slot and hand the job's status to the publisher.
 //!
 //! A job is never retried after it reached a worker: every ending (answer, lost worker,
-//! deadline, error) becomes its one status. The only case that goes to another worker
+//! deadline, cancel, error) becomes its one status. A cancelled or timed-out call is
+//! also stopped on the worker with `CancelJob`. The only case that goes to another worker
 //! is RESOURCE_EXHAUSTED, the worker saying it started nothing because it is full.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use grpcio::{CallOption, RpcStatusCode};
@@ -16,16 +17,28 @@ use log::{info, warn};
 
 use crate::amqp::consumer::ConsumerMsg;
 use crate::amqp::publisher::Publication;
-use crate::job::{Job, Outcome, Status};
-use crate::proto::job::{JobRequest, JobResponse};
+use crate::job::{Event, EventKind, Job, Outcome, Status};
+use crate::proto::job::{CancelJobRequest, JobRequest, JobResponse};
 use crate::rpc::{self, CallError, CancelReason, CancelToken};
 use crate::workers::{Claim, Hint, Registry, Release};
+
+/// A job handed to the dispatch pool, with the token that stops it (fired by the
+/// consumer thread on a cancel, or by the registry when its worker is lost).
+pub struct Assignment {
+    /// The job.
+    pub job: Job,
+    /// Stops it wherever it is.
+    pub token: CancelToken,
+}
+
+/// How long a worker may take to answer `CancelJob`.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The channels and shared state the dispatch threads use.
 #[derive(Clone)]
 pub struct DispatchLinks {
     /// Jobs from the consumer thread.
-    pub jobs: Receiver<Job>,
+    pub jobs: Receiver<Assignment>,
     /// Free-slot hints from the registry.
     pub hints: Receiver<Hint>,
     /// Disconnected (never sent on) when the orchestrator drains.
@@ -63,6 +76,15 @@ struct Dispatcher {
     job_timeout: Duration,
 }
 
+/// How waiting for a free slot ended.
+enum Wait {
+    Claimed(Claim),
+    /// The orchestrator drains: give the job back.
+    Draining,
+    /// The job was cancelled while it waited.
+    Cancelled,
+}
+
 /// How one `RunJob` attempt ended.
 enum Attempt {
     /// The job ended with this status.
@@ -85,42 +107,65 @@ impl Dispatcher {
         }
     }
 
-    fn dispatch(&self, job: Job) {
-        let token = CancelToken::for_current_thread();
+    fn dispatch(&self, Assignment { job, token }: Assignment) {
         loop {
-            let Some(claim) = self.claim(&job, &token) else {
-                // Draining: the job never started; the consumer requeues it.
-                let _ = self.links.consumer.send(ConsumerMsg::Requeue(job.job_id));
-                return;
+            let claim = match self.claim(&job, &token) {
+                Wait::Claimed(claim) => claim,
+                Wait::Draining => {
+                    // The job never started; the consumer requeues it.
+                    let _ = self.links.consumer.send(ConsumerMsg::Requeue(job.job_id));
+                    return;
+                }
+                Wait::Cancelled => {
+                    info!("job {}: cancelled while waiting for a worker", job.job_id);
+                    let status = Status::without_answer(
+                        &job.job_id,
+                        Outcome::Cancelled,
+                        "",
+                        "cancelled".into(),
+                    );
+                    self.publish(Publication::Status(status));
+                    return;
+                }
             };
             info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
+            self.publish(Publication::Event(Event::now(
+                &job.job_id,
+                EventKind::Dispatched,
+                &claim.worker,
+            )));
             match self.attempt(&job, &claim, &token) {
                 Attempt::Refused => {
                     self.links
                         .registry
-                        .release(&claim, &job.job_id, Release::Refused)
+                        .release(&claim, &job.job_id, Release::Withheld)
                 }
                 Attempt::Ended(status, release) => {
                     self.links.registry.release(&claim, &job.job_id, release);
-                    // The publisher outlives the dispatch pool.
-                    let _ = self.links.publications.send(Publication::Status(status));
+                    self.publish(Publication::Status(status));
                     return;
                 }
             }
         }
     }
 
-    /// Waits for a free slot; `None` when the orchestrator drains first.
-    fn claim(&self, job: &Job, token: &CancelToken) -> Option<Claim> {
+    fn publish(&self, publication: Publication) {
+        // The publisher outlives the dispatch pool.
+        let _ = self.links.publications.send(publication);
+    }
+
+    /// Waits for a free slot, a drain or a cancel.
+    fn claim(&self, job: &Job, token: &CancelToken) -> Wait {
         loop {
             select! {
                 recv(self.links.hints) -> hint => {
-                    let hint = hint.ok()?;
+                    let Ok(hint) = hint else { return Wait::Draining };
                     if let Some(claim) = self.links.registry.claim(&hint, &job.job_id, token) {
-                        return Some(claim);
+                        return Wait::Claimed(claim);
                     }
                 }
-                recv(self.links.shutdown) -> _ => return None,
+                recv(token.fired()) -> _ => return Wait::Cancelled,
+                recv(self.links.shutdown) -> _ => return Wait::Draining,
             }
         }
     }
@@ -140,7 +185,7 @@ impl Dispatcher {
             timeoutSeconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
             ..JobRequest::default()
         };
-        let started = Instant::now();
+        let started = SystemTime::now();
         let result = claim
             .client
             .run_job_async_opt(&request, CallOption::default().timeout(timeout))
@@ -148,28 +193,29 @@ impl Dispatcher {
             .and_then(|call| rpc::wait(call, Some(token)));
         let worker = &*claim.worker;
         let ended = |outcome, release, error: String| {
-            Attempt::Ended(
-                Status::without_answer(
-                    &job.job_id,
-                    outcome,
-                    worker,
-                    job.github_token.redact(&error),
-                ),
-                release,
-            )
+            let error = job.github_token.redact(&error);
+            let status = Status::without_answer(&job.job_id, outcome, worker, error);
+            Attempt::Ended(status.started(started), release)
         };
         let attempt = match result {
-            Ok(response) => Attempt::Ended(answered(job, worker, response), Release::Done),
+            Ok(response) => {
+                let status = answered(job, worker, response).started(started);
+                Attempt::Ended(status, Release::Done)
+            }
             Err(CallError::Cancelled(CancelReason::WorkerLost)) => ended(
                 Outcome::WorkerLost,
                 Release::Done,
                 format!("worker {worker} stopped answering health pings while running the job"),
             ),
+            Err(CallError::Cancelled(CancelReason::Cancelled)) => {
+                let release = stop_on_worker(claim, &job.job_id);
+                ended(Outcome::Cancelled, release, "cancelled".to_string())
+            }
             Err(CallError::Grpc(grpcio::Error::RpcFailure(status))) => match status.code() {
                 RpcStatusCode::RESOURCE_EXHAUSTED => Attempt::Refused,
                 RpcStatusCode::DEADLINE_EXCEEDED => ended(
                     Outcome::TimedOut,
-                    Release::Done,
+                    stop_on_worker(claim, &job.job_id),
                     format!(
                         "no answer from worker {worker} within {}",
                         humantime::format_duration(timeout)
@@ -202,9 +248,7 @@ impl Dispatcher {
         match &attempt {
             Attempt::Ended(status, _) => info!(
                 "job {}: {:?} on worker {worker} after {} ms",
-                job.job_id,
-                status.outcome,
-                started.elapsed().as_millis()
+                job.job_id, status.outcome, status.duration_ms
             ),
             Attempt::Refused => warn!(
                 "job {}: worker {worker} is full; trying another",
@@ -212,6 +256,40 @@ impl Dispatcher {
             ),
         }
         attempt
+    }
+}
+
+/// Asks the worker to stop a job whose call we gave up on; says how to release its
+/// slot: at once when the worker confirms, withheld until a Ping says FREE when it does
+/// not know `CancelJob` (older workers), unreachable when it does not answer.
+fn stop_on_worker(claim: &Claim, job_id: &str) -> Release {
+    let request = CancelJobRequest {
+        jobId: job_id.to_string(),
+        ..CancelJobRequest::default()
+    };
+    let call = claim
+        .client
+        .cancel_job_async_opt(&request, CallOption::default().timeout(CANCEL_TIMEOUT))
+        .map_err(CallError::Grpc)
+        .and_then(|call| rpc::wait(call, None));
+    match call {
+        Ok(_) => Release::Done,
+        Err(CallError::Grpc(grpcio::Error::RpcFailure(s)))
+            if s.code() == RpcStatusCode::UNIMPLEMENTED =>
+        {
+            info!(
+                "job {job_id}: worker {} has no CancelJob; its slot waits for a FREE ping",
+                claim.worker
+            );
+            Release::Withheld
+        }
+        Err(e) => {
+            warn!(
+                "job {job_id}: could not ask worker {} to stop it: {e:?}",
+                claim.worker
+            );
+            Release::Unreachable
+        }
     }
 }
 
@@ -236,5 +314,6 @@ fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
         } else {
             Outcome::Failed
         },
+        ..Status::without_answer(&job.job_id, Outcome::Failed, worker, String::new())
     }
 }

@@ -6,6 +6,7 @@
 //! token a control plane put in the wrong field).
 
 use std::fmt;
+use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -180,6 +181,66 @@ fn syntax_position(e: &serde_json::Error) -> String {
     format!("syntax error at line {} column {}", e.line(), e.column())
 }
 
+/// RFC 3339 with milliseconds, UTC.
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Decodes a cancel message (`{"jobId": "…"}`); returns the jobId.
+pub fn decode_cancel(body: &[u8]) -> Result<String, Rejection> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Rejection {
+        reason: format!("cancel message is not JSON ({})", syntax_position(&e)),
+        job_id: None,
+    })?;
+    check_job_id(value.get("jobId")).map_err(|reason| Rejection {
+        reason: format!("cancel message: {reason}"),
+        job_id: None,
+    })
+}
+
+/// A step of a job's life, as lifecycle events report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The orchestrator consumed the job.
+    Received,
+    /// The job was sent to a worker.
+    Dispatched,
+    /// The job ended; its status follows.
+    Finished,
+}
+
+/// A lifecycle event, published on the events routing key when enabled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// The job's id.
+    pub job_id: String,
+    /// What happened.
+    pub event: EventKind,
+    /// The worker involved (empty for `received`).
+    pub worker_id: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+impl Event {
+    /// An event that happens now.
+    pub fn now(job_id: &str, event: EventKind, worker_id: &str) -> Event {
+        Event {
+            job_id: job_id.to_string(),
+            event,
+            worker_id: worker_id.to_string(),
+            at: rfc3339(SystemTime::now()),
+        }
+    }
+
+    /// The JSON body of the event message.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event always serialises")
+    }
+}
+
 /// How a job ended, as the `outcome` field of its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -194,6 +255,8 @@ pub enum Outcome {
     TimedOut,
     /// The message was not a valid job; it was moved to the rejected queue.
     Rejected,
+    /// The control plane cancelled the job (before or while it ran).
+    Cancelled,
 }
 
 /// A job's final status, published on `status.queue`.
@@ -214,6 +277,12 @@ pub struct Status {
     pub worker_id: String,
     /// How the job ended.
     pub outcome: Outcome,
+    /// When the job was sent to its worker (RFC 3339); `null` when it never was.
+    pub started_at: Option<String>,
+    /// When the job ended (RFC 3339).
+    pub finished_at: String,
+    /// Milliseconds from `startedAt` to `finishedAt` (0 when it never started).
+    pub duration_ms: u64,
 }
 
 impl Status {
@@ -232,7 +301,21 @@ impl Status {
             error,
             worker_id: worker_id.to_string(),
             outcome,
+            started_at: None,
+            finished_at: rfc3339(SystemTime::now()),
+            duration_ms: 0,
         }
+    }
+
+    /// Sets the timings of a job that was sent to a worker at `started` and ends now.
+    pub fn started(mut self, started: SystemTime) -> Status {
+        let now = SystemTime::now();
+        self.started_at = Some(rfc3339(started));
+        self.finished_at = rfc3339(now);
+        self.duration_ms = now
+            .duration_since(started)
+            .map_or(0, |d| d.as_millis() as u64);
+        self
     }
 
     /// The JSON body of the status message.
@@ -314,6 +397,32 @@ mod tests {
         assert_eq!(json["imageUrl"], "");
         assert_eq!(json["workerId"], "w1");
         assert_eq!(json["outcome"], "worker_lost");
+        assert_eq!(json["startedAt"], Value::Null);
+        assert_eq!(json["durationMs"], 0);
+        let started = SystemTime::now() - std::time::Duration::from_millis(1500);
+        let json: Value = serde_json::from_slice(&status.started(started).to_json()).unwrap();
+        assert!(json["durationMs"].as_u64().unwrap() >= 1500, "{json}");
+        assert!(json["startedAt"].as_str().unwrap().ends_with('Z'), "{json}");
+        assert!(json["finishedAt"].as_str().unwrap() > json["startedAt"].as_str().unwrap());
+    }
+
+    #[test]
+    fn cancel_messages_carry_a_job_id() {
+        assert_eq!(decode_cancel(br#"{"jobId":"j1"}"#), Ok("j1".to_string()));
+        assert!(decode_cancel(b"nope")
+            .unwrap_err()
+            .reason
+            .contains("not JSON"));
+        assert!(decode_cancel(br#"{"id":"j1"}"#)
+            .unwrap_err()
+            .reason
+            .contains("`jobId` is missing"));
+        let event = Event::now("j1", EventKind::Dispatched, "w1");
+        let json: Value = serde_json::from_slice(&event.to_json()).unwrap();
+        assert_eq!(
+            (json["jobId"].as_str(), json["event"].as_str()),
+            (Some("j1"), Some("dispatched"))
+        );
     }
 
     #[test]

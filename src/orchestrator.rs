@@ -69,6 +69,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             max_message_bytes: config.max_message_bytes,
             dedupe_window: config.dedupe_window,
             drain_timeout: config.drain_timeout,
+            cancel_ttl: config.cancel_ttl,
         },
         ConsumerLinks {
             inbox: inbox_rx,

@@ -38,44 +38,75 @@ pub fn job_client(env: Arc<Environment>, addr: &str) -> JobServiceClient {
     JobServiceClient::new(channel)
 }
 
-/// Why a call was cancelled by the orchestrator.
+/// Why the orchestrator stopped a job's call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelReason {
     /// The worker stopped answering health pings while running the call.
     WorkerLost,
+    /// The control plane cancelled the job.
+    Cancelled,
 }
 
-/// Lets another thread cancel a call that a thread waits for in [`wait`].
+/// Stops a job from another thread: a thread blocked in [`block_on`] with this token
+/// wakes up, and [`CancelToken::fired`] becomes ready for `select!`.
 #[derive(Clone)]
 pub struct CancelToken(Arc<TokenInner>);
 
 struct TokenInner {
-    reason: Mutex<Option<CancelReason>>,
-    waiter: Thread,
+    state: Mutex<TokenState>,
+    fired: crossbeam_channel::Receiver<()>,
+}
+
+struct TokenState {
+    reason: Option<CancelReason>,
+    /// Dropped on cancel, which disconnects `fired`.
+    fire: Option<crossbeam_channel::Sender<()>>,
+    /// The thread waiting in `block_on`, to unpark.
+    waiter: Option<Thread>,
+}
+
+impl Default for CancelToken {
+    fn default() -> CancelToken {
+        let (fire, fired) = crossbeam_channel::bounded(0);
+        CancelToken(Arc::new(TokenInner {
+            state: Mutex::new(TokenState {
+                reason: None,
+                fire: Some(fire),
+                waiter: None,
+            }),
+            fired,
+        }))
+    }
 }
 
 impl CancelToken {
-    /// A token for a call the current thread will wait for.
-    pub fn for_current_thread() -> CancelToken {
-        CancelToken(Arc::new(TokenInner {
-            reason: Mutex::new(None),
-            waiter: thread::current(),
-        }))
+    fn state(&self) -> std::sync::MutexGuard<'_, TokenState> {
+        self.0.state.lock().expect("cancel token lock")
     }
 
-    /// Cancels the call (the first reason given wins) and wakes its waiter.
-    pub fn cancel(&self, reason: CancelReason) {
-        self.0
-            .reason
-            .lock()
-            .expect("cancel token lock")
-            .get_or_insert(reason);
-        self.0.waiter.unpark();
+    /// Cancels (the first reason wins; returns whether this call was first) and wakes
+    /// the waiter.
+    pub fn cancel(&self, reason: CancelReason) -> bool {
+        let mut state = self.state();
+        if state.reason.is_some() {
+            return false;
+        }
+        state.reason = Some(reason);
+        state.fire = None;
+        if let Some(waiter) = &state.waiter {
+            waiter.unpark();
+        }
+        true
     }
 
-    /// The reason the call was cancelled, if it was.
+    /// The reason it was cancelled, if it was.
     pub fn reason(&self) -> Option<CancelReason> {
-        *self.0.reason.lock().expect("cancel token lock")
+        self.state().reason
+    }
+
+    /// Ready (disconnected) once cancelled: select on it while waiting for something else.
+    pub fn fired(&self) -> &crossbeam_channel::Receiver<()> {
+        &self.0.fired
     }
 }
 

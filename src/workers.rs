@@ -52,9 +52,9 @@ pub enum Release {
     Done,
     /// The worker could not be reached: mark it unhealthy at once.
     Unreachable,
-    /// The worker refused the job (no free slot of its own): treat it as busy until a
-    /// ping says FREE.
-    Refused,
+    /// The worker refused the job (no free slot of its own), or may still be running a
+    /// job it could not be asked to stop: treat it as busy until a ping says FREE.
+    Withheld,
 }
 
 /// What a ping found.
@@ -238,11 +238,8 @@ impl Registry {
                     self.mark_unhealthy(worker);
                 }
             }
-            Release::Refused => {
-                info!(
-                    "worker {} refused a job; no jobs until it reports FREE",
-                    claim.worker
-                );
+            Release::Withheld => {
+                info!("worker {}: no jobs until it reports FREE", claim.worker);
                 worker.busy = true;
             }
         }
@@ -366,7 +363,7 @@ mod tests {
     #[test]
     fn a_worker_never_gets_more_than_its_capacity() {
         let (registry, hints) = registry(2);
-        let token = CancelToken::for_current_thread();
+        let token = CancelToken::default();
         registry.register("w", "127.0.0.1:1", 3, false);
         registry.register("w", "127.0.0.1:1", 3, false); // re-registration: old hints stale
         let claims = claim_all(&registry, &hints, &token);
@@ -380,7 +377,7 @@ mod tests {
     #[test]
     fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
         let (registry, hints) = registry(2);
-        let token = CancelToken::for_current_thread();
+        let token = CancelToken::default();
         registry.register("w", "127.0.0.1:1", 2, false);
         for _ in 0..2 {
             registry.record_ping(
@@ -402,7 +399,7 @@ mod tests {
     #[test]
     fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
         let (registry, hints) = registry(2);
-        let token = CancelToken::for_current_thread();
+        let token = CancelToken::default();
         registry.register("w", "127.0.0.1:1", 1, false);
         let ping = target(&registry, "w");
         let claim = claim_all(&registry, &hints, &token)
@@ -416,7 +413,7 @@ mod tests {
     #[test]
     fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
         let (registry, hints) = registry(1);
-        let token = CancelToken::for_current_thread();
+        let token = CancelToken::default();
         registry.register("w", "127.0.0.1:1", 2, false);
         let claims = claim_all(&registry, &hints, &token);
         registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));

@@ -6,6 +6,9 @@
 //!
 //! * deliveries from `execute.queue`: decoded into [`Job`]s and queued in a backlog
 //!   (at most `prefetch` jobs), or moved to the rejected queue;
+//! * deliveries from `cancel.queue`: a job waiting in the backlog is dropped (status
+//!   `cancelled`), one in dispatch has its [`CancelToken`] fired, one not consumed yet is
+//!   remembered for `--cancel-ttl`;
 //! * its inbox ([`ConsumerMsg`]): "the status of job X is confirmed, ack its
 //!   deliveries", "job X was not started, requeue it", "the publisher lost its channel",
 //!   "drain";
@@ -31,7 +34,9 @@ use log::{debug, info, warn};
 use super::publisher::{Connected, Publication};
 use super::{declare_topology, AmqpUrl};
 use crate::config::Topology;
-use crate::job::{Job, Outcome, Rejection, Status};
+use crate::dispatch::Assignment;
+use crate::job::{self, decode_cancel, EventKind, Job, Outcome, Rejection, Status};
+use crate::rpc::{CancelReason, CancelToken};
 
 /// How many confirmed jobIds the de-duplication window remembers at most.
 const RECENT_JOBS_CAPACITY: usize = 100_000;
@@ -79,6 +84,8 @@ pub struct ConsumerConfig {
     pub dedupe_window: Duration,
     /// How long a drain may wait for running jobs.
     pub drain_timeout: Duration,
+    /// How long a cancel for a job not consumed yet is remembered.
+    pub cancel_ttl: Duration,
 }
 
 /// The channels the consumer thread talks through.
@@ -86,7 +93,7 @@ pub struct ConsumerLinks {
     /// Its inbox.
     pub inbox: Receiver<ConsumerMsg>,
     /// Jobs to the dispatch pool (a rendezvous channel).
-    pub jobs: Sender<Job>,
+    pub jobs: Sender<Assignment>,
     /// Publications (rejected messages) to the publisher.
     pub publications: Sender<Publication>,
     /// Fresh publishing channels to the publisher.
@@ -97,6 +104,7 @@ pub struct ConsumerLinks {
 pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
     let consumer = Consumer {
         recent: RecentJobs::new(config.dedupe_window, RECENT_JOBS_CAPACITY),
+        early_cancels: RecentJobs::new(config.cancel_ttl, RECENT_JOBS_CAPACITY),
         config,
         links,
         generation: 0,
@@ -113,6 +121,14 @@ pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
         .expect("spawning the AMQP consumer thread")
 }
 
+/// A job consumed and not yet confirmed.
+struct Pending {
+    /// Its deliveries on the live connection.
+    deliveries: Vec<Delivery>,
+    /// Stops it wherever it is in dispatch.
+    token: CancelToken,
+}
+
 #[derive(Debug, Default)]
 struct Stats {
     received: u64,
@@ -125,16 +141,35 @@ struct Consumer {
     links: ConsumerLinks,
     /// Incremented on each connection; the publisher tags its channel with it.
     generation: u64,
-    /// Jobs consumed and not yet confirmed → their deliveries on the live connection.
-    pending: HashMap<String, Vec<Delivery>>,
+    /// Jobs consumed and not yet confirmed.
+    pending: HashMap<String, Pending>,
     /// Rejected deliveries waiting for their rejected copy to be confirmed.
     rejected: HashMap<u64, Delivery>,
     next_rejected: u64,
     recent: RecentJobs,
     /// Jobs consumed and not yet taken by a dispatch thread, oldest first.
-    backlog: VecDeque<Job>,
+    backlog: VecDeque<Assignment>,
+    /// Cancels of jobs not consumed yet.
+    early_cancels: RecentJobs,
     drain_deadline: Option<Instant>,
     stats: Stats,
+}
+
+/// Which queue a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Jobs,
+    Cancels,
+}
+
+/// Cancels every consumer still active (drain); their `ClientCancelled` follows.
+fn stop_consuming(consumers: &[(Source, amiquip::Consumer<'_>, bool)]) -> Result<(), String> {
+    for (_, consumer, active) in consumers {
+        if *active {
+            consumer.cancel().map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
 }
 
 /// One step of the consuming loop.
@@ -142,7 +177,8 @@ struct Consumer {
 // allocate once per message for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Event {
-    Delivery(Result<ConsumerMessage, crossbeam_channel::RecvError>),
+    /// From the consumer with this index.
+    Delivery(usize, Result<ConsumerMessage, crossbeam_channel::RecvError>),
     Inbox(ConsumerMsg),
     Sent,
     Tick,
@@ -226,19 +262,29 @@ impl Consumer {
 
     /// Consumes until the connection fails (`Err`) or the drain finished (`Ok`).
     fn consume(&mut self, channel: &Channel) -> Result<(), String> {
-        let queue = self.config.topology.execute_queue.as_str();
-        let consumer = channel
-            .basic_consume(queue, ConsumerOptions::default())
-            .map_err(|e| format!("consuming {queue}: {e}"))?;
-        let mut consuming = true;
+        let topology = &self.config.topology;
+        let mut consumers = Vec::new();
+        for (source, queue) in [
+            (Source::Jobs, &topology.execute_queue),
+            (Source::Cancels, &topology.cancel_queue),
+        ] {
+            let consumer = channel
+                .basic_consume(queue.as_str(), ConsumerOptions::default())
+                .map_err(|e| format!("consuming {queue}: {e}"))?;
+            consumers.push((source, consumer, true));
+        }
         if self.drain_deadline.is_some() {
-            consumer.cancel().map_err(|e| e.to_string())?;
-            consuming = false;
+            stop_consuming(&consumers)?;
         }
         while !self.drain_finished() {
             let event = {
                 let mut sel = Select::new();
-                let deliveries = consuming.then(|| sel.recv(consumer.receiver()));
+                let listening: Vec<(usize, usize)> = consumers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, _, active))| *active)
+                    .map(|(i, (_, consumer, _))| (sel.recv(consumer.receiver()), i))
+                    .collect();
                 let inbox = sel.recv(&self.links.inbox);
                 let send = (!self.backlog.is_empty()).then(|| sel.send(&self.links.jobs));
                 let selected = match self.drain_deadline {
@@ -247,34 +293,39 @@ impl Consumer {
                 };
                 match selected {
                     None => Event::Tick,
-                    Some(op) if Some(op.index()) == deliveries => {
-                        Event::Delivery(op.recv(consumer.receiver()))
-                    }
                     Some(op) if op.index() == inbox => match op.recv(&self.links.inbox) {
                         Ok(msg) => Event::Inbox(msg),
                         Err(_) => return Err("the orchestrator stopped".to_string()),
                     },
-                    Some(op) => {
-                        debug_assert_eq!(Some(op.index()), send);
-                        let job = self.backlog.pop_front().expect("backlog is not empty");
-                        match op.send(&self.links.jobs, job) {
+                    Some(op) if Some(op.index()) == send => {
+                        let assignment = self.backlog.pop_front().expect("backlog is not empty");
+                        match op.send(&self.links.jobs, assignment) {
                             Ok(()) => Event::Sent,
                             Err(_) => return Err("the dispatch pool stopped".to_string()),
                         }
                     }
+                    Some(op) => {
+                        let (_, i) = *listening
+                            .iter()
+                            .find(|(index, _)| *index == op.index())
+                            .expect("a consumer was selected");
+                        Event::Delivery(i, op.recv(consumers[i].1.receiver()))
+                    }
                 }
             };
             match event {
-                Event::Delivery(Ok(ConsumerMessage::Delivery(delivery))) => self
-                    .delivery(channel, delivery)
-                    .map_err(|e| e.to_string())?,
-                Event::Delivery(Ok(ConsumerMessage::ClientCancelled)) => consuming = false,
-                Event::Delivery(Ok(other)) => return Err(format!("consumer ended: {other:?}")),
-                Event::Delivery(Err(_)) => return Err("the connection closed".to_string()),
+                Event::Delivery(i, Ok(ConsumerMessage::Delivery(delivery))) => {
+                    let result = match consumers[i].0 {
+                        Source::Jobs => self.delivery(channel, delivery),
+                        Source::Cancels => self.cancel_delivery(channel, delivery),
+                    };
+                    result.map_err(|e| e.to_string())?
+                }
+                Event::Delivery(i, Ok(ConsumerMessage::ClientCancelled)) => consumers[i].2 = false,
+                Event::Delivery(_, Ok(other)) => return Err(format!("consumer ended: {other:?}")),
+                Event::Delivery(..) => return Err("the connection closed".to_string()),
                 Event::Inbox(ConsumerMsg::Drain) => {
-                    if consuming {
-                        consumer.cancel().map_err(|e| e.to_string())?;
-                    }
+                    stop_consuming(&consumers)?;
                     self.start_drain(Some(channel)).map_err(|e| e.to_string())?;
                 }
                 Event::Inbox(ConsumerMsg::PublisherLost(generation))
@@ -312,13 +363,13 @@ impl Consumer {
         }
         let _ = connection.close();
         // Deliveries of a dead connection cannot be acked; the broker redelivers them.
-        for deliveries in self.pending.values_mut() {
-            deliveries.clear();
+        for pending in self.pending.values_mut() {
+            pending.deliveries.clear();
         }
         self.rejected.clear();
         // Jobs not yet started come back with those redeliveries.
-        for job in self.backlog.drain(..) {
-            self.pending.remove(&job.job_id);
+        for assignment in self.backlog.drain(..) {
+            self.pending.remove(&assignment.job.job_id);
         }
     }
 
@@ -335,13 +386,13 @@ impl Consumer {
                 return Ok(());
             }
         };
-        if let Some(deliveries) = self.pending.get_mut(&job.job_id) {
+        if let Some(pending) = self.pending.get_mut(&job.job_id) {
             info!(
                 "job {}: delivered again while running here; not run twice",
                 job.job_id
             );
             self.stats.duplicates += 1;
-            deliveries.push(delivery);
+            pending.deliveries.push(delivery);
             return Ok(());
         }
         if self.recent.contains(&job.job_id) {
@@ -353,9 +404,79 @@ impl Consumer {
             return delivery.ack(channel);
         }
         info!("job {}: received", job.job_id);
-        self.pending.insert(job.job_id.clone(), vec![delivery]);
-        self.backlog.push_back(job);
+        let token = CancelToken::default();
+        let pending = Pending {
+            deliveries: vec![delivery],
+            token: token.clone(),
+        };
+        self.pending.insert(job.job_id.clone(), pending);
+        self.publish(Publication::Event(job::Event::now(
+            &job.job_id,
+            EventKind::Received,
+            "",
+        )));
+        if self.early_cancels.remove(&job.job_id) {
+            info!("job {}: cancelled before it arrived; not run", job.job_id);
+            self.publish_cancelled(&job.job_id);
+        } else {
+            self.backlog.push_back(Assignment { job, token });
+        }
         Ok(())
+    }
+
+    /// A message on the cancel queue: acked once applied (malformed: rejected).
+    fn cancel_delivery(
+        &mut self,
+        channel: &Channel,
+        mut delivery: Delivery,
+    ) -> amiquip::Result<()> {
+        match decode_cancel(&delivery.body) {
+            Ok(job_id) => {
+                self.cancel(job_id);
+                delivery.ack(channel)
+            }
+            Err(rejection) => {
+                let body = std::mem::take(&mut delivery.body);
+                self.reject(delivery, body, rejection);
+                Ok(())
+            }
+        }
+    }
+
+    /// Cancels a job wherever it is: waiting here (its status is published now), in
+    /// dispatch or on a worker (its dispatch thread stops it), not consumed yet
+    /// (remembered), or finished (nothing to do).
+    fn cancel(&mut self, job_id: String) {
+        if let Some(i) = self.backlog.iter().position(|a| a.job.job_id == job_id) {
+            self.backlog.remove(i);
+            info!("job {job_id}: cancelled before dispatch");
+            self.publish_cancelled(&job_id);
+        } else if let Some(pending) = self.pending.get(&job_id) {
+            if pending.token.cancel(CancelReason::Cancelled) {
+                info!("job {job_id}: cancel requested; stopping it");
+            } else {
+                info!("job {job_id}: cancel requested; it is already being stopped");
+            }
+        } else if self.recent.contains(&job_id) {
+            info!("job {job_id}: cancel requested after it finished; nothing to do");
+        } else {
+            info!(
+                "job {job_id}: cancel requested before it arrived; remembered for {}",
+                humantime::format_duration(self.config.cancel_ttl)
+            );
+            self.early_cancels.insert(job_id);
+        }
+    }
+
+    fn publish_cancelled(&self, job_id: &str) {
+        let status =
+            Status::without_answer(job_id, Outcome::Cancelled, "", "cancelled".to_string());
+        self.publish(Publication::Status(status));
+    }
+
+    fn publish(&self, publication: Publication) {
+        // The publisher outlives the consumer thread.
+        let _ = self.links.publications.send(publication);
     }
 
     fn reject(&mut self, delivery: Delivery, body: Vec<u8>, rejection: Rejection) {
@@ -376,21 +497,23 @@ impl Consumer {
                 format!("rejected: {reason}"),
             )
         });
-        let publication = Publication::Rejected {
+        self.publish(Publication::Rejected {
             id,
             body,
             reason,
             status,
-        };
-        // The publisher outlives the consumer thread.
-        let _ = self.links.publications.send(publication);
+        });
     }
 
     /// Handles an inbox message; `channel` is `None` while disconnected.
     fn inbox(&mut self, msg: ConsumerMsg, channel: Option<&Channel>) -> amiquip::Result<()> {
         match msg {
             ConsumerMsg::Confirmed(AckKey::Job(job_id)) => {
-                let deliveries = self.pending.remove(&job_id).unwrap_or_default();
+                let deliveries = self
+                    .pending
+                    .remove(&job_id)
+                    .map(|p| p.deliveries)
+                    .unwrap_or_default();
                 self.recent.insert(job_id);
                 if let Some(channel) = channel {
                     for delivery in deliveries {
@@ -413,7 +536,11 @@ impl Consumer {
     }
 
     fn requeue(&mut self, job_id: &str, channel: Option<&Channel>) -> amiquip::Result<()> {
-        let deliveries = self.pending.remove(job_id).unwrap_or_default();
+        let deliveries = self
+            .pending
+            .remove(job_id)
+            .map(|p| p.deliveries)
+            .unwrap_or_default();
         if let Some(channel) = channel {
             for delivery in deliveries {
                 delivery.nack(channel, true)?;
@@ -427,9 +554,9 @@ impl Consumer {
             return Ok(());
         }
         self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
-        let waiting: Vec<Job> = self.backlog.drain(..).collect();
-        for job in &waiting {
-            self.requeue(&job.job_id, channel)?;
+        let waiting: Vec<Assignment> = self.backlog.drain(..).collect();
+        for assignment in &waiting {
+            self.requeue(&assignment.job.job_id, channel)?;
         }
         info!(
             "draining: {} jobs returned to the queue, {} still running (up to {})",
@@ -478,6 +605,13 @@ impl RecentJobs {
             let (_, old) = self.order.pop_front().expect("over capacity");
             self.ids.remove(&old);
         }
+    }
+
+    /// Removes `job_id`; returns whether it was there.
+    fn remove(&mut self, job_id: &str) -> bool {
+        self.expire();
+        // Its entry in `order` goes when it expires or is pushed out.
+        self.ids.remove(job_id)
     }
 
     fn contains(&mut self, job_id: &str) -> bool {

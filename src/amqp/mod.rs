@@ -160,11 +160,16 @@ pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), am
             ..ExchangeDeclareOptions::default()
         },
     )?;
+    let events = (!topology.events_key.is_empty()).then_some(&topology.events_key);
     for (queue, key) in [
         (&topology.execute_queue, Some(&topology.execute_key)),
         (&topology.status_queue, Some(&topology.status_key)),
+        (&topology.cancel_queue, Some(&topology.cancel_key)),
         (&topology.rejected_queue, None),
-    ] {
+    ]
+    .into_iter()
+    .chain(events.map(|key| (&topology.events_queue, Some(key))))
+    {
         declare_durable_queue(channel, queue)?;
         if let Some(key) = key {
             channel.queue_bind(

@@ -1,7 +1,7 @@
 //! The status publisher thread.
 //!
 //! It owns a publishing channel with publisher confirms. Every [`Publication`] (a job's
-//! status, or a rejected message and its status) is published at once, confirms are
+//! status, a rejected message and its status, or a lifecycle event) is published at once, confirms are
 //! pipelined, and only when the broker has confirmed every message of a publication
 //! does the thread send [`ConsumerMsg::Confirmed`] so the consumer thread acks the
 //! delivery. When the channel is lost, every unconfirmed publication is kept and
@@ -16,16 +16,19 @@ use log::{debug, warn};
 
 use super::consumer::{AckKey, ConsumerMsg};
 use crate::config::Topology;
-use crate::job::Status;
+use crate::job::{Event, EventKind, Status};
 
 /// Header of a message moved to the rejected queue that says why it was rejected.
 pub const REJECT_REASON_HEADER: &str = "x-blacktree-reject-reason";
 
-/// What the publisher is asked to publish for one delivery.
+/// What the publisher is asked to publish.
 #[derive(Debug)]
 pub enum Publication {
-    /// A job's final status.
+    /// A job's final status (preceded by its `finished` event when events are on); its
+    /// confirmation acks the job's deliveries.
     Status(Status),
+    /// A lifecycle event; dropped when events are off.
+    Event(Event),
     /// A message that is not a valid job: a copy goes to the rejected queue with the
     /// reason in a header, and a `rejected` status when its jobId could be read.
     Rejected {
@@ -60,7 +63,8 @@ struct Message {
 
 /// The messages of one publication, and how many the broker has yet to confirm.
 struct Entry {
-    key: AckKey,
+    /// What to tell the consumer thread once all are confirmed (events: nothing).
+    key: Option<AckKey>,
     messages: Vec<Message>,
     unconfirmed: usize,
 }
@@ -130,10 +134,17 @@ impl Publisher {
 
     fn add(&mut self, publication: Publication) {
         let (key, messages) = match publication {
-            Publication::Status(status) => (
-                AckKey::Job(status.job_id.clone()),
-                vec![self.status_message(&status)],
-            ),
+            Publication::Status(status) => {
+                let finished = Event::now(&status.job_id, EventKind::Finished, &status.worker_id);
+                let mut messages: Vec<Message> =
+                    self.event_message(&finished).into_iter().collect();
+                messages.push(self.status_message(&status));
+                (Some(AckKey::Job(status.job_id.clone())), messages)
+            }
+            Publication::Event(event) => match self.event_message(&event) {
+                Some(message) => (None, vec![message]),
+                None => return,
+            },
             Publication::Rejected {
                 id,
                 body,
@@ -155,7 +166,7 @@ impl Publisher {
                     properties,
                 }];
                 messages.extend(status.map(|s| self.status_message(&s)));
-                (AckKey::Rejected(id), messages)
+                (Some(AckKey::Rejected(id)), messages)
             }
         };
         let id = self.next_entry;
@@ -186,6 +197,20 @@ impl Publisher {
                 .with_content_type("application/json".into())
                 .with_message_id(status.job_id.clone()),
         }
+    }
+
+    /// The event's message; `None` when events are off.
+    fn event_message(&self, event: &Event) -> Option<Message> {
+        let key = &self.topology.events_key;
+        (!key.is_empty()).then(|| Message {
+            exchange: self.topology.exchange.clone(),
+            routing_key: key.clone(),
+            body: event.to_json(),
+            properties: AmqpProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(event.job_id.clone()),
+        })
     }
 
     fn connected(&mut self, connected: Connected) {
@@ -272,8 +297,10 @@ impl Publisher {
             entry.unconfirmed -= 1;
             if entry.unconfirmed == 0 {
                 let entry = self.entries.remove(&id).expect("entry present");
-                // The consumer thread lives as long as the process does its job.
-                let _ = self.consumer.send(ConsumerMsg::Confirmed(entry.key));
+                if let Some(key) = entry.key {
+                    // The consumer thread lives as long as the process does its job.
+                    let _ = self.consumer.send(ConsumerMsg::Confirmed(key));
+                }
             }
         }
     }
