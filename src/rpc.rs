@@ -138,6 +138,9 @@ pub fn block_on<F: Future>(
     token: Option<&CancelToken>,
 ) -> Result<F::Output, CancelReason> {
     let mut future = std::pin::pin!(future);
+    if let Some(token) = token {
+        token.state().waiter = Some(thread::current());
+    }
     let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     loop {
@@ -298,5 +301,22 @@ mod tests {
         assert!(checked_registration(&info("w1", "h", 70000, 0)).is_err());
         assert!(checked_registration(&info("w1", "h", 0, 0)).is_err());
         assert!(checked_registration(&info("w1", "h", 1, -1)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_from_another_thread_ends_the_wait() {
+        let token = CancelToken::default();
+        let canceller = token.clone();
+        let waiter =
+            std::thread::spawn(move || block_on(std::future::pending::<()>(), Some(&token)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(canceller.cancel(CancelReason::Cancelled));
+        assert_eq!(waiter.join().unwrap(), Err(CancelReason::Cancelled));
+        assert!(canceller.fired().recv().is_err(), "fired is disconnected");
     }
 }

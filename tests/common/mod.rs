@@ -65,6 +65,8 @@ pub struct Names {
     pub execute: String,
     pub status: String,
     pub rejected: String,
+    pub cancel: String,
+    pub events: String,
 }
 
 impl Names {
@@ -79,6 +81,8 @@ impl Names {
             execute: format!("bt.{tag}.execute"),
             status: format!("bt.{tag}.status"),
             rejected: format!("bt.{tag}.rejected"),
+            cancel: format!("bt.{tag}.cancel"),
+            events: format!("bt.{tag}.events"),
         }
     }
 
@@ -89,6 +93,8 @@ impl Names {
             ("--execute-queue", &self.execute),
             ("--status-queue", &self.status),
             ("--rejected-queue", &self.rejected),
+            ("--cancel-queue", &self.cancel),
+            ("--events-queue", &self.events),
         ]
         .iter()
         .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
@@ -120,6 +126,8 @@ impl Mq {
         for (queue, key) in [
             (&names.execute, Some("worker.execute")),
             (&names.status, Some("api.result")),
+            (&names.cancel, Some("worker.cancel")),
+            (&names.events, Some("api.event")),
             (&names.rejected, None),
         ] {
             let opts = QueueDeclareOptions {
@@ -154,6 +162,29 @@ impl Mq {
                 Publish::with_properties(body, "worker.execute", props),
             )
             .unwrap();
+    }
+
+    /// Publishes a cancel request for `job_id`.
+    pub fn publish_cancel(&self, job_id: &str) {
+        let body = serde_json::to_vec(&serde_json::json!({ "jobId": job_id })).unwrap();
+        self.channel
+            .basic_publish(
+                self.names.exchange.as_str(),
+                Publish::new(&body, "worker.cancel"),
+            )
+            .unwrap();
+    }
+
+    /// Reads lifecycle events until `done` or `timeout`.
+    pub fn events_until(
+        &self,
+        timeout: Duration,
+        done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        self.read_until(&self.names.events, timeout, done)
+            .into_iter()
+            .map(|(body, _)| serde_json::from_slice(&body).expect("event is JSON"))
+            .collect()
     }
 
     /// Publishes a job with the test token.
@@ -336,7 +367,9 @@ impl JobService for TestJobService {
 
     fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
         self.observed.pings.fetch_add(1, Ordering::SeqCst);
-        let busy = self.behaviour.lock().unwrap().busy;
+        let behaviour = self.behaviour.lock().unwrap().clone();
+        let full = self.observed.in_flight.load(Ordering::SeqCst) >= behaviour.capacity;
+        let busy = behaviour.busy || full;
         let resp = PingResponse {
             workerId: self.id.clone(),
             status: if busy {

@@ -1,0 +1,331 @@
+//! Cancellation, deadlines and lifecycle events end to end: the real orchestrator, the
+//! real broker, the real worker agent (and an older-style worker without CancelJob).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::build_env::*;
+use common::*;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn the_status<'a>(statuses: &'a [Value], job_id: &str) -> &'a Value {
+    statuses
+        .iter()
+        .find(|s| s["jobId"] == job_id)
+        .unwrap_or_else(|| panic!("no status for {job_id} in {statuses:?}"))
+}
+
+/// An exec worker whose command sleeps `$BLACKTREE_IMAGE_NAME` seconds (the job picks).
+fn sleeper(id: &str, orchestrator_port: u16) -> WorkerProcess {
+    WorkerProcess::start(
+        id,
+        orchestrator_port,
+        &[
+            "--executor",
+            "exec",
+            "--exec-command",
+            "echo started; sleep ${BLACKTREE_IMAGE_NAME#s}",
+        ],
+    )
+}
+
+/// The command line of a job's sleep, as `ps` would show it.
+fn sleeping(seconds: u32) -> String {
+    format!("sleep {seconds}")
+}
+
+#[test]
+fn a_cancel_that_arrives_before_its_job_means_the_job_never_runs() {
+    let names = Names::unique("early");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let w = TestWorker::start("early-w", 0, Behaviour::default());
+    w.register(orch.grpc_port);
+    mq.publish_cancel("early-1");
+    orch.wait_for_log("job early-1: cancel requested before it arrived", LONG);
+    mq.publish_job("early-1", json!({}));
+    mq.publish_job("early-2", json!({}));
+    let statuses = mq.statuses(2, LONG);
+    let early = the_status(&statuses, "early-1");
+    assert_eq!(early["outcome"], "cancelled");
+    assert_eq!(early["workerId"], "");
+    assert_eq!(early["startedAt"], Value::Null);
+    assert_eq!(the_status(&statuses, "early-2")["outcome"], "succeeded");
+    assert_eq!(
+        *w.observed.jobs.lock().unwrap(),
+        vec!["early-2".to_string()]
+    );
+    mq.cleanup();
+}
+
+#[test]
+fn a_job_cancelled_while_it_waits_for_a_worker_is_dropped() {
+    let names = Names::unique("queued");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let hold = Behaviour {
+        run_time: Duration::from_secs(3),
+        ..Behaviour::default()
+    };
+    let w = TestWorker::start("queued-w", 0, hold);
+    w.register(orch.grpc_port);
+    mq.publish_job("queued-1", json!({}));
+    poll(LONG, "the first job to run", || {
+        (w.observed.job_count() == 1).then_some(())
+    });
+    mq.publish_job("queued-2", json!({}));
+    orch.wait_for_log("job queued-2: received", LONG);
+    let cancelled_at = Instant::now();
+    mq.publish_cancel("queued-2");
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(the_status(&statuses, "queued-2")["outcome"], "cancelled");
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(2),
+        "not after the first job ended"
+    );
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(the_status(&statuses, "queued-1")["outcome"], "succeeded");
+    assert_eq!(
+        w.observed.job_count(),
+        1,
+        "the cancelled job never reached the worker"
+    );
+    mq.cleanup();
+}
+
+#[test]
+fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
+    let names = Names::unique("running");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let worker = sleeper("running-w", orch.grpc_port);
+    orch.wait_for_log("worker running-w registered", LONG);
+    let seconds = 30_000 + std::process::id() % 10_000;
+    mq.publish_job(
+        "running-1",
+        json!({"repoUrl": "", "imageName": format!("s{seconds}")}),
+    );
+    poll(LONG, "the job's sleep to start", || {
+        process_running(&sleeping(seconds)).then_some(())
+    });
+    let cancelled_at = Instant::now();
+    mq.publish_cancel("running-1");
+    let statuses = mq.statuses(1, LONG);
+    let status = the_status(&statuses, "running-1");
+    assert_eq!(status["outcome"], "cancelled", "{status}");
+    assert_eq!(status["workerId"], "running-w");
+    assert!(status["startedAt"].is_string() && status["durationMs"].as_u64().is_some());
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        cancelled_at.elapsed()
+    );
+    poll(Duration::from_secs(10), "the sleep to be killed", || {
+        (!process_running(&sleeping(seconds))).then_some(())
+    });
+    assert!(
+        worker.log().contains("job running-1: cancel requested"),
+        "{}",
+        worker.log()
+    );
+    mq.publish_job("running-2", json!({"repoUrl": "", "imageName": "s0"}));
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(
+        the_status(&statuses, "running-2")["outcome"],
+        "succeeded",
+        "the slot is free again"
+    );
+    mq.cleanup();
+}
+
+#[test]
+fn a_cancel_after_completion_is_harmless() {
+    let names = Names::unique("late");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let w = TestWorker::start("late-w", 0, Behaviour::default());
+    w.register(orch.grpc_port);
+    mq.publish_job("late-1", json!({}));
+    assert_eq!(mq.statuses(1, LONG)[0]["outcome"], "succeeded");
+    mq.publish_cancel("late-1");
+    orch.wait_for_log("job late-1: cancel requested after it finished", LONG);
+    mq.publish_cancel("never-seen");
+    orch.wait_for_log("job never-seen: cancel requested before it arrived", LONG);
+    assert_eq!(mq.depth(&names.status), 0, "no second status");
+    assert_eq!(mq.depth(&names.cancel), 0, "cancels are acked");
+    mq.cleanup();
+}
+
+#[test]
+fn a_deadline_stops_the_job_on_its_worker_and_reports_timed_out() {
+    let names = Names::unique("timeout");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let _worker = sleeper("timeout-w", orch.grpc_port);
+    orch.wait_for_log("worker timeout-w registered", LONG);
+    let seconds = 20_000 + std::process::id() % 10_000;
+    mq.publish_job(
+        "timeout-1",
+        json!({"repoUrl": "", "imageName": format!("s{seconds}"), "timeoutSeconds": 2}),
+    );
+    let statuses = mq.statuses(1, LONG);
+    let status = the_status(&statuses, "timeout-1");
+    assert_eq!(status["outcome"], "timed_out", "{status}");
+    let took = status["durationMs"].as_u64().unwrap();
+    assert!((1900..10_000).contains(&took), "duration {took} ms");
+    poll(Duration::from_secs(10), "the sleep to be killed", || {
+        (!process_running(&sleeping(seconds))).then_some(())
+    });
+    mq.cleanup();
+}
+
+#[test]
+fn an_older_worker_without_cancel_job_has_its_slot_withheld_until_it_reports_free() {
+    let names = Names::unique("oldworker");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let old = TestWorker::start(
+        "old-w",
+        0,
+        Behaviour {
+            run_time: Duration::from_secs(3),
+            ..Behaviour::default()
+        },
+    );
+    old.register(orch.grpc_port);
+    mq.publish_job("old-1", json!({}));
+    poll(LONG, "the job to start", || {
+        (old.observed.job_count() == 1).then_some(())
+    });
+    mq.publish_cancel("old-1");
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(the_status(&statuses, "old-1")["outcome"], "cancelled");
+    mq.publish_job("old-2", json!({}));
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(the_status(&statuses, "old-2")["outcome"], "succeeded");
+    assert_eq!(
+        old.observed.max_in_flight.load(Ordering::SeqCst),
+        1,
+        "never two at once"
+    );
+    assert_eq!(
+        old.observed.refused.load(Ordering::SeqCst),
+        0,
+        "old-2 waited for FREE"
+    );
+    orch.wait_for_log("has no CancelJob", LONG);
+    mq.cleanup();
+}
+
+#[test]
+fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_and_deadline() {
+    let names = Names::unique("race");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let workers: Vec<TestWorker> = (0..3)
+        .map(|i| {
+            let behaviour = Behaviour {
+                run_time: Duration::from_millis([5, 40, 1500][i]),
+                capacity: 2,
+                ..Behaviour::default()
+            };
+            let w = TestWorker::start(&format!("race-w{i}"), 0, behaviour);
+            w.register(orch.grpc_port);
+            w
+        })
+        .collect();
+    let n = 90;
+    let ids: Vec<String> = (0..n).map(|i| format!("race-{i}")).collect();
+    let mut cancelled_first = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let extra = if i % 4 == 0 {
+            json!({"timeoutSeconds": 1})
+        } else {
+            json!({})
+        };
+        match i % 5 {
+            0 => {
+                mq.publish_cancel(id);
+                cancelled_first.push(id.clone());
+            }
+            1 => {
+                mq.publish_job(id, extra);
+                mq.publish_cancel(id);
+                continue;
+            }
+            _ => {}
+        }
+        mq.publish_job(id, extra);
+        if i % 5 == 2 {
+            std::thread::sleep(Duration::from_millis(i as u64 % 30));
+            mq.publish_cancel(id);
+        }
+    }
+    let statuses = mq.statuses(n, LONG);
+    // A second status for any job would show up here.
+    let extra = mq.statuses_until(Duration::from_secs(3), |_| false);
+    let counts = count_by_job(&statuses);
+    assert!(extra.is_empty(), "more statuses than jobs: {extra:?}");
+    assert_eq!(counts.len(), n);
+    assert!(counts.values().all(|&c| c == 1), "{counts:?}");
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for s in &statuses {
+        *outcomes
+            .entry(s["outcome"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        assert!(
+            ["succeeded", "cancelled", "timed_out"].contains(&s["outcome"].as_str().unwrap()),
+            "{s}"
+        );
+    }
+    let early_cancelled = cancelled_first
+        .iter()
+        .filter(|id| the_status(&statuses, id)["outcome"] == "cancelled")
+        .count();
+    assert!(early_cancelled > 0, "cancels sent first do cancel");
+    let ran: usize = workers.iter().map(|w| w.observed.job_count()).sum();
+    println!("races: {n} jobs, outcomes {outcomes:?}, {ran} reached a worker");
+    mq.cleanup();
+}
+
+#[test]
+fn lifecycle_events_arrive_in_order_and_statuses_carry_timings() {
+    let names = Names::unique("events");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &["--events-key", "api.event"]);
+    let w = TestWorker::start("events-w", 0, Behaviour::default());
+    w.register(orch.grpc_port);
+    let ids: Vec<String> = (0..5).map(|i| format!("events-{i}")).collect();
+    for id in &ids {
+        mq.publish_job(id, json!({}));
+    }
+    let statuses = mq.statuses(ids.len(), LONG);
+    let events = mq.events_until(LONG, |e| e.len() >= 3 * ids.len());
+    for id in &ids {
+        let mine: Vec<&str> = events
+            .iter()
+            .filter(|e| e["jobId"] == id.as_str())
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            mine,
+            ["received", "dispatched", "finished"],
+            "{id}: {events:?}"
+        );
+        let dispatched = events
+            .iter()
+            .find(|e| e["jobId"] == id.as_str() && e["event"] == "dispatched")
+            .unwrap();
+        assert_eq!(dispatched["workerId"], "events-w");
+        assert!(dispatched["at"].as_str().unwrap().ends_with('Z'));
+        let status = the_status(&statuses, id);
+        assert!(status["startedAt"].as_str().unwrap() <= status["finishedAt"].as_str().unwrap());
+        assert!(status["durationMs"].as_u64().unwrap() >= 10, "{status}");
+    }
+    mq.cleanup();
+}
