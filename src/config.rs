@@ -162,6 +162,11 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Single-instance lock file (default: `/run/lock/blacktree-orchestrator-PORT.lock`;
+    /// none when listening on port 0).
+    #[arg(long, env = "BLACKTREE_LOCK_FILE")]
+    pub lock_file: Option<std::path::PathBuf>,
+
     /// A statically known worker, `ID=HOST:PORT` (repeatable). It is never forgotten.
     #[arg(long = "worker", env = "BLACKTREE_WORKERS", value_delimiter = ',',
           value_parser = parse_static_worker)]
@@ -312,6 +317,11 @@ pub struct WorkerConfig {
     /// The docker command.
     #[arg(long, env = "BLACKTREE_DOCKER", default_value = "docker")]
     pub docker: String,
+
+    /// Single-instance lock file (default: `/run/lock/blacktree-worker-PORT.lock`; none
+    /// when listening on port 0).
+    #[arg(long, env = "BLACKTREE_LOCK_FILE")]
+    pub lock_file: Option<std::path::PathBuf>,
 
     /// How often the worker asks the orchestrator whether it still knows it.
     #[arg(long, env = "BLACKTREE_CHECK_IN_INTERVAL", default_value = "3s", value_parser = parse_duration)]

@@ -41,7 +41,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         },
     ));
     for worker in &config.workers {
-        registry.register(&worker.id, &worker.addr, 1, true);
+        registry.register(&worker.id, &worker.addr, "", 1, true);
     }
     let server = rpc::serve(env, &config.grpc_listen, registry.clone())?;
     info!(

@@ -19,7 +19,10 @@ use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
 
 use crate::proto::job_grpc::JobServiceClient;
-use crate::proto::worker::{PingRequest, PongResponse, RegisterAck, WorkerInfo};
+use crate::proto::worker::{
+    ListWorkersRequest, ListWorkersResponse, PingRequest, PongResponse, RegisterAck, WorkerInfo,
+    WorkerState,
+};
 use crate::proto::worker_grpc::{create_worker_service, WorkerService};
 use crate::workers::Registry;
 
@@ -213,7 +216,9 @@ impl WorkerService for WorkerServiceImpl {
         let mut ack = RegisterAck::new();
         match checked_registration(&info) {
             Ok((addr, capacity)) => {
-                let generation = self.registry.register(&info.id, &addr, capacity, false);
+                let generation =
+                    self.registry
+                        .register(&info.id, &addr, &info.region, capacity, false);
                 info!(
                     "worker {} registered at {addr} (capacity {capacity}, region {:?}, generation {generation})",
                     info.id, info.region
@@ -233,6 +238,34 @@ impl WorkerService for WorkerServiceImpl {
         let mut pong = PongResponse::new();
         pong.healthy = self.registry.is_registered(&req.id);
         reply(&ctx, sink, pong);
+    }
+
+    fn list_workers(
+        &mut self,
+        ctx: RpcContext,
+        _req: ListWorkersRequest,
+        sink: UnarySink<ListWorkersResponse>,
+    ) {
+        let workers = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|w| WorkerState {
+                id: w.id,
+                address: w.addr,
+                state: w.state.to_string(),
+                capacity: w.capacity as i32,
+                inFlight: w.in_flight as i32,
+                lastPingMsAgo: w.last_ping.map_or(-1, |d| d.as_millis() as i64),
+                region: w.region,
+                ..WorkerState::default()
+            })
+            .collect();
+        let answer = ListWorkersResponse {
+            workers,
+            ..ListWorkersResponse::default()
+        };
+        reply(&ctx, sink, answer);
     }
 }
 

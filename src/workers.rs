@@ -81,6 +81,25 @@ pub struct PingTarget {
     in_flight: u32,
 }
 
+/// A worker as `blacktree workers` and `/workers` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerView {
+    /// Its id.
+    pub id: String,
+    /// `HOST:PORT` of its JobService.
+    pub addr: String,
+    /// Region it reported.
+    pub region: String,
+    /// `free`, `busy` or `unhealthy`.
+    pub state: &'static str,
+    /// Jobs it runs at once.
+    pub capacity: u32,
+    /// Jobs of ours running on it.
+    pub in_flight: u32,
+    /// Time since it last answered a ping.
+    pub last_ping: Option<Duration>,
+}
+
 /// Settings of the registry.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
@@ -102,6 +121,9 @@ pub struct Registry {
 
 struct Worker {
     addr: String,
+    region: String,
+    /// When it last answered a ping.
+    last_seen: Option<Instant>,
     generation: u64,
     capacity: u32,
     in_flight: u32,
@@ -149,7 +171,14 @@ impl Registry {
     /// Adds or replaces a worker; returns its new generation. A registered worker starts
     /// healthy (it just reached us); a static one starts unhealthy until a ping answers.
     /// Hints of an earlier registration under the same id become stale.
-    pub fn register(&self, id: &str, addr: &str, capacity: u32, is_static: bool) -> u64 {
+    pub fn register(
+        &self,
+        id: &str,
+        addr: &str,
+        region: &str,
+        capacity: u32,
+        is_static: bool,
+    ) -> u64 {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -159,6 +188,8 @@ impl Registry {
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
         let worker = workers.entry(id.clone()).insert_entry(Worker {
             addr: addr.to_string(),
+            region: region.to_string(),
+            last_seen: None,
             generation,
             capacity: capacity.max(1),
             in_flight: 0,
@@ -288,6 +319,7 @@ impl Registry {
                 }
                 worker.healthy = true;
                 worker.failures = 0;
+                worker.last_seen = Some(Instant::now());
                 worker.unhealthy_since = None;
                 // BUSY while our own jobs ran (or started) since the ping left is ours.
                 let ours = target.in_flight > 0
@@ -307,6 +339,31 @@ impl Registry {
             }
         }
         self.top_up(&target.worker, worker);
+    }
+
+    /// What the registry knows of each worker, sorted by id.
+    pub fn list(&self) -> Vec<WorkerView> {
+        let mut list: Vec<WorkerView> = self
+            .lock()
+            .iter()
+            .map(|(id, w)| WorkerView {
+                id: id.to_string(),
+                addr: w.addr.clone(),
+                region: w.region.clone(),
+                state: if !w.healthy {
+                    "unhealthy"
+                } else if w.free_slots() == 0 {
+                    "busy"
+                } else {
+                    "free"
+                },
+                capacity: w.capacity,
+                in_flight: w.in_flight,
+                last_ping: w.last_seen.map(|t| t.elapsed()),
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
     }
 
     /// Forgets registered workers unhealthy for longer than `forget_after`.
@@ -364,8 +421,8 @@ mod tests {
     fn a_worker_never_gets_more_than_its_capacity() {
         let (registry, hints) = registry(2);
         let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", 3, false);
-        registry.register("w", "127.0.0.1:1", 3, false); // re-registration: old hints stale
+        registry.register("w", "127.0.0.1:1", "", 3, false);
+        registry.register("w", "127.0.0.1:1", "", 3, false); // re-registration: old hints stale
         let claims = claim_all(&registry, &hints, &token);
         assert_eq!(claims.len(), 3);
         assert!(hints.is_empty());
@@ -378,7 +435,7 @@ mod tests {
     fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
         let (registry, hints) = registry(2);
         let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", 2, false);
+        registry.register("w", "127.0.0.1:1", "", 2, false);
         for _ in 0..2 {
             registry.record_ping(
                 &target(&registry, "w"),
@@ -400,7 +457,7 @@ mod tests {
     fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
         let (registry, hints) = registry(2);
         let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", 1, false);
+        registry.register("w", "127.0.0.1:1", "", 1, false);
         let ping = target(&registry, "w");
         let claim = claim_all(&registry, &hints, &token)
             .pop()
@@ -414,7 +471,7 @@ mod tests {
     fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
         let (registry, hints) = registry(1);
         let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", 2, false);
+        registry.register("w", "127.0.0.1:1", "", 2, false);
         let claims = claim_all(&registry, &hints, &token);
         registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
         assert_eq!(token.reason(), Some(CancelReason::WorkerLost));
@@ -423,7 +480,7 @@ mod tests {
         }
         assert!(claim_all(&registry, &hints, &token).is_empty());
 
-        registry.register("v", "127.0.0.1:2", 1, false);
+        registry.register("v", "127.0.0.1:2", "", 1, false);
         let claim = claim_all(&registry, &hints, &token)
             .pop()
             .expect("one slot");
@@ -434,8 +491,8 @@ mod tests {
     #[test]
     fn registered_workers_are_forgotten_static_ones_are_not() {
         let (registry, _hints) = registry(1);
-        registry.register("dyn", "127.0.0.1:1", 1, false);
-        registry.register("static", "127.0.0.1:2", 1, true);
+        registry.register("dyn", "127.0.0.1:1", "", 1, false);
+        registry.register("static", "127.0.0.1:2", "", 1, true);
         registry.record_ping(&target(&registry, "static"), PingResult::Free);
         for id in ["dyn", "static"] {
             registry.record_ping(&target(&registry, id), PingResult::Failed("down".into()));

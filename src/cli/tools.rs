@@ -1,0 +1,475 @@
+//! The operator's commands: `submit`, `cancel`, `watch`, `workers`, `healthcheck`.
+//! Each fails with a [`CliError`] that names what it tried to reach and a hint, and an
+//! exit code scripts can test.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Channel, Confirm, Connection, ConsumerMessage, ConsumerOptions,
+    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
+};
+use clap::Args;
+use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
+use grpcio_health::proto::HealthCheckRequest;
+use grpcio_health::{HealthClient, ServingStatus};
+use serde_json::{json, Value};
+
+use crate::amqp::AmqpUrl;
+use crate::config::parse_duration;
+use crate::job::{Job, Secret};
+use crate::proto::worker::ListWorkersRequest;
+use crate::proto::worker_grpc::WorkerServiceClient;
+
+/// Exit code: something failed.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: another instance holds the lock.
+pub const EXIT_ALREADY_RUNNING: u8 = 3;
+/// Exit code: the broker or the orchestrator could not be reached.
+pub const EXIT_UNREACHABLE: u8 = 4;
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    /// Process exit code.
+    pub code: u8,
+    /// One-line message (address tried, hint).
+    pub message: String,
+}
+
+impl CliError {
+    fn failed(message: impl Into<String>) -> CliError {
+        CliError {
+            code: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+/// How to reach the broker and the exchange.
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "MQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// The exchange jobs, cancels and statuses go through.
+    #[arg(long, env = "BLACKTREE_EXCHANGE", default_value = "blacktree.direct")]
+    pub exchange: String,
+}
+
+impl BrokerArgs {
+    fn connect(&self) -> Result<(Connection, Channel), CliError> {
+        let url = AmqpUrl::parse(&self.amqp_url).map_err(CliError::failed)?;
+        let unreachable = |e: String| CliError {
+            code: EXIT_UNREACHABLE,
+            message: format!("{e} (is RabbitMQ running there? set --amqp-url or MQ_URL)"),
+        };
+        let mut connection = url.connect().map_err(unreachable)?;
+        let channel = connection
+            .open_channel(None)
+            .map_err(|e| unreachable(format!("opening a channel on {}: {e}", url.masked())))?;
+        Ok((connection, channel))
+    }
+
+    /// Publishes `body` with `routing_key` and waits for the broker's confirm.
+    fn publish_confirmed(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        message_id: &str,
+    ) -> Result<(), CliError> {
+        let (connection, channel) = self.connect()?;
+        let amqp =
+            |e: amiquip::Error| CliError::failed(format!("publishing to {}: {e}", self.exchange));
+        let confirms = channel.listen_for_publisher_confirms().map_err(amqp)?;
+        channel.enable_publisher_confirms().map_err(amqp)?;
+        let properties = AmqpProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.to_string());
+        channel
+            .basic_publish(
+                self.exchange.as_str(),
+                Publish::with_properties(body, routing_key, properties),
+            )
+            .map_err(amqp)?;
+        let confirm = confirms.recv_timeout(Duration::from_secs(10));
+        let _ = connection.close();
+        match confirm {
+            Ok(Confirm::Ack(_)) => Ok(()),
+            Ok(Confirm::Nack(_)) => Err(CliError::failed("the broker refused the message")),
+            Err(_) => Err(CliError::failed(
+                "the broker did not confirm the message within 10 s",
+            )),
+        }
+    }
+}
+
+/// `blacktree submit`.
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Routing key of jobs.
+    #[arg(long, env = "BLACKTREE_EXECUTE_KEY", default_value = "worker.execute")]
+    execute_key: String,
+    /// A whole job message (JSON) from a file, or `-` for standard input.
+    #[arg(long, conflicts_with_all = ["repo", "image"])]
+    json: Option<String>,
+    /// Repository: `owner/name`, a URL or a path.
+    #[arg(long, required_unless_present = "json")]
+    repo: Option<String>,
+    /// Branch to build.
+    #[arg(long, default_value = "main")]
+    branch: String,
+    /// Image name (and tag) to build.
+    #[arg(long, required_unless_present = "json")]
+    image: Option<String>,
+    /// Dockerfile, relative to the context.
+    #[arg(long, default_value = "Dockerfile")]
+    dockerfile: String,
+    /// Build context, relative to the repository.
+    #[arg(long, default_value = ".")]
+    context: String,
+    /// File holding the token for a private repository.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The job's deadline in seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The job's id (default: a new UUID).
+    #[arg(long)]
+    job_id: Option<String>,
+}
+
+/// Publishes a job; prints its jobId.
+pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
+    let mut message = match &args.json {
+        Some(source) => {
+            let mut text = String::new();
+            let read = if source == "-" {
+                std::io::stdin().read_to_string(&mut text).map(|_| ())
+            } else {
+                std::fs::read_to_string(source).map(|t| text = t)
+            };
+            read.map_err(|e| CliError::failed(format!("reading the job from {source}: {e}")))?;
+            serde_json::from_str::<Value>(&text).map_err(|e| {
+                CliError::failed(format!(
+                    "the job in {source} is not JSON: line {} column {}",
+                    e.line(),
+                    e.column()
+                ))
+            })?
+        }
+        None => {
+            let token = match &args.token_file {
+                Some(file) => std::fs::read_to_string(file)
+                    .map_err(|e| {
+                        CliError::failed(format!("reading the token file {}: {e}", file.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+                None => String::new(),
+            };
+            let job = Job {
+                job_id: String::new(),
+                repo_url: args.repo.clone().unwrap_or_default(),
+                branch: args.branch.clone(),
+                dockerfile_path: args.dockerfile.clone(),
+                context_dir: args.context.clone(),
+                image_name: args.image.clone().unwrap_or_default(),
+                github_token: Secret::new(token),
+                timeout_seconds: args.timeout,
+            };
+            job.to_json()
+        }
+    };
+    let Value::Object(fields) = &mut message else {
+        return Err(CliError::failed("a job must be a JSON object"));
+    };
+    let missing_id = fields
+        .get("jobId")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    if let Some(id) = &args.job_id {
+        fields.insert("jobId".into(), json!(id));
+    } else if missing_id {
+        fields.insert("jobId".into(), json!(uuid::Uuid::new_v4().to_string()));
+    }
+    let body = serde_json::to_vec(&message).expect("JSON serialises");
+    let job = Job::decode(&body, usize::MAX)
+        .map_err(|r| CliError::failed(format!("not a valid job: {}", r.reason)))?;
+    args.broker
+        .publish_confirmed(&args.execute_key, &body, &job.job_id)?;
+    println!("{}", job.job_id);
+    Ok(())
+}
+
+/// `blacktree cancel`.
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Routing key of cancel requests.
+    #[arg(long, env = "BLACKTREE_CANCEL_KEY", default_value = "worker.cancel")]
+    cancel_key: String,
+    /// The job to cancel.
+    job_id: String,
+}
+
+/// Publishes a cancel request.
+pub fn cancel(args: CancelArgs) -> Result<(), CliError> {
+    let body = serde_json::to_vec(&json!({ "jobId": args.job_id })).expect("JSON serialises");
+    args.broker
+        .publish_confirmed(&args.cancel_key, &body, &args.job_id)?;
+    println!("cancel requested for {}", args.job_id);
+    Ok(())
+}
+
+/// `blacktree watch`.
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Routing key of statuses.
+    #[arg(long, env = "BLACKTREE_STATUS_KEY", default_value = "api.result")]
+    status_key: String,
+    /// Routing key of lifecycle events, to show them too (empty: statuses only).
+    #[arg(long, env = "BLACKTREE_EVENTS_KEY", default_value = "")]
+    events_key: String,
+    /// Print each message as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Keep watching until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// Stop after this many statuses.
+    #[arg(long)]
+    count: Option<usize>,
+    /// Without --follow: stop after this long without a message.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    idle: Duration,
+}
+
+/// Prints statuses (and events) from a queue of its own, so it never takes messages
+/// from the control plane.
+pub fn watch(args: WatchArgs) -> Result<(), CliError> {
+    let (connection, channel) = args.broker.connect()?;
+    let amqp =
+        |e: amiquip::Error| CliError::failed(format!("watching {}: {e}", args.broker.exchange));
+    channel
+        .exchange_declare(
+            ExchangeType::Direct,
+            args.broker.exchange.as_str(),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+        )
+        .map_err(amqp)?;
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .map_err(amqp)?;
+    let keys = [&args.status_key, &args.events_key];
+    for key in keys.iter().filter(|k| !k.is_empty()) {
+        channel
+            .queue_bind(
+                queue.name(),
+                args.broker.exchange.as_str(),
+                key.as_str(),
+                FieldTable::new(),
+            )
+            .map_err(amqp)?;
+    }
+    let consumer = channel
+        .basic_consume(
+            queue.name(),
+            ConsumerOptions {
+                no_ack: true,
+                ..ConsumerOptions::default()
+            },
+        )
+        .map_err(amqp)?;
+    eprintln!(
+        "watching {} (statuses{})",
+        args.broker.exchange,
+        if args.events_key.is_empty() {
+            ""
+        } else {
+            " and events"
+        }
+    );
+    let started = Instant::now();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut statuses = 0;
+    while args.count.is_none_or(|n| statuses < n) {
+        let message = if args.follow {
+            consumer.receiver().recv().ok()
+        } else {
+            consumer.receiver().recv_timeout(args.idle).ok()
+        };
+        let Some(ConsumerMessage::Delivery(delivery)) = message else {
+            break;
+        };
+        let value: Value = serde_json::from_slice(&delivery.body).unwrap_or(Value::Null);
+        let text = |key: &str| value[key].as_str().unwrap_or("").to_string();
+        let is_status = delivery.routing_key == args.status_key;
+        if args.json {
+            println!("{value}");
+        } else if is_status {
+            let error = text("error");
+            println!(
+                "{} {} worker={} {}ms{}",
+                text("jobId"),
+                text("outcome"),
+                text("workerId"),
+                value["durationMs"].as_u64().unwrap_or(0),
+                if error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" error={error}")
+                }
+            );
+        } else {
+            println!(
+                "{} {} worker={}",
+                text("jobId"),
+                text("event"),
+                text("workerId")
+            );
+        }
+        if is_status {
+            statuses += 1;
+            *outcomes.entry(text("outcome")).or_default() += 1;
+            if args.follow && statuses % 10 == 0 {
+                eprintln!("{}", summary(statuses, &outcomes, started.elapsed()));
+            }
+        }
+    }
+    let _ = connection.close();
+    eprintln!("{}", summary(statuses, &outcomes, started.elapsed()));
+    Ok(())
+}
+
+fn summary(statuses: usize, outcomes: &BTreeMap<String, usize>, elapsed: Duration) -> String {
+    let parts: Vec<String> = outcomes.iter().map(|(o, n)| format!("{n} {o}")).collect();
+    format!(
+        "summary: {statuses} jobs in {:.1}s ({})",
+        elapsed.as_secs_f64(),
+        if parts.is_empty() {
+            "none".to_string()
+        } else {
+            parts.join(", ")
+        }
+    )
+}
+
+/// `blacktree workers`.
+#[derive(Args, Debug)]
+pub struct WorkersArgs {
+    /// The orchestrator's gRPC address.
+    #[arg(long, env = "BLACKTREE_ORCHESTRATOR", default_value = "127.0.0.1:5051")]
+    orchestrator: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Lists the orchestrator's workers.
+pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let client = WorkerServiceClient::new(ChannelBuilder::new(env).connect(&args.orchestrator));
+    let answer = client
+        .list_workers_opt(&ListWorkersRequest::default(), CallOption::default().timeout(Duration::from_secs(5)))
+        .map_err(|e| CliError {
+            code: EXIT_UNREACHABLE,
+            message: format!(
+                "cannot reach the orchestrator at {}: {e} (is it running? set --orchestrator or BLACKTREE_ORCHESTRATOR)",
+                args.orchestrator
+            ),
+        })?;
+    let rows: Vec<Value> = answer
+        .workers
+        .iter()
+        .map(|w| {
+            json!({
+                "id": w.id, "address": w.address, "state": w.state, "capacity": w.capacity,
+                "inFlight": w.inFlight, "region": w.region,
+                "lastPingMsAgo": (w.lastPingMsAgo >= 0).then_some(w.lastPingMsAgo),
+            })
+        })
+        .collect();
+    if args.json {
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}",
+        "ID", "ADDRESS", "STATE", "CAPACITY", "IN FLIGHT", "LAST PING"
+    );
+    for w in &answer.workers {
+        let last = if w.lastPingMsAgo < 0 {
+            "never".to_string()
+        } else {
+            format!("{}ms ago", w.lastPingMsAgo)
+        };
+        println!(
+            "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}",
+            w.id, w.address, w.state, w.capacity, w.inFlight, last
+        );
+    }
+    Ok(())
+}
+
+/// `blacktree healthcheck`.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct HealthcheckArgs {
+    /// Check an orchestrator's gRPC health service (`HOST:PORT`).
+    #[arg(long)]
+    orchestrator: Option<String>,
+    /// Check a worker's gRPC health service (`HOST:PORT`).
+    #[arg(long)]
+    worker: Option<String>,
+}
+
+/// Exits 0 when the target reports SERVING; otherwise prints one line saying why.
+pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
+    let (role, addr) = match (&args.orchestrator, &args.worker) {
+        (Some(addr), _) => ("orchestrator", addr),
+        (None, Some(addr)) => ("worker", addr),
+        (None, None) => unreachable!("clap requires one target"),
+    };
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let client = HealthClient::new(ChannelBuilder::new(env).connect(addr));
+    let answer = client
+        .check_opt(
+            &HealthCheckRequest::default(),
+            CallOption::default().timeout(Duration::from_secs(3)),
+        )
+        .map_err(|e| CliError::failed(format!("{role} at {addr} is unhealthy: {e}")))?;
+    if answer.status == ServingStatus::Serving {
+        println!("{role} at {addr} is healthy");
+        Ok(())
+    } else {
+        Err(CliError::failed(format!(
+            "{role} at {addr} is unhealthy: {:?}",
+            answer.status
+        )))
+    }
+}

@@ -1,0 +1,263 @@
+//! The operator's command line end to end: submit, watch, cancel, workers, healthcheck
+//! and the single-instance lock, against the real broker and orchestrator.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::build_env::TempDir;
+use common::*;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn blacktree(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blacktree"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running blacktree")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
+    let names = Names::unique("cli-submit");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let w = TestWorker::start("cli-w", 0, Behaviour::default());
+    w.register(orch.grpc_port);
+
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+        .args([
+            "watch",
+            "--amqp-url",
+            SHARED_BROKER,
+            "--exchange",
+            &names.exchange,
+            "--count",
+            "1",
+            "--idle",
+            "60s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(watch.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.starts_with("watching"), "{first}");
+
+    let dir = TempDir::new("cli-token");
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let out = blacktree(&[
+        "submit",
+        "--amqp-url",
+        SHARED_BROKER,
+        "--exchange",
+        &names.exchange,
+        "--repo",
+        "acme/app",
+        "--image",
+        "acme/app:2",
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job_id = text(&out.stdout).trim().to_string();
+    assert_eq!(job_id.len(), 36, "a generated UUID: {job_id}");
+
+    let mut shown = String::new();
+    watch
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut shown)
+        .unwrap();
+    assert!(watch.wait().unwrap().success());
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(
+        shown.starts_with(&format!("{job_id} succeeded worker=cli-w ")),
+        "{shown}"
+    );
+    assert!(
+        rest.contains("summary: 1 jobs") && rest.contains("1 succeeded"),
+        "{rest}"
+    );
+    // The control plane's own queue still has the status.
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(statuses[0]["jobId"], job_id.as_str());
+    assert_eq!(w.observed.jobs.lock().unwrap()[0], job_id);
+    orch.assert_no_secret_logged();
+
+    // A job from JSON on stdin keeps its own id.
+    let mut submit = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+        .args([
+            "submit",
+            "--amqp-url",
+            SHARED_BROKER,
+            "--exchange",
+            &names.exchange,
+            "--json",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let job = json!({"jobId": "cli-json-1", "repoUrl": "acme/app", "imageName": "acme/app:3", "extra": true});
+    std::io::Write::write_all(
+        &mut submit.stdin.take().unwrap(),
+        job.to_string().as_bytes(),
+    )
+    .unwrap();
+    let out = submit.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), "cli-json-1");
+    assert_eq!(mq.statuses(1, LONG)[0]["jobId"], "cli-json-1");
+    mq.cleanup();
+}
+
+#[test]
+fn cancel_workers_and_healthcheck_talk_to_the_running_orchestrator() {
+    let names = Names::unique("cli-ops");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let hold = Behaviour {
+        run_time: Duration::from_secs(30),
+        capacity: 2,
+        ..Behaviour::default()
+    };
+    let w = TestWorker::start("ops-w", 0, hold);
+    w.register(orch.grpc_port);
+    mq.publish_job("ops-1", json!({}));
+    poll(LONG, "the job to run", || {
+        (w.observed.job_count() == 1).then_some(())
+    });
+
+    let addr = format!("127.0.0.1:{}", orch.grpc_port);
+    let out = blacktree(&["workers", "--orchestrator", &addr, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let worker = &listed[0];
+    assert_eq!(worker["id"], "ops-w");
+    assert_eq!(worker["address"], format!("127.0.0.1:{}", w.port).as_str());
+    assert_eq!(
+        (worker["capacity"].as_i64(), worker["inFlight"].as_i64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(worker["state"], "free", "one of two slots is free");
+    let table = text(&blacktree(&["workers", "--orchestrator", &addr]).stdout);
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("ops-w"),
+        "{table}"
+    );
+
+    let out = blacktree(&[
+        "cancel",
+        "--amqp-url",
+        SHARED_BROKER,
+        "--exchange",
+        &names.exchange,
+        "ops-1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(mq.statuses(1, LONG)[0]["outcome"], "cancelled");
+
+    let out = blacktree(&["healthcheck", "--orchestrator", &addr]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let out = blacktree(&["healthcheck", "--worker", &dead]);
+    assert_eq!(out.status.code(), Some(1));
+    let reason = text(&out.stderr);
+    assert_eq!(reason.lines().count(), 1, "{reason}");
+    assert!(
+        reason.contains(&dead) && reason.contains("unhealthy"),
+        "{reason}"
+    );
+    mq.cleanup();
+}
+
+#[test]
+fn unreachable_broker_or_orchestrator_give_a_clear_error_and_exit_code_4() {
+    let out = blacktree(&[
+        "submit",
+        "--amqp-url",
+        "amqp://guest:s3cret@127.0.0.1:1/%2f",
+        "--repo",
+        "a/b",
+        "--image",
+        "a/b:1",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let message = text(&out.stderr);
+    assert!(
+        message.contains("127.0.0.1:1") && message.contains("MQ_URL"),
+        "{message}"
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+    let out = blacktree(&[
+        "workers",
+        "--orchestrator",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out.stderr).contains("cannot reach the orchestrator"));
+    let out = blacktree(&["submit", "--json", "/nonexistent/job.json"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_second_instance_is_refused_and_a_restart_after_sigkill_is_not() {
+    let names = Names::unique("cli-lock");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let dir = TempDir::new("lock");
+    let lock = dir.0.join("orchestrator.lock");
+    let lock = lock.to_str().unwrap();
+    let mut first = Orchestrator::start(SHARED_BROKER, &names, &["--lock-file", lock]);
+
+    let second = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+        .args([
+            "orchestrator",
+            "--amqp-url",
+            SHARED_BROKER,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--lock-file",
+            lock,
+        ])
+        .args(names.args())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(3));
+    assert!(
+        text(&second.stderr).contains("already running"),
+        "{}",
+        text(&second.stderr)
+    );
+    let addr = format!("127.0.0.1:{}", first.grpc_port);
+    assert!(
+        blacktree(&["healthcheck", "--orchestrator", &addr])
+            .status
+            .success(),
+        "the first one is undisturbed"
+    );
+
+    first.signal("KILL");
+    first.wait_exit(LONG);
+    let again = Orchestrator::start(SHARED_BROKER, &names, &["--lock-file", lock]);
+    let addr = format!("127.0.0.1:{}", again.grpc_port);
+    assert!(blacktree(&["healthcheck", "--orchestrator", &addr])
+        .status
+        .success());
+    mq.cleanup();
+}
