@@ -162,6 +162,14 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/workers`); empty: off.
+    #[arg(
+        long,
+        env = "BLACKTREE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: String,
+
     /// Single-instance lock file (default: `/run/lock/blacktree-orchestrator-PORT.lock`;
     /// none when listening on port 0).
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use grpcio::{CallOption, RpcStatusCode};
@@ -18,6 +18,7 @@ use log::{info, warn};
 use crate::amqp::consumer::ConsumerMsg;
 use crate::amqp::publisher::Publication;
 use crate::job::{Event, EventKind, Job, Outcome, Status};
+use crate::metrics::Metrics;
 use crate::proto::job::{CancelJobRequest, JobRequest, JobResponse};
 use crate::rpc::{self, CallError, CancelReason, CancelToken};
 use crate::workers::{Claim, Hint, Registry, Release};
@@ -29,6 +30,8 @@ pub struct Assignment {
     pub job: Job,
     /// Stops it wherever it is.
     pub token: CancelToken,
+    /// When the consumer took it in.
+    pub received: Instant,
 }
 
 /// How long a worker may take to answer `CancelJob`.
@@ -49,6 +52,8 @@ pub struct DispatchLinks {
     pub consumer: Sender<ConsumerMsg>,
     /// The worker registry.
     pub registry: Arc<Registry>,
+    /// Counters the pool keeps.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts `threads` dispatch threads; a job without `timeoutSeconds` gets `job_timeout`.
@@ -107,7 +112,14 @@ impl Dispatcher {
         }
     }
 
-    fn dispatch(&self, Assignment { job, token }: Assignment) {
+    fn dispatch(
+        &self,
+        Assignment {
+            job,
+            token,
+            received,
+        }: Assignment,
+    ) {
         loop {
             let claim = match self.claim(&job, &token) {
                 Wait::Claimed(claim) => claim,
@@ -129,12 +141,20 @@ impl Dispatcher {
                 }
             };
             info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
+            let metrics = &self.links.metrics;
+            metrics.jobs_dispatched.inc();
+            metrics
+                .dispatch_latency
+                .observe(received.elapsed().as_secs_f64());
+            metrics.jobs_in_flight.inc();
             self.publish(Publication::Event(Event::now(
                 &job.job_id,
                 EventKind::Dispatched,
                 &claim.worker,
             )));
-            match self.attempt(&job, &claim, &token) {
+            let attempt = self.attempt(&job, &claim, &token);
+            metrics.jobs_in_flight.dec();
+            match attempt {
                 Attempt::Refused => {
                     self.links
                         .registry

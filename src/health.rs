@@ -8,17 +8,24 @@ use std::time::{Duration, Instant};
 
 use grpcio::CallOption;
 
+use crate::metrics::Metrics;
 use crate::proto::job::{PingRequest, WorkerStatus};
 use crate::rpc::{self, CallError};
 use crate::workers::{PingResult, Registry};
 
 /// Starts the health ticker; its first round runs at once.
-pub fn spawn(registry: Arc<Registry>, interval: Duration, timeout: Duration) -> JoinHandle<()> {
+pub fn spawn(
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    timeout: Duration,
+) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name("health-ticker".into())
         .spawn(move || loop {
             let started = Instant::now();
-            round(&registry, timeout);
+            let failures = round(&registry, timeout);
+            metrics.ping_failures.inc_by(failures);
             registry.forget_expired();
             std::thread::sleep(interval.saturating_sub(started.elapsed()));
         })
@@ -26,8 +33,9 @@ pub fn spawn(registry: Arc<Registry>, interval: Duration, timeout: Duration) -> 
 }
 
 /// Pings every worker concurrently and records the results; returns when all answered
-/// or timed out.
-pub fn round(registry: &Registry, timeout: Duration) {
+/// or timed out, with the number of failed pings.
+pub fn round(registry: &Registry, timeout: Duration) -> u64 {
+    let mut failures = 0;
     let request = PingRequest::new();
     let calls: Vec<_> = registry
         .ping_targets()
@@ -49,6 +57,8 @@ pub fn round(registry: &Registry, timeout: Duration) {
             Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),
             Err(CallError::Cancelled(reason)) => PingResult::Failed(format!("{reason:?}")),
         };
+        failures += u64::from(matches!(result, PingResult::Failed(_)));
         registry.record_ping(&target, result);
     }
+    failures
 }

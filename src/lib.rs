@@ -9,6 +9,7 @@ pub mod config;
 pub mod dispatch;
 pub mod health;
 pub mod job;
+pub mod metrics;
 pub mod orchestrator;
 pub mod proto;
 pub mod rpc;

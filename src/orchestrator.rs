@@ -22,6 +22,7 @@ use crate::amqp::{publisher, AmqpUrl};
 use crate::config::OrchestratorConfig;
 use crate::dispatch::{self, DispatchLinks};
 use crate::health;
+use crate::metrics::{self, Metrics};
 use crate::rpc;
 use crate::workers::{Registry, RegistrySettings};
 
@@ -44,6 +45,14 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         registry.register(&worker.id, &worker.addr, "", 1, true);
     }
     let server = rpc::serve(env, &config.grpc_listen, registry.clone())?;
+    let metrics = Arc::new(Metrics::default());
+    if !config.metrics_listen.is_empty() {
+        let (port, _) = metrics::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;
+        info!(
+            "metrics listening on port {port} ({})",
+            config.metrics_listen
+        );
+    }
     info!(
         "gRPC server listening on port {} ({})",
         server.port, config.grpc_listen
@@ -60,6 +69,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         publications_rx,
         connections_rx,
         inbox_tx.clone(),
+        metrics.clone(),
     );
     let consumer = consumer::spawn(
         ConsumerConfig {
@@ -76,6 +86,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             jobs: jobs_tx,
             publications: publications_tx.clone(),
             connections: connections_tx,
+            metrics: metrics.clone(),
         },
     );
     dispatch::spawn_pool(
@@ -88,9 +99,15 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             publications: publications_tx,
             consumer: inbox_tx.clone(),
             registry: registry.clone(),
+            metrics: metrics.clone(),
         },
     );
-    health::spawn(registry, config.health_interval, config.health_timeout);
+    health::spawn(
+        registry,
+        metrics,
+        config.health_interval,
+        config.health_timeout,
+    );
 
     let (signals_tx, signals) = unbounded();
     ctrlc::set_handler(move || {

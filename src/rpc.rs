@@ -253,7 +253,7 @@ impl WorkerService for WorkerServiceImpl {
             .map(|w| WorkerState {
                 id: w.id,
                 address: w.addr,
-                state: w.state.to_string(),
+                state: w.state,
                 capacity: w.capacity as i32,
                 inFlight: w.in_flight as i32,
                 lastPingMsAgo: w.last_ping.map_or(-1, |d| d.as_millis() as i64),

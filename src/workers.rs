@@ -91,13 +91,24 @@ pub struct WorkerView {
     /// Region it reported.
     pub region: String,
     /// `free`, `busy` or `unhealthy`.
-    pub state: &'static str,
+    pub state: String,
     /// Jobs it runs at once.
     pub capacity: u32,
     /// Jobs of ours running on it.
     pub in_flight: u32,
     /// Time since it last answered a ping.
     pub last_ping: Option<Duration>,
+}
+
+impl WorkerView {
+    /// The JSON of `blacktree workers --json` and `/workers`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "address": self.addr, "state": self.state, "capacity": self.capacity,
+            "inFlight": self.in_flight, "region": self.region,
+            "lastPingMsAgo": self.last_ping.map(|d| d.as_millis() as u64),
+        })
+    }
 }
 
 /// Settings of the registry.
@@ -356,7 +367,8 @@ impl Registry {
                     "busy"
                 } else {
                     "free"
-                },
+                }
+                .to_string(),
                 capacity: w.capacity,
                 in_flight: w.in_flight,
                 last_ping: w.last_seen.map(|t| t.elapsed()),

@@ -261,3 +261,81 @@ fn a_second_instance_is_refused_and_a_restart_after_sigkill_is_not() {
         .success());
     mq.cleanup();
 }
+
+fn http(port: u16, path: &str) -> (String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", &url])
+        .output()
+        .unwrap();
+    let text = text(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.to_string(), body.to_string())
+}
+
+/// The value of a Prometheus sample line `name{labels} value`.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
+    let broker = common::PrivateBroker::start();
+    let url = broker.url();
+    let names = Names::unique("metrics");
+    let mq = Mq::connect(&url, &names);
+    let orch = Orchestrator::start(&url, &names, &[]);
+    let w = TestWorker::start("metrics-w", 0, Behaviour::default());
+    w.register(orch.grpc_port);
+    for i in 0..5 {
+        mq.publish_job(&format!("metrics-{i}"), json!({}));
+    }
+    mq.publish_raw(b"not json");
+    mq.statuses(5, LONG);
+    let port = orch.metrics_port;
+    let metrics = poll(LONG, "the metrics to count every job", || {
+        let (code, body) = http(port, "/metrics");
+        assert_eq!(code, "200");
+        (sample(
+            &body,
+            "blacktree_jobs_finished_total{outcome=\"succeeded\"}",
+        ) == 5.0)
+            .then_some(body)
+    });
+    assert_eq!(sample(&metrics, "blacktree_jobs_received_total"), 5.0);
+    assert_eq!(sample(&metrics, "blacktree_jobs_dispatched_total"), 5.0);
+    assert_eq!(sample(&metrics, "blacktree_jobs_rejected_total"), 1.0);
+    assert_eq!(sample(&metrics, "blacktree_jobs_in_flight"), 0.0);
+    assert_eq!(sample(&metrics, "blacktree_workers{state=\"free\"}"), 1.0);
+    assert_eq!(
+        sample(&metrics, "blacktree_dispatch_latency_seconds_count"),
+        5.0
+    );
+    assert_eq!(
+        sample(&metrics, "blacktree_job_duration_seconds_count"),
+        5.0
+    );
+    assert_eq!(sample(&metrics, "blacktree_broker_connected"), 1.0);
+    let (code, body) = http(port, "/workers");
+    assert_eq!(code, "200");
+    let workers: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(workers[0]["id"], "metrics-w");
+    assert_eq!(http(port, "/healthz").0, "200");
+
+    drop(mq);
+    broker.ctl(&["stop_app"]);
+    poll(LONG, "/healthz to fail without the broker", || {
+        (http(port, "/healthz").0 == "503").then_some(())
+    });
+    broker.ctl(&["start_app"]);
+    poll(LONG, "/healthz to recover", || {
+        (http(port, "/healthz").0 == "200").then_some(())
+    });
+    let (_, metrics) = http(port, "/metrics");
+    assert!(sample(&metrics, "blacktree_broker_reconnects_total") >= 1.0);
+}

@@ -24,6 +24,7 @@
 //!   forgotten (the broker redelivers them), never acked on the next connection.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use super::{declare_topology, AmqpUrl};
 use crate::config::Topology;
 use crate::dispatch::Assignment;
 use crate::job::{self, decode_cancel, EventKind, Job, Outcome, Rejection, Status};
+use crate::metrics::Metrics;
 use crate::rpc::{CancelReason, CancelToken};
 
 /// How many confirmed jobIds the de-duplication window remembers at most.
@@ -98,6 +100,8 @@ pub struct ConsumerLinks {
     pub publications: Sender<Publication>,
     /// Fresh publishing channels to the publisher.
     pub connections: Sender<Connected>,
+    /// Counters it keeps.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts the consumer thread; it returns when a drain has finished.
@@ -237,6 +241,10 @@ impl Consumer {
         match setup() {
             Ok((channel, publish, confirms)) => {
                 self.generation += 1;
+                if self.generation > 1 {
+                    self.links.metrics.broker_reconnects.inc();
+                }
+                self.links.metrics.broker_connected.set(1);
                 info!(
                     "broker: connected to {} (connection {})",
                     self.config.url.masked(),
@@ -361,6 +369,7 @@ impl Consumer {
         if let Err(e) = result {
             warn!("broker: connection {} lost: {e}", self.generation);
         }
+        self.links.metrics.broker_connected.set(0);
         let _ = connection.close();
         // Deliveries of a dead connection cannot be acked; the broker redelivers them.
         for pending in self.pending.values_mut() {
@@ -403,6 +412,7 @@ impl Consumer {
             self.stats.duplicates += 1;
             return delivery.ack(channel);
         }
+        self.links.metrics.jobs_received.inc();
         info!("job {}: received", job.job_id);
         let token = CancelToken::default();
         let pending = Pending {
@@ -419,7 +429,12 @@ impl Consumer {
             info!("job {}: cancelled before it arrived; not run", job.job_id);
             self.publish_cancelled(&job.job_id);
         } else {
-            self.backlog.push_back(Assignment { job, token });
+            let received = Instant::now();
+            self.backlog.push_back(Assignment {
+                job,
+                token,
+                received,
+            });
         }
         Ok(())
     }
@@ -481,6 +496,7 @@ impl Consumer {
 
     fn reject(&mut self, delivery: Delivery, body: Vec<u8>, rejection: Rejection) {
         self.stats.rejected += 1;
+        self.links.metrics.jobs_rejected.inc();
         let Rejection { reason, job_id } = rejection;
         warn!(
             "rejected a message (jobId {}): {reason}",

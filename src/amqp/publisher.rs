@@ -8,6 +8,7 @@
 //! published again on the next channel: a status may be published twice, never lost.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, FieldTable, Publish};
@@ -17,6 +18,7 @@ use log::{debug, warn};
 use super::consumer::{AckKey, ConsumerMsg};
 use crate::config::Topology;
 use crate::job::{Event, EventKind, Status};
+use crate::metrics::Metrics;
 
 /// Header of a message moved to the rejected queue that says why it was rejected.
 pub const REJECT_REASON_HEADER: &str = "x-blacktree-reject-reason";
@@ -85,10 +87,12 @@ pub fn spawn(
     publications: Receiver<Publication>,
     connections: Receiver<Connected>,
     consumer: Sender<ConsumerMsg>,
+    metrics: Arc<Metrics>,
 ) -> JoinHandle<()> {
     let publisher = Publisher {
         topology,
         consumer,
+        metrics,
         entries: HashMap::new(),
         next_entry: 0,
         waiting: VecDeque::new(),
@@ -103,6 +107,7 @@ pub fn spawn(
 struct Publisher {
     topology: Topology,
     consumer: Sender<ConsumerMsg>,
+    metrics: Arc<Metrics>,
     entries: HashMap<u64, Entry>,
     next_entry: u64,
     /// Entries to publish once a channel is available, oldest first.
@@ -133,6 +138,7 @@ impl Publisher {
     }
 
     fn add(&mut self, publication: Publication) {
+        self.count_finished(&publication);
         let (key, messages) = match publication {
             Publication::Status(status) => {
                 let finished = Event::now(&status.job_id, EventKind::Finished, &status.worker_id);
@@ -184,6 +190,29 @@ impl Publisher {
             self.publish_entry(id);
         } else {
             self.waiting.push_back(id);
+        }
+    }
+
+    /// Counts a job's end (each status is published once, republished ones aside).
+    fn count_finished(&self, publication: &Publication) {
+        let status = match publication {
+            Publication::Status(status) => status,
+            Publication::Rejected {
+                status: Some(status),
+                ..
+            } => status,
+            _ => return,
+        };
+        let outcome = serde_json::to_value(status.outcome).expect("an outcome serialises");
+        let outcome = outcome.as_str().expect("outcomes are strings");
+        self.metrics
+            .jobs_finished
+            .with_label_values(&[outcome])
+            .inc();
+        if status.started_at.is_some() {
+            self.metrics
+                .job_duration
+                .observe(status.duration_ms as f64 / 1000.0);
         }
     }
 

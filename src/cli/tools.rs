@@ -23,6 +23,7 @@ use crate::config::parse_duration;
 use crate::job::{Job, Secret};
 use crate::proto::worker::ListWorkersRequest;
 use crate::proto::worker_grpc::WorkerServiceClient;
+use crate::workers::WorkerView;
 
 /// Exit code: something failed.
 pub const EXIT_FAILURE: u8 = 1;
@@ -403,34 +404,39 @@ pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
                 args.orchestrator
             ),
         })?;
-    let rows: Vec<Value> = answer
+    let views: Vec<WorkerView> = answer
         .workers
         .iter()
-        .map(|w| {
-            json!({
-                "id": w.id, "address": w.address, "state": w.state, "capacity": w.capacity,
-                "inFlight": w.inFlight, "region": w.region,
-                "lastPingMsAgo": (w.lastPingMsAgo >= 0).then_some(w.lastPingMsAgo),
-            })
+        .map(|w| WorkerView {
+            id: w.id.clone(),
+            addr: w.address.clone(),
+            region: w.region.clone(),
+            state: w.state.clone(),
+            capacity: w.capacity.max(0) as u32,
+            in_flight: w.inFlight.max(0) as u32,
+            last_ping: u64::try_from(w.lastPingMsAgo)
+                .ok()
+                .map(Duration::from_millis),
         })
         .collect();
     if args.json {
-        println!("{}", Value::Array(rows));
+        println!(
+            "{}",
+            Value::Array(views.iter().map(WorkerView::to_json).collect())
+        );
         return Ok(());
     }
     println!(
         "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}",
         "ID", "ADDRESS", "STATE", "CAPACITY", "IN FLIGHT", "LAST PING"
     );
-    for w in &answer.workers {
-        let last = if w.lastPingMsAgo < 0 {
-            "never".to_string()
-        } else {
-            format!("{}ms ago", w.lastPingMsAgo)
-        };
+    for w in &views {
+        let last = w
+            .last_ping
+            .map_or("never".to_string(), |d| format!("{}ms ago", d.as_millis()));
         println!(
             "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}",
-            w.id, w.address, w.state, w.capacity, w.inFlight, last
+            w.id, w.addr, w.state, w.capacity, w.in_flight, last
         );
     }
     Ok(())

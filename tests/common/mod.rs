@@ -506,6 +506,7 @@ pub fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
 pub struct Orchestrator {
     pub child: Child,
     pub grpc_port: u16,
+    pub metrics_port: u16,
     log: Arc<Mutex<String>>,
 }
 
@@ -525,8 +526,10 @@ impl Orchestrator {
             "16".into(),
         ];
         args.extend(names.args());
-        if !extra.contains(&"--grpc-listen") {
-            args.extend(["--grpc-listen".to_string(), "127.0.0.1:0".to_string()]);
+        for flag in ["--grpc-listen", "--metrics-listen"] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+            }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
@@ -542,21 +545,33 @@ impl Orchestrator {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("gRPC server listening on port ").nth(1) {
-                    let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
-                    let _ = port_tx.send(port);
+                let announces = [
+                    "gRPC server listening on port ",
+                    "metrics listening on port ",
+                ];
+                for (i, announce) in announces.iter().enumerate() {
+                    if let Some(rest) = line.split(announce).nth(1) {
+                        let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        let _ = port_tx.send((i, port));
+                    }
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
         });
-        let grpc_port = port_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("orchestrator announced its gRPC port");
+        let mut ports = [0u16; 2];
+        for _ in 0..2 {
+            let (i, port) = port_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("orchestrator announced its gRPC and metrics ports");
+            ports[i] = port;
+        }
+        let [grpc_port, metrics_port] = ports;
         let orchestrator = Orchestrator {
             child,
             grpc_port,
+            metrics_port,
             log,
         };
         orchestrator.wait_for_log("broker: connected", Duration::from_secs(30));
