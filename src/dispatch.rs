@@ -206,11 +206,13 @@ impl Dispatcher {
             ..JobRequest::default()
         };
         let started = SystemTime::now();
-        let result = claim
+        let call = claim
             .client
-            .run_job_async_opt(&request, CallOption::default().timeout(timeout))
-            .map_err(CallError::Grpc)
-            .and_then(|call| rpc::wait(call, Some(token)));
+            .run_job_async_opt(&request, CallOption::default().timeout(timeout));
+        let (result, mut call) = match call {
+            Ok(mut call) => (rpc::wait(&mut call, Some(token)), Some(call)),
+            Err(e) => (Err(CallError::Grpc(e)), None),
+        };
         let worker = &*claim.worker;
         let ended = |outcome, release, error: String| {
             let error = job.github_token.redact(&error);
@@ -275,6 +277,11 @@ impl Dispatcher {
                 job.job_id
             ),
         }
+        // The worker was told first (CancelJob above); now our side of the call ends,
+        // if it has not (cancelling a finished call does nothing).
+        if let Some(call) = &mut call {
+            call.cancel();
+        }
         attempt
     }
 }
@@ -291,7 +298,7 @@ fn stop_on_worker(claim: &Claim, job_id: &str) -> Release {
         .client
         .cancel_job_async_opt(&request, CallOption::default().timeout(CANCEL_TIMEOUT))
         .map_err(CallError::Grpc)
-        .and_then(|call| rpc::wait(call, None));
+        .and_then(|mut call| rpc::wait(&mut call, None));
     match call {
         Ok(_) => Release::Done,
         Err(CallError::Grpc(grpcio::Error::RpcFailure(s)))

@@ -50,7 +50,7 @@ pub fn round(registry: &Registry, timeout: Duration) -> u64 {
     for (target, call) in calls {
         let result = match call
             .map_err(CallError::Grpc)
-            .and_then(|c| rpc::wait(c, None))
+            .and_then(|mut c| rpc::wait(&mut c, None))
         {
             Ok(pong) if pong.status == WorkerStatus::BUSY => PingResult::Busy,
             Ok(_) => PingResult::Free,

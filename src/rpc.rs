@@ -157,17 +157,15 @@ pub fn block_on<F: Future>(
     }
 }
 
-/// Waits for a unary call's answer; a cancelled call is cancelled in gRPC too.
+/// Waits for a unary call's answer. When `token` fires first, the call is left running:
+/// the caller decides what to tell the peer before it cancels (or drops) the call.
 pub fn wait<T: Unpin>(
-    mut call: ClientUnaryReceiver<T>,
+    call: &mut ClientUnaryReceiver<T>,
     token: Option<&CancelToken>,
 ) -> Result<T, CallError> {
-    match block_on(&mut call, token) {
+    match block_on(call, token) {
         Ok(answer) => answer.map_err(CallError::Grpc),
-        Err(reason) => {
-            call.cancel();
-            Err(CallError::Cancelled(reason))
-        }
+        Err(reason) => Err(CallError::Cancelled(reason)),
     }
 }
 

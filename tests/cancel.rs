@@ -60,7 +60,6 @@ fn a_cancel_that_arrives_before_its_job_means_the_job_never_runs() {
         *w.observed.jobs.lock().unwrap(),
         vec!["early-2".to_string()]
     );
-    mq.cleanup();
 }
 
 #[test]
@@ -95,7 +94,6 @@ fn a_job_cancelled_while_it_waits_for_a_worker_is_dropped() {
         1,
         "the cancelled job never reached the worker"
     );
-    mq.cleanup();
 }
 
 #[test]
@@ -140,7 +138,6 @@ fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
         "succeeded",
         "the slot is free again"
     );
-    mq.cleanup();
 }
 
 #[test]
@@ -158,7 +155,6 @@ fn a_cancel_after_completion_is_harmless() {
     orch.wait_for_log("job never-seen: cancel requested before it arrived", LONG);
     assert_eq!(mq.depth(&names.status), 0, "no second status");
     assert_eq!(mq.depth(&names.cancel), 0, "cancels are acked");
-    mq.cleanup();
 }
 
 #[test]
@@ -181,7 +177,6 @@ fn a_deadline_stops_the_job_on_its_worker_and_reports_timed_out() {
     poll(Duration::from_secs(10), "the sleep to be killed", || {
         (!process_running(&sleeping(seconds))).then_some(())
     });
-    mq.cleanup();
 }
 
 #[test]
@@ -219,7 +214,6 @@ fn an_older_worker_without_cancel_job_has_its_slot_withheld_until_it_reports_fre
         "old-2 waited for FREE"
     );
     orch.wait_for_log("has no CancelJob", LONG);
-    mq.cleanup();
 }
 
 #[test]
@@ -290,7 +284,6 @@ fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_an
     assert!(early_cancelled > 0, "cancels sent first do cancel");
     let ran: usize = workers.iter().map(|w| w.observed.job_count()).sum();
     println!("races: {n} jobs, outcomes {outcomes:?}, {ran} reached a worker");
-    mq.cleanup();
 }
 
 #[test]
@@ -327,7 +320,6 @@ fn lifecycle_events_arrive_in_order_and_statuses_carry_timings() {
         assert!(status["startedAt"].as_str().unwrap() <= status["finishedAt"].as_str().unwrap());
         assert!(status["durationMs"].as_u64().unwrap() >= 10, "{status}");
     }
-    mq.cleanup();
 }
 
 #[test]
@@ -355,5 +347,4 @@ fn a_worker_frozen_mid_job_is_noticed_in_seconds_and_its_job_reported_lost() {
         noticed < Duration::from_secs(5),
         "noticed after {noticed:?}"
     );
-    mq.cleanup();
 }

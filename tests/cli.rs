@@ -124,7 +124,6 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
     let out = submit.wait_with_output().unwrap();
     assert_eq!(text(&out.stdout).trim(), "cli-json-1");
     assert_eq!(mq.statuses(1, LONG)[0]["jobId"], "cli-json-1");
-    mq.cleanup();
 }
 
 #[test]
@@ -184,7 +183,6 @@ fn cancel_workers_and_healthcheck_talk_to_the_running_orchestrator() {
         reason.contains(&dead) && reason.contains("unhealthy"),
         "{reason}"
     );
-    mq.cleanup();
 }
 
 #[test]
@@ -219,7 +217,7 @@ fn unreachable_broker_or_orchestrator_give_a_clear_error_and_exit_code_4() {
 #[test]
 fn a_second_instance_is_refused_and_a_restart_after_sigkill_is_not() {
     let names = Names::unique("cli-lock");
-    let mq = Mq::connect(SHARED_BROKER, &names);
+    let _mq = Mq::connect(SHARED_BROKER, &names);
     let dir = TempDir::new("lock");
     let lock = dir.0.join("orchestrator.lock");
     let lock = lock.to_str().unwrap();
@@ -259,7 +257,6 @@ fn a_second_instance_is_refused_and_a_restart_after_sigkill_is_not() {
     assert!(blacktree(&["healthcheck", "--orchestrator", &addr])
         .status
         .success());
-    mq.cleanup();
 }
 
 fn http(port: u16, path: &str) -> (String, String) {
@@ -326,12 +323,19 @@ fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
     let workers: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(workers[0]["id"], "metrics-w");
     assert_eq!(http(port, "/healthz").0, "200");
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    assert!(blacktree(&["healthcheck", "--metrics", &healthz])
+        .status
+        .success());
 
-    drop(mq);
+    // `mq`'s connection is cut below; it stays in scope so its queues stay too.
     broker.ctl(&["stop_app"]);
     poll(LONG, "/healthz to fail without the broker", || {
         (http(port, "/healthz").0 == "503").then_some(())
     });
+    let out = blacktree(&["healthcheck", "--metrics", &healthz]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("503"), "{}", text(&out.stderr));
     broker.ctl(&["start_app"]);
     poll(LONG, "/healthz to recover", || {
         (http(port, "/healthz").0 == "200").then_some(())

@@ -81,7 +81,6 @@ fn jobs_spread_over_workers_each_status_once_within_capacity() {
     assert_eq!(total, ids.len(), "no job ran twice");
     assert_eq!(mq.depth(&names.execute), 0);
     orch.assert_no_secret_logged();
-    mq.cleanup();
 }
 
 #[test]
@@ -129,7 +128,6 @@ fn a_killed_worker_reports_worker_lost_and_gets_no_job_until_it_answers_pings() 
         (victim.observed.job_count() > before).then_some(())
     });
     orch.assert_no_secret_logged();
-    mq.cleanup();
 }
 
 #[test]
@@ -162,7 +160,6 @@ fn a_busy_worker_is_skipped() {
         "{statuses:?}"
     );
     assert_eq!(busy.observed.job_count(), 0);
-    mq.cleanup();
 }
 
 #[test]
@@ -188,7 +185,6 @@ fn a_worker_registering_again_under_its_id_gets_jobs_at_its_new_address() {
         "{statuses:?}"
     );
     assert_eq!(second.observed.job_count(), 5);
-    mq.cleanup();
 }
 
 #[test]
@@ -209,7 +205,6 @@ fn a_job_past_its_deadline_is_timed_out() {
         statuses[0]["error"].as_str().unwrap().contains("within 1s"),
         "{statuses:?}"
     );
-    mq.cleanup();
 }
 
 #[test]
@@ -258,7 +253,6 @@ fn bad_messages_go_to_the_rejected_queue_and_good_jobs_still_run() {
     assert_eq!(w.observed.job_count(), 1);
     assert_eq!(mq.depth(&names.execute), 0, "bad messages were acked");
     orch.assert_no_secret_logged();
-    mq.cleanup();
 }
 
 #[test]
@@ -298,7 +292,6 @@ fn sigterm_lets_running_jobs_finish_requeues_the_rest_and_exits_0() {
         "the two waiting jobs are back in the queue"
     );
     assert_eq!(w.observed.job_count(), 1);
-    mq.cleanup();
 }
 
 #[test]
@@ -350,7 +343,6 @@ fn a_sigkilled_orchestrator_restarted_loses_no_job() {
     );
     assert!(seen.iter().all(|s| s["outcome"] == "succeeded"), "{seen:?}");
     orch.assert_no_secret_logged();
-    mq.cleanup();
 }
 
 #[test]
@@ -383,16 +375,16 @@ fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
             >= 8)
             .then_some(())
     });
-    drop(mq);
+    // `mq`'s connection is cut below; it stays in scope so its queues stay too.
     broker.ctl(&["close_all_connections", "test cut"]);
     orch.wait_for_log("broker: connected to", LONG);
     poll(LONG, "the orchestrator to reconnect", || {
         (orch.log().matches("broker: connected to").count() >= 2).then_some(())
     });
 
-    let mq = Mq::connect(&url, &names);
+    let reader = Mq::connect(&url, &names);
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let statuses = mq.statuses_until(LONG, |s| {
+    let statuses = reader.statuses_until(LONG, |s| {
         let have: HashSet<&str> = s.iter().filter_map(|v| v["jobId"].as_str()).collect();
         wanted.iter().all(|id| have.contains(id))
     });
@@ -436,5 +428,4 @@ fn a_static_worker_named_on_the_command_line_runs_jobs_once_it_answers_pings() {
         "pinged before its first job"
     );
     orch.assert_no_secret_logged();
-    mq.cleanup();
 }

@@ -298,7 +298,6 @@ fn jobs_on_the_execute_queue_end_as_images_in_the_registry_via_two_workers() {
         ));
     }
     orch.assert_no_secret_logged();
-    mq.cleanup();
 }
 
 #[test]
@@ -376,7 +375,6 @@ fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
         "{}",
         worker.log()
     );
-    mq.cleanup();
 }
 
 #[test]

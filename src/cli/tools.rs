@@ -3,7 +3,8 @@
 //! exit code scripts can test.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -452,14 +453,18 @@ pub struct HealthcheckArgs {
     /// Check a worker's gRPC health service (`HOST:PORT`).
     #[arg(long)]
     worker: Option<String>,
+    /// Check an orchestrator's HTTP health URL (e.g. `http://127.0.0.1:9464/healthz`).
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 /// Exits 0 when the target reports SERVING; otherwise prints one line saying why.
 pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
-    let (role, addr) = match (&args.orchestrator, &args.worker) {
-        (Some(addr), _) => ("orchestrator", addr),
-        (None, Some(addr)) => ("worker", addr),
-        (None, None) => unreachable!("clap requires one target"),
+    let (role, addr) = match (&args.orchestrator, &args.worker, &args.metrics) {
+        (Some(addr), _, _) => ("orchestrator", addr),
+        (None, Some(addr), _) => ("worker", addr),
+        (None, None, Some(url)) => return http_health(url),
+        (None, None, None) => unreachable!("clap requires one target"),
     };
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let client = HealthClient::new(ChannelBuilder::new(env).connect(addr));
@@ -477,5 +482,41 @@ pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
             "{role} at {addr} is unhealthy: {:?}",
             answer.status
         )))
+    }
+}
+
+/// `GET url` over plain HTTP/1.0: healthy when the answer is 200.
+fn http_health(url: &str) -> Result<(), CliError> {
+    let unhealthy = |why: String| CliError::failed(format!("{url} is unhealthy: {why}"));
+    let parsed =
+        url::Url::parse(url).map_err(|e| CliError::failed(format!("{url} is not a URL: {e}")))?;
+    if parsed.scheme() != "http" {
+        return Err(CliError::failed(format!(
+            "{url}: only http:// is supported"
+        )));
+    }
+    let host = parsed.host_str().unwrap_or("127.0.0.1");
+    let addr = (host, parsed.port_or_known_default().unwrap_or(80))
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| unhealthy("cannot resolve the host".into()))?;
+    let timeout = Duration::from_secs(3);
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| unhealthy(e.to_string()))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let request = format!("GET {} HTTP/1.0\r\nHost: {host}\r\n\r\n", parsed.path());
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| unhealthy(e.to_string()))?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status_line = answer.lines().next().unwrap_or("no answer");
+    if status_line.split_whitespace().nth(1) == Some("200") {
+        println!("{url} is healthy");
+        Ok(())
+    } else {
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+        Err(unhealthy(format!("{status_line} {body}")))
     }
 }

@@ -105,7 +105,7 @@ impl Names {
 /// A test's own AMQP connection: declares the topology, publishes jobs, reads statuses.
 pub struct Mq {
     pub names: Names,
-    connection: Connection,
+    connection: Option<Connection>,
     channel: Channel,
 }
 
@@ -148,7 +148,7 @@ impl Mq {
         }
         Mq {
             names: names.clone(),
-            connection,
+            connection: Some(connection),
             channel,
         }
     }
@@ -256,22 +256,21 @@ impl Mq {
             .declared_message_count()
             .unwrap_or(0)
     }
+}
 
-    /// Deletes this test's queues and exchange.
-    pub fn cleanup(self) {
-        for q in [
-            &self.names.execute,
-            &self.names.status,
-            &self.names.rejected,
-        ] {
+/// Deletes the test's queues and exchange, also when the test failed.
+impl Drop for Mq {
+    fn drop(&mut self) {
+        let n = &self.names;
+        for q in [&n.execute, &n.status, &n.rejected, &n.cancel, &n.events] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str(), QueueDeleteOptions::default());
         }
-        let _ = self
-            .channel
-            .exchange_delete(self.names.exchange.as_str(), false);
-        let _ = self.connection.close();
+        let _ = self.channel.exchange_delete(n.exchange.as_str(), false);
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.close();
+        }
     }
 }
 
