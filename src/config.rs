@@ -43,6 +43,21 @@ pub fn parse_static_worker(text: &str) -> Result<StaticWorker, String> {
     })
 }
 
+/// Reads a secret from a file (surrounding whitespace trimmed); `None` without a file.
+pub fn read_secret_file(
+    file: Option<&std::path::Path>,
+    what: &str,
+) -> Result<Option<crate::job::Secret>, String> {
+    let Some(file) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("reading the {what} file {}: {e}", file.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("the {what} file {} is empty", file.display()));
+    }
+    Ok(Some(crate::job::Secret::new(secret.to_string())))
+}
+
 /// Returns `url` with its password replaced by `***`, for logs and error texts.
 pub fn mask_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -161,6 +176,11 @@ pub struct OrchestratorConfig {
     /// Larger job messages are rejected.
     #[arg(long, env = "BLACKTREE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
+
+    /// File holding the shared token workers must send (`authorization: Bearer …`) to
+    /// register and check in; without one, any worker may register.
+    #[arg(long, env = "BLACKTREE_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<std::path::PathBuf>,
 
     /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/workers`); empty: off.
     #[arg(
@@ -325,6 +345,10 @@ pub struct WorkerConfig {
     /// The docker command.
     #[arg(long, env = "BLACKTREE_DOCKER", default_value = "docker")]
     pub docker: String,
+
+    /// File holding the orchestrator's registration token, sent as `authorization: Bearer …`.
+    #[arg(long, env = "BLACKTREE_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<std::path::PathBuf>,
 
     /// Single-instance lock file (default: `/run/lock/blacktree-worker-PORT.lock`; none
     /// when listening on port 0).

@@ -19,7 +19,7 @@ use log::{info, warn};
 
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks, ConsumerMsg};
 use crate::amqp::{publisher, AmqpUrl};
-use crate::config::OrchestratorConfig;
+use crate::config::{read_secret_file, OrchestratorConfig};
 use crate::dispatch::{self, DispatchLinks};
 use crate::health;
 use crate::metrics::{self, Metrics};
@@ -44,7 +44,14 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     for worker in &config.workers {
         registry.register(&worker.id, &worker.addr, "", 1, true);
     }
-    let server = rpc::serve(env, &config.grpc_listen, registry.clone())?;
+    let token = read_secret_file(
+        config.registration_token_file.as_deref(),
+        "registration token",
+    )?;
+    if token.is_none() {
+        warn!("no --registration-token-file: any client that reaches the gRPC port can register as a worker");
+    }
+    let server = rpc::serve(env, &config.grpc_listen, registry.clone(), token)?;
     let metrics = Arc::new(Metrics::default());
     if !config.metrics_listen.is_empty() {
         let (port, _) = metrics::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;

@@ -12,12 +12,13 @@ use std::thread::{self, Thread};
 use std::time::Duration;
 
 use grpcio::{
-    ChannelBuilder, ClientUnaryReceiver, Environment, RpcContext, Server, ServerBuilder,
-    ServerCredentials, UnarySink,
+    CallOption, ChannelBuilder, ClientUnaryReceiver, Environment, MetadataBuilder, RpcContext,
+    RpcStatus, RpcStatusCode, Server, ServerBuilder, ServerCredentials, UnarySink,
 };
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
 
+use crate::job::Secret;
 use crate::proto::job_grpc::JobServiceClient;
 use crate::proto::worker::{
     ListWorkersRequest, ListWorkersResponse, PingRequest, PongResponse, RegisterAck, WorkerInfo,
@@ -179,16 +180,45 @@ pub struct OrchestratorServer {
     pub port: u16,
 }
 
-/// Starts the orchestrator's gRPC server on `listen`.
+/// Call options carrying `authorization: Bearer <token>` when there is a token.
+pub fn with_token(options: CallOption, token: Option<&Secret>) -> CallOption {
+    let Some(token) = token else { return options };
+    let mut headers = MetadataBuilder::new();
+    match headers.add_str("authorization", &format!("Bearer {}", token.expose())) {
+        Ok(_) => options.headers(headers.build()),
+        Err(_) => {
+            warn!("the registration token is not printable ASCII; sending none");
+            options
+        }
+    }
+}
+
+/// Whether the call carries `authorization: Bearer <token>` (compared in constant time).
+fn authorized(ctx: &RpcContext, token: &Secret) -> bool {
+    let expected = format!("Bearer {}", token.expose());
+    ctx.request_headers().iter().any(|(key, value)| {
+        key.eq_ignore_ascii_case("authorization")
+            && value.len() == expected.len()
+            && value
+                .iter()
+                .zip(expected.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+/// Starts the orchestrator's gRPC server on `listen`; with `token`, every WorkerService
+/// call must carry it.
 pub fn serve(
     env: Arc<Environment>,
     listen: &str,
     registry: Arc<Registry>,
+    token: Option<Secret>,
 ) -> Result<OrchestratorServer, String> {
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
     let mut server = ServerBuilder::new(env)
-        .register_service(create_worker_service(WorkerServiceImpl { registry }))
+        .register_service(create_worker_service(WorkerServiceImpl { registry, token }))
         .register_service(create_health(health.clone()))
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
@@ -207,10 +237,43 @@ pub fn serve(
 #[derive(Clone)]
 struct WorkerServiceImpl {
     registry: Arc<Registry>,
+    /// The registration token calls must carry, if one is configured.
+    token: Option<Secret>,
+}
+
+impl WorkerServiceImpl {
+    /// Refuses (UNAUTHENTICATED) a call without the right token; true when it may go on.
+    fn admit<T: Send + 'static>(
+        &self,
+        ctx: &RpcContext,
+        sink: UnarySink<T>,
+    ) -> Option<UnarySink<T>> {
+        match &self.token {
+            Some(token) if !authorized(ctx, token) => {
+                warn!(
+                    "refused a {} call from {}: missing or wrong registration token",
+                    String::from_utf8_lossy(ctx.method()),
+                    ctx.peer()
+                );
+                let status = RpcStatus::with_message(
+                    RpcStatusCode::UNAUTHENTICATED,
+                    "missing or wrong registration token".to_string(),
+                );
+                ctx.spawn(async move {
+                    let _ = sink.fail(status).await;
+                });
+                None
+            }
+            _ => Some(sink),
+        }
+    }
 }
 
 impl WorkerService for WorkerServiceImpl {
     fn register(&mut self, ctx: RpcContext, info: WorkerInfo, sink: UnarySink<RegisterAck>) {
+        let Some(sink) = self.admit(&ctx, sink) else {
+            return;
+        };
         let mut ack = RegisterAck::new();
         match checked_registration(&info) {
             Ok((addr, capacity)) => {
@@ -233,6 +296,9 @@ impl WorkerService for WorkerServiceImpl {
     }
 
     fn ping(&mut self, ctx: RpcContext, req: PingRequest, sink: UnarySink<PongResponse>) {
+        let Some(sink) = self.admit(&ctx, sink) else {
+            return;
+        };
         let mut pong = PongResponse::new();
         pong.healthy = self.registry.is_registered(&req.id);
         reply(&ctx, sink, pong);
@@ -244,6 +310,9 @@ impl WorkerService for WorkerServiceImpl {
         _req: ListWorkersRequest,
         sink: UnarySink<ListWorkersResponse>,
     ) {
+        let Some(sink) = self.admit(&ctx, sink) else {
+            return;
+        };
         let workers = self
             .registry
             .list()

@@ -343,3 +343,71 @@ fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
     let (_, metrics) = http(port, "/metrics");
     assert!(sample(&metrics, "blacktree_broker_reconnects_total") >= 1.0);
 }
+
+#[test]
+fn with_a_registration_token_only_workers_that_send_it_may_register() {
+    let names = Names::unique("cli-token");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let dir = TempDir::new("regtoken");
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, "reg-S3CRET-77\n").unwrap();
+    let token_file = token_file.to_str().unwrap();
+    let orch = Orchestrator::start(
+        SHARED_BROKER,
+        &names,
+        &["--registration-token-file", token_file],
+    );
+
+    let intruder = TestWorker::start("intruder-w", 0, Behaviour::default());
+    for token in [None, Some("wrong-token")] {
+        match intruder.try_register(orch.grpc_port, token) {
+            Err(grpcio::Error::RpcFailure(s)) => {
+                assert_eq!(s.code(), grpcio::RpcStatusCode::UNAUTHENTICATED)
+            }
+            other => panic!("registration without the token: {other:?}"),
+        }
+    }
+    let worker = common::build_env::WorkerProcess::start(
+        "trusted-w",
+        orch.grpc_port,
+        &[
+            "--executor",
+            "exec",
+            "--exec-command",
+            "true",
+            "--registration-token-file",
+            token_file,
+        ],
+    );
+    orch.wait_for_log("worker trusted-w registered", LONG);
+    mq.publish_job("token-1", json!({"repoUrl": ""}));
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(statuses[0]["workerId"], "trusted-w", "{statuses:?}");
+
+    let addr = format!("127.0.0.1:{}", orch.grpc_port);
+    let refused = blacktree(&["workers", "--orchestrator", &addr]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("registration-token-file"));
+    let listed = blacktree(&[
+        "workers",
+        "--orchestrator",
+        &addr,
+        "--json",
+        "--registration-token-file",
+        token_file,
+    ]);
+    assert!(text(&listed.stdout).contains("trusted-w"));
+    assert!(!text(&listed.stdout).contains("intruder-w"));
+    for log in [orch.log(), worker.log(), text(&listed.stdout)] {
+        assert!(!log.contains("reg-S3CRET-77"), "token leaked: {log}");
+    }
+    assert!(orch.log().contains("missing or wrong registration token"));
+}
+
+#[test]
+fn without_a_registration_token_the_orchestrator_warns_at_start() {
+    let names = Names::unique("cli-notoken");
+    let _mq = Mq::connect(SHARED_BROKER, &names);
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    orch.wait_for_log("no --registration-token-file", LONG);
+}

@@ -32,7 +32,8 @@ use grpcio::{
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
 
-use crate::config::WorkerConfig;
+use crate::config::{read_secret_file, WorkerConfig};
+use crate::job::Secret;
 use crate::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
     WorkerStatus,
@@ -91,9 +92,13 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     };
     let orchestrator = config.orchestrator.clone();
     let interval = config.check_in_interval;
+    let token = read_secret_file(
+        config.registration_token_file.as_deref(),
+        "registration token",
+    )?;
     std::thread::Builder::new()
         .name("check-in".into())
-        .spawn(move || check_in(env, &orchestrator, info, interval))
+        .spawn(move || check_in(env, &orchestrator, info, token, interval))
         .map_err(|e| format!("spawning the check-in thread: {e}"))?;
 
     let (signal_tx, signal_rx) = bounded(1);
@@ -158,10 +163,14 @@ fn check_in(
     env: Arc<grpcio::Environment>,
     orchestrator: &str,
     info: WorkerInfo,
+    token: Option<Secret>,
     interval: Duration,
 ) {
     let client = WorkerServiceClient::new(ChannelBuilder::new(env).connect(orchestrator));
-    let call = || CallOption::default().timeout(Duration::from_secs(5));
+    let call = || {
+        let options = CallOption::default().timeout(Duration::from_secs(5));
+        rpc::with_token(options, token.as_ref())
+    };
     let ping = worker::PingRequest {
         id: info.id.clone(),
         ..worker::PingRequest::default()

@@ -20,10 +20,11 @@ use grpcio_health::{HealthClient, ServingStatus};
 use serde_json::{json, Value};
 
 use crate::amqp::AmqpUrl;
-use crate::config::parse_duration;
+use crate::config::{parse_duration, read_secret_file};
 use crate::job::{Job, Secret};
 use crate::proto::worker::ListWorkersRequest;
 use crate::proto::worker_grpc::WorkerServiceClient;
+use crate::rpc;
 use crate::workers::WorkerView;
 
 /// Exit code: something failed.
@@ -390,21 +391,27 @@ pub struct WorkersArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// File holding the orchestrator's registration token, when it requires one.
+    #[arg(long, env = "BLACKTREE_REGISTRATION_TOKEN_FILE")]
+    registration_token_file: Option<PathBuf>,
 }
 
 /// Lists the orchestrator's workers.
 pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let client = WorkerServiceClient::new(ChannelBuilder::new(env).connect(&args.orchestrator));
+    let token = read_secret_file(
+        args.registration_token_file.as_deref(),
+        "registration token",
+    )
+    .map_err(CliError::failed)?;
+    let options = rpc::with_token(
+        CallOption::default().timeout(Duration::from_secs(5)),
+        token.as_ref(),
+    );
     let answer = client
-        .list_workers_opt(&ListWorkersRequest::default(), CallOption::default().timeout(Duration::from_secs(5)))
-        .map_err(|e| CliError {
-            code: EXIT_UNREACHABLE,
-            message: format!(
-                "cannot reach the orchestrator at {}: {e} (is it running? set --orchestrator or BLACKTREE_ORCHESTRATOR)",
-                args.orchestrator
-            ),
-        })?;
+        .list_workers_opt(&ListWorkersRequest::default(), options)
+        .map_err(|e| orchestrator_error(&args.orchestrator, e))?;
     let views: Vec<WorkerView> = answer
         .workers
         .iter()
@@ -441,6 +448,24 @@ pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// A failed call to the orchestrator: refused (wrong token) or unreachable.
+fn orchestrator_error(addr: &str, e: grpcio::Error) -> CliError {
+    match e {
+        grpcio::Error::RpcFailure(s) if s.code() == grpcio::RpcStatusCode::UNAUTHENTICATED => {
+            CliError::failed(format!(
+                "the orchestrator at {addr} refused the call: {} (set --registration-token-file)",
+                s.message()
+            ))
+        }
+        e => CliError {
+            code: EXIT_UNREACHABLE,
+            message: format!(
+                "cannot reach the orchestrator at {addr}: {e} (is it running? set --orchestrator or BLACKTREE_ORCHESTRATOR)"
+            ),
+        },
+    }
 }
 
 /// `blacktree healthcheck`.

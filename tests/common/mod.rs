@@ -454,6 +454,18 @@ impl TestWorker {
 
     /// Registers with the orchestrator's WorkerService at `127.0.0.1:orchestrator_port`.
     pub fn register(&self, orchestrator_port: u16) {
+        let ack = self
+            .try_register(orchestrator_port, None)
+            .expect("Register call");
+        assert!(ack.success, "registration refused: {}", ack.message);
+    }
+
+    /// Calls Register, with `authorization: Bearer <token>` when given.
+    pub fn try_register(
+        &self,
+        orchestrator_port: u16,
+        token: Option<&str>,
+    ) -> grpcio::Result<blacktree::proto::worker::RegisterAck> {
         let capacity = self.behaviour.lock().unwrap().capacity as i32;
         let ch = ChannelBuilder::new(self.env.clone())
             .connect(&format!("127.0.0.1:{orchestrator_port}"));
@@ -465,8 +477,9 @@ impl TestWorker {
             capacity,
             ..Default::default()
         };
-        let ack = client.register(&info).expect("Register call");
-        assert!(ack.success, "registration refused: {}", ack.message);
+        let token = token.map(|t| blacktree::job::Secret::new(t.to_string()));
+        let options = blacktree::rpc::with_token(grpcio::CallOption::default(), token.as_ref());
+        client.register_opt(&info, options)
     }
 
     /// Kills the worker: its server stops, its port closes, running jobs are cut off.
