@@ -71,6 +71,21 @@ pub fn mask_url(url: &str) -> String {
     }
 }
 
+/// Mutual TLS for gRPC: this process's certificate and key, and the CA its peers'
+/// certificates must be signed by. All three or none; without them gRPC is plaintext.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM certificate this process presents, as server and as client.
+    #[arg(long, env = "BLACKTREE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Its PEM private key.
+    #[arg(long, env = "BLACKTREE_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificate that peers' certificates must be signed by.
+    #[arg(long, env = "BLACKTREE_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
 /// Names of the RabbitMQ exchange, queues and routing keys the orchestrator uses.
 #[derive(Args, Debug, Clone)]
 pub struct Topology {
@@ -125,6 +140,9 @@ pub struct OrchestratorConfig {
 
     #[command(flatten)]
     pub topology: Topology,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Address the gRPC server (WorkerService, grpc.health.v1) listens on.
     #[arg(long, env = "BLACKTREE_GRPC_LISTEN", default_value = "0.0.0.0:5051")]
@@ -267,6 +285,9 @@ pub struct WorkerConfig {
     /// `HOST:PORT` of the orchestrator's gRPC server.
     #[arg(long, env = "BLACKTREE_ORCHESTRATOR", default_value = "127.0.0.1:5051")]
     pub orchestrator: String,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Address the worker's JobService listens on.
     #[arg(long, env = "BLACKTREE_WORKER_LISTEN", default_value = "0.0.0.0:6000")]

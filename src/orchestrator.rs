@@ -23,7 +23,7 @@ use crate::config::{read_secret_file, OrchestratorConfig};
 use crate::dispatch::{self, DispatchLinks};
 use crate::health;
 use crate::metrics::{self, Metrics};
-use crate::rpc;
+use crate::rpc::{self, Tls};
 use crate::workers::{Registry, RegistrySettings};
 
 /// Runs the orchestrator until a signal's drain has finished.
@@ -31,6 +31,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     info!("orchestrator starting: {config}");
     let url = AmqpUrl::parse(&config.amqp_url)?;
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
+    let tls = Tls::load(&config.tls)?;
 
     let (hints_tx, hints_rx) = unbounded();
     let registry = Arc::new(Registry::new(
@@ -39,6 +40,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         RegistrySettings {
             unhealthy_after: config.unhealthy_after,
             forget_after: config.forget_after,
+            tls: tls.clone(),
         },
     ));
     for worker in &config.workers {
@@ -51,7 +53,13 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     if token.is_none() {
         warn!("no --registration-token-file: any client that reaches the gRPC port can register as a worker");
     }
-    let server = rpc::serve(env, &config.grpc_listen, registry.clone(), token)?;
+    let server = rpc::serve(
+        env,
+        &config.grpc_listen,
+        registry.clone(),
+        token,
+        tls.as_ref(),
+    )?;
     let metrics = Arc::new(Metrics::default());
     if !config.metrics_listen.is_empty() {
         let (port, _) = metrics::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;

@@ -12,12 +12,14 @@ use std::thread::{self, Thread};
 use std::time::Duration;
 
 use grpcio::{
-    CallOption, ChannelBuilder, ClientUnaryReceiver, Environment, MetadataBuilder, RpcContext,
-    RpcStatus, RpcStatusCode, Server, ServerBuilder, ServerCredentials, UnarySink,
+    CallOption, CertificateRequestType, Channel, ChannelBuilder, ChannelCredentialsBuilder,
+    ClientUnaryReceiver, Environment, MetadataBuilder, RpcContext, RpcStatus, RpcStatusCode,
+    Server, ServerBuilder, ServerCredentials, ServerCredentialsBuilder, UnarySink,
 };
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
 
+use crate::config::TlsArgs;
 use crate::job::Secret;
 use crate::proto::job_grpc::JobServiceClient;
 use crate::proto::worker::{
@@ -30,16 +32,77 @@ use crate::workers::Registry;
 /// Largest message accepted from a worker (build logs can be large).
 const MAX_MESSAGE_BYTES: i32 = 64 * 1024 * 1024;
 
+/// Mutual TLS material, loaded from the `--tls-*` files.
+#[derive(Clone)]
+pub struct Tls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls { .. }")
+    }
+}
+
+impl Tls {
+    /// Reads the files; `None` when TLS is not configured.
+    pub fn load(args: &TlsArgs) -> Result<Option<Tls>, String> {
+        let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca)
+        else {
+            return Ok(None);
+        };
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| format!("reading the TLS {what} {}: {e}", path.display()))
+        };
+        Ok(Some(Tls {
+            cert: read(cert, "certificate")?,
+            key: read(key, "key")?,
+            ca: read(ca, "CA certificate")?,
+        }))
+    }
+}
+
+/// Server credentials: mutual TLS (peers must present a certificate of our CA) or
+/// plaintext.
+pub fn server_credentials(tls: Option<&Tls>) -> ServerCredentials {
+    match tls {
+        Some(tls) => ServerCredentialsBuilder::new()
+            .root_cert(
+                tls.ca.clone(),
+                CertificateRequestType::RequestAndRequireClientCertificateAndVerify,
+            )
+            .add_cert(tls.cert.clone(), tls.key.clone())
+            .build(),
+        None => ServerCredentials::insecure(),
+    }
+}
+
+/// A (lazily connecting) channel to `addr`, over mutual TLS when configured.
+pub fn connect(builder: ChannelBuilder, addr: &str, tls: Option<&Tls>) -> Channel {
+    match tls {
+        Some(tls) => {
+            let credentials = ChannelCredentialsBuilder::new()
+                .root_cert(tls.ca.clone())
+                .cert(tls.cert.clone(), tls.key.clone())
+                .build();
+            builder.set_credentials(credentials).connect(addr)
+        }
+        None => builder.connect(addr),
+    }
+}
+
 /// Opens a (lazily connecting) client of the `JobService` at `addr`.
-pub fn job_client(env: Arc<Environment>, addr: &str) -> JobServiceClient {
-    let channel = ChannelBuilder::new(env)
+pub fn job_client(env: Arc<Environment>, addr: &str, tls: Option<&Tls>) -> JobServiceClient {
+    let builder = ChannelBuilder::new(env)
         // A worker back from a restart is reachable again within a health round or two.
         .initial_reconnect_backoff(Duration::from_millis(200))
         .max_reconnect_backoff(Duration::from_secs(2))
         .max_receive_message_len(MAX_MESSAGE_BYTES)
-        .max_send_message_len(MAX_MESSAGE_BYTES)
-        .connect(addr);
-    JobServiceClient::new(channel)
+        .max_send_message_len(MAX_MESSAGE_BYTES);
+    JobServiceClient::new(connect(builder, addr, tls))
 }
 
 /// Why the orchestrator stopped a job's call.
@@ -214,6 +277,7 @@ pub fn serve(
     listen: &str,
     registry: Arc<Registry>,
     token: Option<Secret>,
+    tls: Option<&Tls>,
 ) -> Result<OrchestratorServer, String> {
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
@@ -223,7 +287,7 @@ pub fn serve(
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
     let port = server
-        .add_listening_port(listen, ServerCredentials::insecure())
+        .add_listening_port(listen, server_credentials(tls))
         .map_err(|e| format!("gRPC server cannot listen on {listen}: {e}"))?;
     server.start();
     Ok(OrchestratorServer {

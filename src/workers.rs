@@ -118,6 +118,8 @@ pub struct RegistrySettings {
     pub unhealthy_after: u32,
     /// How long a registered worker may stay unhealthy before it is forgotten.
     pub forget_after: Duration,
+    /// Mutual TLS for the calls to workers, when configured.
+    pub tls: Option<rpc::Tls>,
 }
 
 /// The registry of workers; shared by the gRPC server, the dispatch pool and the
@@ -193,7 +195,7 @@ impl Registry {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client = rpc::job_client(self.env.clone(), addr);
+        let client = rpc::job_client(self.env.clone(), addr, self.settings.tls.as_ref());
         let id: Arc<str> = id.into();
         let mut workers = self.lock();
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
@@ -408,6 +410,7 @@ mod tests {
         let settings = RegistrySettings {
             unhealthy_after,
             forget_after: Duration::ZERO,
+            tls: None,
         };
         (Registry::new(env, tx, settings), rx)
     }

@@ -411,3 +411,65 @@ fn without_a_registration_token_the_orchestrator_warns_at_start() {
     let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
     orch.wait_for_log("no --registration-token-file", LONG);
 }
+
+#[test]
+fn grpc_runs_over_mutual_tls_and_refuses_peers_without_a_trusted_certificate() {
+    use common::build_env::{Pki, WorkerProcess};
+    let pki = Pki::new("bt");
+    let stranger = Pki::new("stranger");
+    let names = Names::unique("cli-tls");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let orch_tls = pki.issue("orchestrator");
+    let flags: Vec<&str> = orch_tls.iter().map(String::as_str).collect();
+    let orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
+    let addr = format!("127.0.0.1:{}", orch.grpc_port);
+
+    let worker_tls = pki.issue("worker");
+    let mut args = vec!["--executor", "exec", "--exec-command", "echo over tls"];
+    args.extend(worker_tls.iter().map(String::as_str));
+    let worker = WorkerProcess::start("tls-w", orch.grpc_port, &args);
+    orch.wait_for_log("worker tls-w registered", LONG);
+    mq.publish_job("tls-1", json!({"repoUrl": ""}));
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(statuses[0]["outcome"], "succeeded", "{statuses:?}");
+    assert!(statuses[0]["logs"].as_str().unwrap().contains("over tls"));
+
+    let cli_tls = pki.issue("operator");
+    let mut check = vec!["healthcheck", "--orchestrator", addr.as_str()];
+    check.extend(cli_tls.iter().map(String::as_str));
+    assert!(blacktree(&check).status.success(), "healthcheck over TLS");
+    let worker_addr = format!("127.0.0.1:{}", worker.port);
+    let mut check_worker = vec!["healthcheck", "--worker", worker_addr.as_str()];
+    check_worker.extend(cli_tls.iter().map(String::as_str));
+    assert!(
+        blacktree(&check_worker).status.success(),
+        "the worker serves TLS too"
+    );
+    assert_eq!(
+        blacktree(&["healthcheck", "--orchestrator", &addr])
+            .status
+            .code(),
+        Some(1),
+        "plaintext is refused"
+    );
+
+    let untrusted = stranger.issue("untrusted");
+    let mut args = vec!["--executor", "exec", "--exec-command", "true"];
+    args.extend(untrusted.iter().map(String::as_str));
+    let intruder = WorkerProcess::start("untrusted-w", orch.grpc_port, &args);
+    poll(LONG, "the untrusted worker to fail registering", || {
+        intruder.log().contains("cannot register").then_some(())
+    });
+    let plain = TestWorker::start("plain-w", 0, Behaviour::default());
+    assert!(
+        plain.try_register(orch.grpc_port, None).is_err(),
+        "plaintext registration is refused"
+    );
+    let mut list = vec!["workers", "--json", "--orchestrator", addr.as_str()];
+    list.extend(cli_tls.iter().map(String::as_str));
+    let listed = text(&blacktree(&list).stdout);
+    assert!(
+        listed.contains("tls-w") && !listed.contains("untrusted-w") && !listed.contains("plain-w"),
+        "{listed}"
+    );
+}

@@ -26,8 +26,7 @@ use std::task::{Poll, Waker};
 use futures_sink::Sink;
 use grpcio::{
     CallOption, ChannelBuilder, EnvBuilder, Marshaller, Method, MethodType, RpcContext, RpcStatus,
-    RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, ServiceBuilder,
-    UnarySink, WriteFlags,
+    RpcStatusCode, ServerBuilder, ServerStreamingSink, ServiceBuilder, UnarySink, WriteFlags,
 };
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
@@ -40,13 +39,14 @@ use crate::proto::job::{
 };
 use crate::proto::worker::{self, WorkerInfo};
 use crate::proto::worker_grpc::WorkerServiceClient;
-use crate::rpc;
+use crate::rpc::{self, Tls};
 use executor::{Executor, JobControl};
 
 /// Runs the worker agent until SIGINT/SIGTERM.
 pub fn run(config: WorkerConfig) -> Result<(), String> {
     let id = config.id.clone().unwrap_or_else(default_id);
     let executor = Arc::new(Executor::new(&config)?);
+    let tls = Tls::load(&config.tls)?;
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
     let agent = Agent {
         id: id.clone(),
@@ -62,7 +62,10 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
     let port = server
-        .add_listening_port(config.listen.as_str(), ServerCredentials::insecure())
+        .add_listening_port(
+            config.listen.as_str(),
+            rpc::server_credentials(tls.as_ref()),
+        )
         .map_err(|e| format!("worker cannot listen on {}: {e}", config.listen))?;
     server.start();
     let advertise = match &config.advertise {
@@ -98,7 +101,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     )?;
     std::thread::Builder::new()
         .name("check-in".into())
-        .spawn(move || check_in(env, &orchestrator, info, token, interval))
+        .spawn(move || check_in(env, &orchestrator, tls, info, token, interval))
         .map_err(|e| format!("spawning the check-in thread: {e}"))?;
 
     let (signal_tx, signal_rx) = bounded(1);
@@ -162,11 +165,13 @@ fn local_ip_towards(target: &str) -> Result<std::net::IpAddr, String> {
 fn check_in(
     env: Arc<grpcio::Environment>,
     orchestrator: &str,
+    tls: Option<Tls>,
     info: WorkerInfo,
     token: Option<Secret>,
     interval: Duration,
 ) {
-    let client = WorkerServiceClient::new(ChannelBuilder::new(env).connect(orchestrator));
+    let channel = rpc::connect(ChannelBuilder::new(env), orchestrator, tls.as_ref());
+    let client = WorkerServiceClient::new(channel);
     let call = || {
         let options = CallOption::default().timeout(Duration::from_secs(5));
         rpc::with_token(options, token.as_ref())

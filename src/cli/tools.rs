@@ -20,11 +20,11 @@ use grpcio_health::{HealthClient, ServingStatus};
 use serde_json::{json, Value};
 
 use crate::amqp::AmqpUrl;
-use crate::config::{parse_duration, read_secret_file};
+use crate::config::{parse_duration, read_secret_file, TlsArgs};
 use crate::job::{Job, Secret};
 use crate::proto::worker::ListWorkersRequest;
 use crate::proto::worker_grpc::WorkerServiceClient;
-use crate::rpc;
+use crate::rpc::{self, Tls};
 use crate::workers::WorkerView;
 
 /// Exit code: something failed.
@@ -385,6 +385,8 @@ fn summary(statuses: usize, outcomes: &BTreeMap<String, usize>, elapsed: Duratio
 /// `blacktree workers`.
 #[derive(Args, Debug)]
 pub struct WorkersArgs {
+    #[command(flatten)]
+    tls: TlsArgs,
     /// The orchestrator's gRPC address.
     #[arg(long, env = "BLACKTREE_ORCHESTRATOR", default_value = "127.0.0.1:5051")]
     orchestrator: String,
@@ -399,7 +401,9 @@ pub struct WorkersArgs {
 /// Lists the orchestrator's workers.
 pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let client = WorkerServiceClient::new(ChannelBuilder::new(env).connect(&args.orchestrator));
+    let tls = Tls::load(&args.tls).map_err(CliError::failed)?;
+    let channel = rpc::connect(ChannelBuilder::new(env), &args.orchestrator, tls.as_ref());
+    let client = WorkerServiceClient::new(channel);
     let token = read_secret_file(
         args.registration_token_file.as_deref(),
         "registration token",
@@ -470,8 +474,17 @@ fn orchestrator_error(addr: &str, e: grpcio::Error) -> CliError {
 
 /// `blacktree healthcheck`.
 #[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
 pub struct HealthcheckArgs {
+    #[command(flatten)]
+    target: HealthTarget,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// What `healthcheck` checks: exactly one target.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct HealthTarget {
     /// Check an orchestrator's gRPC health service (`HOST:PORT`).
     #[arg(long)]
     orchestrator: Option<String>,
@@ -485,14 +498,16 @@ pub struct HealthcheckArgs {
 
 /// Exits 0 when the target reports SERVING; otherwise prints one line saying why.
 pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
-    let (role, addr) = match (&args.orchestrator, &args.worker, &args.metrics) {
+    let target = &args.target;
+    let (role, addr) = match (&target.orchestrator, &target.worker, &target.metrics) {
         (Some(addr), _, _) => ("orchestrator", addr),
         (None, Some(addr), _) => ("worker", addr),
         (None, None, Some(url)) => return http_health(url),
         (None, None, None) => unreachable!("clap requires one target"),
     };
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let client = HealthClient::new(ChannelBuilder::new(env).connect(addr));
+    let tls = Tls::load(&args.tls).map_err(CliError::failed)?;
+    let client = HealthClient::new(rpc::connect(ChannelBuilder::new(env), addr, tls.as_ref()));
     let answer = client
         .check_opt(
             &HealthCheckRequest::default(),

@@ -321,3 +321,45 @@ impl Drop for GitHttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A throwaway certificate authority made with the `openssl` command.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let dir = TempDir::new(&format!("pki-{name}"));
+        sh(&format!(
+            "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem \
+             -days 2 -subj /CN={name}-ca 2>/dev/null",
+            dir.0.display()
+        ));
+        Pki { dir }
+    }
+
+    pub fn ca(&self) -> String {
+        self.dir.0.join("ca.pem").display().to_string()
+    }
+
+    /// Issues a certificate for 127.0.0.1 / localhost (server and client use); returns
+    /// the `--tls-cert/--tls-key/--tls-ca` flags for it.
+    pub fn issue(&self, name: &str) -> Vec<String> {
+        let d = self.dir.0.display();
+        sh(&format!(
+            "cd {d} && openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr \
+             -subj /CN={name} 2>/dev/null && \
+             printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > {name}.ext && \
+             openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+             -out {name}.pem -days 2 -extfile {name}.ext 2>/dev/null"
+        ));
+        vec![
+            "--tls-cert".into(),
+            format!("{d}/{name}.pem"),
+            "--tls-key".into(),
+            format!("{d}/{name}.key"),
+            "--tls-ca".into(),
+            self.ca(),
+        ]
+    }
+}
