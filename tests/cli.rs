@@ -473,3 +473,43 @@ fn grpc_runs_over_mutual_tls_and_refuses_peers_without_a_trusted_certificate() {
         "{listed}"
     );
 }
+
+#[test]
+fn the_orchestrator_talks_to_rabbitmq_over_amqps() {
+    use common::build_env::Pki;
+    let pki = Pki::new("amqps");
+    let files = pki.issue("broker");
+    let (cert, key) = (files[1].clone(), files[3].clone());
+    let broker = common::PrivateBroker::start_with_tls(Some((pki.ca(), cert, key)));
+    let names = Names::unique("amqps");
+    let mq = Mq::connect(&broker.url(), &names);
+    let amqps = format!(
+        "amqps://guest:guest@127.0.0.1:{}/%2f?cacertfile={}",
+        broker.tls_port,
+        pki.ca()
+    );
+    poll(LONG, "the TLS listener", || {
+        std::net::TcpStream::connect(("127.0.0.1", broker.tls_port)).ok()
+    });
+    let orch = Orchestrator::start(&amqps, &names, &[]);
+    let w = TestWorker::start("amqps-w", 0, Behaviour::default());
+    w.register(orch.grpc_port);
+    mq.publish_job("amqps-1", json!({}));
+    assert_eq!(mq.statuses(1, LONG)[0]["outcome"], "succeeded");
+    assert!(orch.log().contains(&format!(
+        "connected to amqps://guest:***@127.0.0.1:{}",
+        broker.tls_port
+    )));
+
+    // Without the CA the broker's certificate is not trusted.
+    let untrusted = format!("amqps://guest:guest@127.0.0.1:{}/%2f", broker.tls_port);
+    let out = blacktree(&[
+        "cancel",
+        "--amqp-url",
+        &untrusted,
+        "--exchange",
+        &names.exchange,
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+}

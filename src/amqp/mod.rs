@@ -37,13 +37,16 @@ pub struct AmqpUrl {
     port: u16,
     options: ConnectionOptions<Auth>,
     connection_timeout: Duration,
+    /// Extra CA certificate (PEM) to trust for `amqps://` (`cacertfile` parameter).
+    ca_file: Option<std::path::PathBuf>,
     masked: String,
 }
 
 impl AmqpUrl {
     /// Parses a RabbitMQ URL (RabbitMQ's URI spec: `%2f` is the vhost `/`, an empty path
     /// is `/` too). Supported query parameters: `heartbeat` (s), `connection_timeout` (ms),
-    /// `channel_max`.
+    /// `channel_max`, and for `amqps://` `cacertfile` (a PEM CA to trust besides the
+    /// system's).
     pub fn parse(text: &str) -> Result<AmqpUrl, String> {
         let masked = mask_url(text);
         let url = url::Url::parse(text).map_err(|e| format!("invalid AMQP URL {masked}: {e}"))?;
@@ -87,6 +90,7 @@ impl AmqpUrl {
             });
         }
         let mut connection_timeout = DEFAULT_CONNECTION_TIMEOUT;
+        let mut ca_file = None;
         for (key, value) in url.query_pairs() {
             let bad = || format!("AMQP URL {masked}: `{key}={value}` is not a valid number");
             match key.as_ref() {
@@ -95,6 +99,7 @@ impl AmqpUrl {
                 "connection_timeout" => {
                     connection_timeout = Duration::from_millis(value.parse().map_err(|_| bad())?)
                 }
+                "cacertfile" if tls => ca_file = Some(std::path::PathBuf::from(value.as_ref())),
                 other => {
                     return Err(format!(
                         "AMQP URL {masked}: unsupported parameter `{other}`"
@@ -108,6 +113,7 @@ impl AmqpUrl {
             port: url.port().unwrap_or(default_port),
             options: options.connection_timeout(Some(connection_timeout)),
             connection_timeout,
+            ca_file,
             masked,
         })
     }
@@ -140,7 +146,19 @@ impl AmqpUrl {
         let tuning = ConnectionTuning::default();
         let options = self.options.clone();
         if self.tls {
-            let connector = native_tls::TlsConnector::new().map_err(|e| e.to_string())?;
+            let mut connector = native_tls::TlsConnector::builder();
+            if let Some(file) = &self.ca_file {
+                let pem = std::fs::read(file)
+                    .map_err(|e| format!("reading cacertfile {}: {e}", file.display()))?;
+                let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| {
+                    format!(
+                        "cacertfile {} is not a PEM certificate: {e}",
+                        file.display()
+                    )
+                })?;
+                connector.add_root_certificate(ca);
+            }
+            let connector = connector.build().map_err(|e| e.to_string())?;
             Connection::open_tls_stream(connector, &self.host, stream, options, tuning)
         } else {
             Connection::insecure_open_stream(stream, options, tuning)

@@ -640,12 +640,21 @@ impl Drop for Orchestrator {
 pub struct PrivateBroker {
     pub node: String,
     pub port: u16,
+    /// The `amqps://` port, when started with TLS.
+    pub tls_port: u16,
     dir: std::path::PathBuf,
 }
 
 impl PrivateBroker {
     pub fn start() -> PrivateBroker {
+        Self::start_with_tls(None)
+    }
+
+    /// With `tls = Some((ca, cert, key))` PEM files, also listens for `amqps://` on
+    /// `tls_port`.
+    pub fn start_with_tls(tls: Option<(String, String, String)>) -> PrivateBroker {
         let port = free_port();
+        let tls_port = free_port();
         let dist_port = free_port();
         let node = format!("bttest{}x{port}@localhost", std::process::id());
         let dir = std::env::temp_dir().join(format!("bt-broker-{port}"));
@@ -654,7 +663,20 @@ impl PrivateBroker {
         }
         // Our own config file: the machine's may pin the listener to 5672.
         let config = dir.join("rabbitmq.conf");
-        std::fs::write(&config, format!("listeners.tcp.local = 127.0.0.1:{port}\n")).unwrap();
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        if let Some((ca, cert, key)) = &tls {
+            for (name, file) in [("ca.pem", ca), ("server.pem", cert), ("server.key", key)] {
+                std::fs::copy(file, dir.join(name)).unwrap();
+            }
+            let d = dir.display();
+            conf.push_str(&format!(
+                "listeners.ssl.local = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {d}/ca.pem\nssl_options.certfile = {d}/server.pem\n\
+                 ssl_options.keyfile = {d}/server.key\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n"
+            ));
+        }
+        std::fs::write(&config, conf).unwrap();
         let status = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir)
@@ -677,7 +699,12 @@ impl PrivateBroker {
             .status()
             .expect("rabbitmq-server");
         assert!(status.success(), "rabbitmq-server -detached");
-        let broker = PrivateBroker { node, port, dir };
+        let broker = PrivateBroker {
+            node,
+            port,
+            tls_port,
+            dir,
+        };
         let url = broker.url();
         poll(
             Duration::from_secs(90),
