@@ -231,42 +231,31 @@ struct Agent {
 /// `RunJob` served as a server-streaming method that sends exactly one message: on the
 /// wire that is a unary answer, and unlike a unary sink, a streaming sink shows when the
 /// caller cancelled the call (or its connection died), so the job can be stopped.
-const RUN_JOB: Method<JobRequest, JobResponse> = Method {
-    ty: MethodType::ServerStreaming,
-    name: "/job.JobService/RunJob",
-    req_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-    resp_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-};
-const PING: Method<PingRequest, PingResponse> = Method {
-    ty: MethodType::Unary,
-    name: "/job.JobService/Ping",
-    req_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-    resp_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-};
-const CANCEL_JOB: Method<CancelJobRequest, CancelJobResponse> = Method {
-    ty: MethodType::Unary,
-    name: "/job.JobService/CancelJob",
-    req_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-    resp_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-};
+const RUN_JOB: Method<JobRequest, JobResponse> =
+    pb_method(MethodType::ServerStreaming, "/job.JobService/RunJob");
+const PING: Method<PingRequest, PingResponse> =
+    pb_method(MethodType::Unary, "/job.JobService/Ping");
+const CANCEL_JOB: Method<CancelJobRequest, CancelJobResponse> =
+    pb_method(MethodType::Unary, "/job.JobService/CancelJob");
+
+/// A method of `proto/job.proto` with protobuf (de)serialisation.
+const fn pb_method<Req: protobuf::Message, Resp: protobuf::Message>(
+    ty: MethodType,
+    name: &'static str,
+) -> Method<Req, Resp> {
+    Method {
+        ty,
+        name,
+        req_mar: Marshaller {
+            ser: grpcio::pb_ser,
+            de: grpcio::pb_de,
+        },
+        resp_mar: Marshaller {
+            ser: grpcio::pb_ser,
+            de: grpcio::pb_de,
+        },
+    }
+}
 
 /// The worker's `JobService` (the contract of `proto/job.proto`).
 fn job_service(agent: Agent) -> grpcio::Service {

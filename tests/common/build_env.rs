@@ -5,10 +5,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{free_port, poll};
+use super::{free_port, poll, LoggedChild};
 
 /// The base image for `RUN` steps (no image can be pulled here).
 pub const BASE_IMAGE: &str = "bt-busybox:test";
@@ -156,8 +156,7 @@ pub struct WorkerProcess {
     pub id: String,
     pub port: u16,
     pub work_dir: TempDir,
-    child: Child,
-    log: Arc<Mutex<String>>,
+    process: LoggedChild,
 }
 
 impl WorkerProcess {
@@ -165,55 +164,36 @@ impl WorkerProcess {
     /// orchestrator at `127.0.0.1:orchestrator_port`.
     pub fn start(id: &str, orchestrator_port: u16, args: &[&str]) -> WorkerProcess {
         let work_dir = TempDir::new("worker");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
-            .args([
-                "worker",
-                "--id",
-                id,
-                "--listen",
-                "127.0.0.1:0",
-                "--check-in-interval",
-                "500ms",
-            ])
-            .arg("--orchestrator")
-            .arg(format!("127.0.0.1:{orchestrator_port}"))
-            .arg("--work-dir")
-            .arg(&work_dir.0)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting blacktree worker");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (port_tx, port_rx) = crossbeam_channel::unbounded();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split(" listening on port ").nth(1) {
-                    let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
-                    let _ = port_tx.send(port);
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let port = port_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the worker announced its port");
+        let mut all: Vec<String> = [
+            "worker",
+            "--id",
+            id,
+            "--listen",
+            "127.0.0.1:0",
+            "--check-in-interval",
+            "500ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        all.extend([
+            "--orchestrator".to_string(),
+            format!("127.0.0.1:{orchestrator_port}"),
+            "--work-dir".to_string(),
+            work_dir.0.display().to_string(),
+        ]);
+        all.extend(args.iter().map(|s| s.to_string()));
+        let (process, ports) = LoggedChild::spawn(&all, &[" listening on port "]);
         WorkerProcess {
             id: id.to_string(),
-            port,
+            port: ports[0],
             work_dir,
-            child,
-            log,
+            process,
         }
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.process.log()
     }
 
     /// Job workspaces currently on disk.
@@ -224,14 +204,7 @@ impl WorkerProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.pid()
     }
 }
 

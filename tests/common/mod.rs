@@ -514,12 +514,96 @@ pub fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
     blacktree::rpc::block_on(future, None).expect("no cancel token")
 }
 
+/// A `blacktree` child process whose stderr is collected; killed on drop.
+pub struct LoggedChild {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl LoggedChild {
+    /// Spawns `blacktree args…` and waits until it has logged each of `announces`
+    /// (lines like "… listening on port N"); returns the announced ports in that order.
+    pub fn spawn(args: &[String], announces: &[&'static str]) -> (LoggedChild, Vec<u16>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting blacktree");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (port_tx, port_rx) = crossbeam_channel::unbounded();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let wanted = announces.to_vec();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                for (i, announce) in wanted.iter().enumerate() {
+                    if let Some(rest) = line.split(announce).nth(1) {
+                        let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        let _ = port_tx.send((i, port));
+                    }
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut ports = vec![0u16; announces.len()];
+        for _ in announces {
+            let (i, port) = port_rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("blacktree {args:?} did not announce {announces:?}"));
+            ports[i] = port;
+        }
+        (LoggedChild { child, log }, ports)
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until its log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        poll(timeout, &format!("log line {text:?}"), || {
+            self.log().contains(text).then_some(())
+        });
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let status = poll(timeout, "process exit", || self.child.try_wait().unwrap());
+        status.code()
+    }
+}
+
+impl Drop for LoggedChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The `blacktree orchestrator` binary running as a child process.
 pub struct Orchestrator {
-    pub child: Child,
+    pub process: LoggedChild,
     pub grpc_port: u16,
     pub metrics_port: u16,
-    log: Arc<Mutex<String>>,
 }
 
 impl Orchestrator {
@@ -544,47 +628,15 @@ impl Orchestrator {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting blacktree orchestrator");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (port_tx, port_rx) = crossbeam_channel::unbounded();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let announces = [
-                    "gRPC server listening on port ",
-                    "metrics listening on port ",
-                ];
-                for (i, announce) in announces.iter().enumerate() {
-                    if let Some(rest) = line.split(announce).nth(1) {
-                        let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
-                        let _ = port_tx.send((i, port));
-                    }
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let mut ports = [0u16; 2];
-        for _ in 0..2 {
-            let (i, port) = port_rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("orchestrator announced its gRPC and metrics ports");
-            ports[i] = port;
-        }
-        let [grpc_port, metrics_port] = ports;
+        let announces = [
+            "gRPC server listening on port ",
+            "metrics listening on port ",
+        ];
+        let (process, ports) = LoggedChild::spawn(&args, &announces);
         let orchestrator = Orchestrator {
-            child,
-            grpc_port,
-            metrics_port,
-            log,
+            process,
+            grpc_port: ports[0],
+            metrics_port: ports[1],
         };
         orchestrator.wait_for_log("broker: connected", Duration::from_secs(30));
         orchestrator
@@ -592,31 +644,22 @@ impl Orchestrator {
 
     /// Everything it logged so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.process.log()
     }
 
     /// Waits until its log contains `text`.
     pub fn wait_for_log(&self, text: &str, timeout: Duration) {
-        poll(timeout, &format!("orchestrator log line {text:?}"), || {
-            self.log().contains(text).then_some(())
-        });
+        self.process.wait_for_log(text, timeout)
     }
 
     /// Sends a signal to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.process.signal(signal)
     }
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let status = poll(timeout, "orchestrator exit", || {
-            self.child.try_wait().unwrap()
-        });
-        status.code()
+        self.process.wait_exit(timeout)
     }
 
     /// Asserts that the test token never reached its log.
@@ -626,13 +669,6 @@ impl Orchestrator {
             !log.contains(TOKEN),
             "the token reached the orchestrator's log:\n{log}"
         );
-    }
-}
-
-impl Drop for Orchestrator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
