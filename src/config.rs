@@ -125,11 +125,11 @@ pub struct Topology {
     pub events_queue: String,
 }
 
-/// Configuration of `blacktree orchestrator`.
+/// The broker's URL, as every command that talks to RabbitMQ takes it.
 #[derive(Args, Debug, Clone)]
-pub struct OrchestratorConfig {
-    /// RabbitMQ URL (`amqp://` or `amqps://`). `heartbeat` and `connection_timeout` (ms)
-    /// query parameters are honoured; they default to 10 s each.
+pub struct BrokerUrl {
+    /// RabbitMQ URL (`amqp://` or `amqps://`). Query parameters: `heartbeat` (s) and
+    /// `connection_timeout` (ms), 10 s each by default, and `cacertfile` for `amqps://`.
     #[arg(
         long,
         env = "MQ_URL",
@@ -137,6 +137,13 @@ pub struct OrchestratorConfig {
         hide_env_values = true
     )]
     pub amqp_url: String,
+}
+
+/// Configuration of `blacktree orchestrator`.
+#[derive(Args, Debug, Clone)]
+pub struct OrchestratorConfig {
+    #[command(flatten)]
+    pub broker: BrokerUrl,
 
     #[command(flatten)]
     pub topology: Topology,
@@ -242,7 +249,7 @@ impl fmt::Display for OrchestratorConfig {
              events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
              drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} workers=[{}]",
-            mask_url(&self.amqp_url),
+            mask_url(&self.broker.amqp_url),
             t.exchange,
             t.execute_queue,
             t.execute_key,

@@ -29,7 +29,7 @@ use crate::workers::{Registry, RegistrySettings};
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     info!("orchestrator starting: {config}");
-    let url = AmqpUrl::parse(&config.amqp_url)?;
+    let url = AmqpUrl::parse(&config.broker.amqp_url)?;
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
     let tls = Tls::load(&config.tls)?;
 

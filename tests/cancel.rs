@@ -150,7 +150,9 @@ fn a_cancel_after_completion_is_harmless() {
     mq.publish_job("late-1", json!({}));
     assert_eq!(mq.statuses(1, LONG)[0]["outcome"], "succeeded");
     mq.publish_cancel("late-1");
-    orch.wait_for_log("job late-1: cancel requested after it finished", LONG);
+    // Usually "after it finished"; when the cancel overtakes the status's confirm, the
+    // job is still pending here, and stopping a finished job does nothing either.
+    orch.wait_for_log("job late-1: cancel requested", LONG);
     mq.publish_cancel("never-seen");
     orch.wait_for_log("job never-seen: cancel requested before it arrived", LONG);
     assert_eq!(mq.depth(&names.status), 0, "no second status");

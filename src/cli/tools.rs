@@ -20,7 +20,7 @@ use grpcio_health::{HealthClient, ServingStatus};
 use serde_json::{json, Value};
 
 use crate::amqp::AmqpUrl;
-use crate::config::{parse_duration, read_secret_file, TlsArgs};
+use crate::config::{parse_duration, read_secret_file, BrokerUrl, TlsArgs};
 use crate::job::{Job, Secret};
 use crate::proto::worker::ListWorkersRequest;
 use crate::proto::worker_grpc::WorkerServiceClient;
@@ -55,14 +55,8 @@ impl CliError {
 /// How to reach the broker and the exchange.
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "MQ_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+    #[command(flatten)]
+    pub broker: BrokerUrl,
     /// The exchange jobs, cancels and statuses go through.
     #[arg(long, env = "BLACKTREE_EXCHANGE", default_value = "blacktree.direct")]
     pub exchange: String,
@@ -70,7 +64,7 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     fn connect(&self) -> Result<(Connection, Channel), CliError> {
-        let url = AmqpUrl::parse(&self.amqp_url).map_err(CliError::failed)?;
+        let url = AmqpUrl::parse(&self.broker.amqp_url).map_err(CliError::failed)?;
         let unreachable = |e: String| CliError {
             code: EXIT_UNREACHABLE,
             message: format!("{e} (is RabbitMQ running there? set --amqp-url or MQ_URL)"),
