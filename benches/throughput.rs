@@ -10,11 +10,18 @@ mod common;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use blacktree::amqp::AmqpUrl;
 use blacktree::job::{Outcome, Status};
+use blacktree::proto::job::{
+    CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
+};
+use blacktree::proto::job_grpc::{create_job_service, JobService};
 use common::*;
 use crossbeam_channel::select;
+use grpcio::{Environment, RpcContext, ServerBuilder, ServerCredentials, UnarySink};
 use serde_json::json;
 
 const WINDOW: u16 = 64;
@@ -54,20 +61,56 @@ fn status_rate(mq: &Mq, jobs: usize) -> f64 {
     (jobs - 1) as f64 / (done - first).as_secs_f64()
 }
 
+/// No-op workers: one grpcio server (one environment) listening on `WORKERS` ports,
+/// each port registered as a worker of its own; RunJob is answered at once.
+#[derive(Clone)]
+struct NoopWorker;
+
+impl JobService for NoopWorker {
+    fn run_job(&mut self, ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
+        let answer = JobResponse {
+            jobId: req.jobId,
+            success: true,
+            ..JobResponse::default()
+        };
+        blacktree::rpc::reply(&ctx, sink, answer);
+    }
+
+    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+        blacktree::rpc::reply(&ctx, sink, PingResponse::default());
+    }
+
+    fn cancel_job(
+        &mut self,
+        ctx: RpcContext,
+        _req: CancelJobRequest,
+        sink: UnarySink<CancelJobResponse>,
+    ) {
+        blacktree::rpc::reply(&ctx, sink, CancelJobResponse::default());
+    }
+}
+
 fn orchestrator(jobs: usize) -> f64 {
     let names = Names::unique("bench");
     let mq = Mq::connect(SHARED_BROKER, &names);
-    let noop = Behaviour {
-        run_time: Duration::ZERO,
-        ..Behaviour::default()
-    };
-    let workers: Vec<TestWorker> = (0..WORKERS)
-        .map(|i| TestWorker::start(&format!("bench-w{i}"), 0, noop.clone()))
+    let env = Arc::new(Environment::new(1));
+    let mut server = ServerBuilder::new(env)
+        .register_service(create_job_service(NoopWorker))
+        .build()
+        .unwrap();
+    let ports: Vec<u16> = (0..WORKERS)
+        .map(|_| {
+            server
+                .add_listening_port("127.0.0.1:0", ServerCredentials::insecure())
+                .unwrap()
+        })
         .collect();
+    server.start();
     fill(&mq, jobs, "bench");
-    let statics: Vec<String> = workers
+    let statics: Vec<String> = ports
         .iter()
-        .map(|w| format!("{}=127.0.0.1:{}", w.id, w.port))
+        .enumerate()
+        .map(|(i, port)| format!("bench-w{i}=127.0.0.1:{port}"))
         .collect();
     let statics = statics.join(",");
     let window = WINDOW.to_string();
