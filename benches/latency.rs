@@ -6,52 +6,19 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amiquip::{ConsumerMessage, ConsumerOptions, Publish};
-use blacktree::proto::job::{
-    CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
-};
-use blacktree::proto::job_grpc::{create_job_service, JobService, JobServiceClient};
+use blacktree::proto::job::PingRequest;
+use blacktree::proto::job_grpc::JobServiceClient;
 use common::*;
-use crossbeam_channel::{unbounded, Sender};
-use grpcio::{
-    ChannelBuilder, Environment, RpcContext, ServerBuilder, ServerCredentials, UnarySink,
-};
+use crossbeam_channel::unbounded;
+use grpcio::{ChannelBuilder, EnvBuilder};
 use serde_json::json;
-
-/// A worker that reports when each RunJob arrives and answers at once.
-#[derive(Clone)]
-struct StampingWorker {
-    arrivals: Sender<Instant>,
-}
-
-impl JobService for StampingWorker {
-    fn run_job(&mut self, ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
-        let _ = self.arrivals.send(Instant::now());
-        let answer = JobResponse {
-            jobId: req.jobId,
-            success: true,
-            ..JobResponse::default()
-        };
-        blacktree::rpc::reply(&ctx, sink, answer);
-    }
-
-    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
-        blacktree::rpc::reply(&ctx, sink, PingResponse::default());
-    }
-
-    fn cancel_job(
-        &mut self,
-        ctx: RpcContext,
-        _req: CancelJobRequest,
-        sink: UnarySink<CancelJobResponse>,
-    ) {
-        blacktree::rpc::reply(&ctx, sink, CancelJobResponse::default());
-    }
-}
+use std::sync::Arc;
+use support::{serve_noop_workers, NoopWorker};
 
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();
@@ -64,18 +31,12 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(500);
-    let env = Arc::new(Environment::new(1));
     let (arrivals_tx, arrivals) = unbounded();
-    let mut server = ServerBuilder::new(env.clone())
-        .register_service(create_job_service(StampingWorker {
-            arrivals: arrivals_tx,
-        }))
-        .build()
-        .unwrap();
-    let port = server
-        .add_listening_port("127.0.0.1:0", ServerCredentials::insecure())
-        .unwrap();
-    server.start();
+    let worker = NoopWorker {
+        arrivals: Some(arrivals_tx),
+    };
+    let (_server, ports) = serve_noop_workers(worker, 1, 1);
+    let port = ports[0];
 
     let names = Names::unique("latency");
     let mq = Mq::connect(SHARED_BROKER, &names);
@@ -142,6 +103,7 @@ fn main() {
         };
         bare_amqp.push(sent.elapsed());
     }
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let client =
         JobServiceClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{port}")));
     let mut bare_grpc = Vec::new();

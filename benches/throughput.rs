@@ -6,23 +6,18 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use blacktree::amqp::AmqpUrl;
 use blacktree::job::{Outcome, Status};
-use blacktree::proto::job::{
-    CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
-};
-use blacktree::proto::job_grpc::{create_job_service, JobService};
 use common::*;
 use crossbeam_channel::select;
-use grpcio::{Environment, RpcContext, ServerBuilder, ServerCredentials, UnarySink};
 use serde_json::json;
+use support::{broker_pid, serve_noop_workers, static_workers, CpuMeter, NoopWorker};
 
 const WINDOW: u16 = 64;
 const WORKERS: usize = 64;
@@ -32,12 +27,27 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
-    let raw = raw_loop(jobs);
-    let blacktree = orchestrator(jobs);
+    let broker = broker_pid();
+    let raw = raw_loop(jobs, broker);
+    let blacktree = orchestrator(jobs, broker);
     println!("throughput.jobs {jobs}");
-    println!("throughput.raw_msgs_per_s {raw:.0}");
-    println!("throughput.blacktree_jobs_per_s {blacktree:.0}");
-    println!("throughput.ratio {:.3}", blacktree / raw);
+    println!("throughput.raw_msgs_per_s {:.0}", raw.rate);
+    println!("throughput.blacktree_jobs_per_s {:.0}", blacktree.rate);
+    println!("throughput.ratio {:.3}", blacktree.rate / raw.rate);
+    for (run, figures) in [("raw", &raw), ("blacktree", &blacktree)] {
+        for (process, seconds) in &figures.cpu {
+            let per_1000 = seconds * 1000.0 / jobs as f64 * 1000.0;
+            println!("throughput.{run}.cpu_ms_per_1000.{process} {per_1000:.0}");
+        }
+    }
+}
+
+/// What one side of the comparison achieved.
+struct Run {
+    /// Statuses per second, first to last.
+    rate: f64,
+    /// CPU seconds each process used during the run.
+    cpu: Vec<(&'static str, f64)>,
 }
 
 /// Fills the execute queue of `names` with `jobs` jobs.
@@ -61,65 +71,18 @@ fn status_rate(mq: &Mq, jobs: usize) -> f64 {
     (jobs - 1) as f64 / (done - first).as_secs_f64()
 }
 
-/// No-op workers: one grpcio server (one environment) listening on `WORKERS` ports,
-/// each port registered as a worker of its own; RunJob is answered at once.
-#[derive(Clone)]
-struct NoopWorker;
-
-impl JobService for NoopWorker {
-    fn run_job(&mut self, ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
-        let answer = JobResponse {
-            jobId: req.jobId,
-            success: true,
-            ..JobResponse::default()
-        };
-        blacktree::rpc::reply(&ctx, sink, answer);
-    }
-
-    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
-        blacktree::rpc::reply(&ctx, sink, PingResponse::default());
-    }
-
-    fn cancel_job(
-        &mut self,
-        ctx: RpcContext,
-        _req: CancelJobRequest,
-        sink: UnarySink<CancelJobResponse>,
-    ) {
-        blacktree::rpc::reply(&ctx, sink, CancelJobResponse::default());
-    }
-}
-
-fn orchestrator(jobs: usize) -> f64 {
+fn orchestrator(jobs: usize, broker: u32) -> Run {
     let names = Names::unique("bench");
     let mq = Mq::connect(SHARED_BROKER, &names);
-    let env = Arc::new(Environment::new(1));
-    let mut server = ServerBuilder::new(env)
-        .register_service(create_job_service(NoopWorker))
-        .build()
-        .unwrap();
-    let ports: Vec<u16> = (0..WORKERS)
-        .map(|_| {
-            server
-                .add_listening_port("127.0.0.1:0", ServerCredentials::insecure())
-                .unwrap()
-        })
-        .collect();
-    server.start();
+    let (_workers, ports) = serve_noop_workers(NoopWorker::default(), WORKERS, 1);
     fill(&mq, jobs, "bench");
-    let statics: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| format!("bench-w{i}=127.0.0.1:{port}"))
-        .collect();
-    let statics = statics.join(",");
     let window = WINDOW.to_string();
-    let _orch = Orchestrator::start(
+    let orch = Orchestrator::start(
         SHARED_BROKER,
         &names,
         &[
             "--worker",
-            &statics,
+            &static_workers("bench-w", &ports),
             "--dispatch-threads",
             &window,
             "--prefetch",
@@ -130,17 +93,29 @@ fn orchestrator(jobs: usize) -> f64 {
             "1s",
         ],
     );
-    status_rate(&mq, jobs)
+    // From the moment it is connected: a few jobs may go before (milliseconds).
+    let meter = CpuMeter::start(&[orch.process.pid(), broker, std::process::id()]);
+    let rate = status_rate(&mq, jobs);
+    let (cpu, _) = meter.read();
+    Run {
+        rate,
+        cpu: vec![
+            ("orchestrator", cpu[0]),
+            ("broker", cpu[1]),
+            ("bench_and_workers", cpu[2]),
+        ],
+    }
 }
 
 /// The broker's own limit for this work: one thread, consume → publish status with a
 /// confirm → ack, with `WINDOW` messages in flight.
-fn raw_loop(jobs: usize) -> f64 {
+fn raw_loop(jobs: usize, broker: u32) -> Run {
     let names = Names::unique("raw");
     let mq = Mq::connect(SHARED_BROKER, &names);
     fill(&mq, jobs, "raw");
     let execute = names.execute.clone();
     let exchange = names.exchange.clone();
+    let meter = CpuMeter::start(&[broker, std::process::id()]);
     let looper = std::thread::spawn(move || {
         let mut connection = AmqpUrl::parse(SHARED_BROKER).unwrap().connect().unwrap();
         let channel = connection.open_channel(None).unwrap();
@@ -176,5 +151,9 @@ fn raw_loop(jobs: usize) -> f64 {
     });
     let rate = status_rate(&mq, jobs);
     looper.join().unwrap();
-    rate
+    let (cpu, _) = meter.read();
+    Run {
+        rate,
+        cpu: vec![("broker", cpu[0]), ("bench", cpu[1])],
+    }
 }

@@ -9,8 +9,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blacktree-target}"
 bash scripts/setup.sh
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-for bench in throughput latency; do
-  RUST_LOG=info cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
+for bench in throughput latency detection scale; do
+  cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
 done
 value() { sed -n "s/^$1 //p" "$out"; }
 cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
@@ -28,5 +28,15 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
     IFS='|' read -r ours label floor floor_label <<<"$pair"
     echo "| latency at light load: $label (p50 / p99) | $(value latency.$ours.p50_ms) / $(value latency.$ours.p99_ms) ms | $floor_label: $(value latency.$floor.p50_ms) / $(value latency.$floor.p99_ms) ms | | p50 < 2 ms, p99 < 10 ms |"
   done
+  echo "| failure detection at defaults, $(value detection.trials) SIGSTOP trials (min / p50 / max) | $(value detection.min_s) / $(value detection.p50_s) / $(value detection.max_s) s, $(value detection.within_bound) within bound, $(value detection.false_removals) false removals | bound: interval × unhealthy-after + timeout = $(value detection.bound_s) s | | ≤ 5 s, no false removal |"
+  ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+  echo "| scale, $(value scale.workers) workers: RSS | $(value scale.w1000.rss_mib) MiB | bare grpcio client, same channels: $(value scale.bare.rss_mib) MiB | $(ratio "$(value scale.w1000.rss_mib)" "$(value scale.bare.rss_mib)") | ≤ 1.25 |"
+  echo "| scale, $(value scale.workers) workers: threads | $(value scale.w1000.threads) | bare client: $(value scale.bare.threads); dispatch pool: 64 | | ≤ pool + 16 = 80 |"
+  echo "| scale, $(value scale.workers) workers: one health round (median) | $(value scale.w1000.round_ms) ms | bare client's round: $(value scale.bare.round_ms) ms | $(ratio "$(value scale.w1000.round_ms)" "$(value scale.bare.round_ms)") | ≤ 2 |"
+  echo "| scale, $(value scale.workers) workers: idle CPU (one core = 100 %) | $(value scale.w1000.idle_cpu_pct) % | bare client: $(value scale.bare.idle_cpu_pct) % | | < 2 % |"
+  echo "| cost per job: orchestrator CPU per 1,000 jobs (net of idle), 10 / 100 / 1,000 workers | $(value scale.w10.cpu_ms_per_1000_jobs) / $(value scale.w100.cpu_ms_per_1000_jobs) / $(value scale.w1000.cpu_ms_per_1000_jobs) ms | 10 workers | $(ratio "$(value scale.w1000.cpu_ms_per_1000_jobs)" "$(value scale.w10.cpu_ms_per_1000_jobs)") (1,000 vs 10) | flat |"
+  echo
+  echo "CPU per 1,000 jobs in the throughput run (ms): raw loop: broker $(value throughput.raw.cpu_ms_per_1000.broker), loop $(value throughput.raw.cpu_ms_per_1000.bench);"
+  echo "Blacktree: orchestrator $(value throughput.blacktree.cpu_ms_per_1000.orchestrator), broker $(value throughput.blacktree.cpu_ms_per_1000.broker), no-op workers and bench $(value throughput.blacktree.cpu_ms_per_1000.bench_and_workers)."
 } > BENCHMARKS.md
 cat BENCHMARKS.md

@@ -56,17 +56,25 @@ pub struct DispatchLinks {
     pub metrics: Arc<Metrics>,
 }
 
-/// Starts `threads` dispatch threads; a job without `timeoutSeconds` gets `job_timeout`.
-pub fn spawn_pool(
-    threads: u16,
-    job_timeout: Duration,
-    links: DispatchLinks,
-) -> Vec<JoinHandle<()>> {
-    (0..threads)
+/// Settings of the dispatch pool.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchSettings {
+    /// Number of dispatch threads (jobs running at once).
+    pub threads: u16,
+    /// Deadline of a job without `timeoutSeconds`.
+    pub job_timeout: Duration,
+    /// Whether lifecycle events are published (`--events-key` set).
+    pub events: bool,
+}
+
+/// Starts the dispatch threads.
+pub fn spawn_pool(settings: DispatchSettings, links: DispatchLinks) -> Vec<JoinHandle<()>> {
+    (0..settings.threads)
         .map(|i| {
             let dispatcher = Dispatcher {
                 links: links.clone(),
-                job_timeout,
+                job_timeout: settings.job_timeout,
+                events: settings.events,
             };
             std::thread::Builder::new()
                 .name(format!("dispatch-{i}"))
@@ -79,6 +87,7 @@ pub fn spawn_pool(
 struct Dispatcher {
     links: DispatchLinks,
     job_timeout: Duration,
+    events: bool,
 }
 
 /// How waiting for a free slot ended.
@@ -147,11 +156,14 @@ impl Dispatcher {
                 .dispatch_latency
                 .observe(received.elapsed().as_secs_f64());
             metrics.jobs_in_flight.inc();
-            self.publish(Publication::Event(Event::now(
-                &job.job_id,
-                EventKind::Dispatched,
-                &claim.worker,
-            )));
+            if self.events {
+                // Skipped when off: no wake-up of the publisher for nothing.
+                self.publish(Publication::Event(Event::now(
+                    &job.job_id,
+                    EventKind::Dispatched,
+                    &claim.worker,
+                )));
+            }
             let attempt = self.attempt(&job, &claim, &token);
             metrics.jobs_in_flight.dec();
             match attempt {
@@ -176,6 +188,11 @@ impl Dispatcher {
 
     /// Waits for a free slot, a drain or a cancel.
     fn claim(&self, job: &Job, token: &CancelToken) -> Wait {
+        // Cancelled while it waited in the jobs channel: `select!` below picks among
+        // ready operations at random, so a free slot could otherwise win.
+        if token.reason().is_some() {
+            return Wait::Cancelled;
+        }
         loop {
             select! {
                 recv(self.links.hints) -> hint => {

@@ -26,6 +26,7 @@ pub fn spawn(
             let started = Instant::now();
             let failures = round(&registry, timeout);
             metrics.ping_failures.inc_by(failures);
+            metrics.health_round.set(started.elapsed().as_secs_f64());
             registry.forget_expired();
             std::thread::sleep(interval.saturating_sub(started.elapsed()));
         })

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, TextEncoder,
 };
 use serde_json::Value;
 
@@ -32,6 +32,8 @@ pub struct Metrics {
     pub job_duration: Histogram,
     /// Health pings that failed.
     pub ping_failures: IntCounter,
+    /// Seconds the last health round took (every worker pinged and answered or timed out).
+    pub health_round: Gauge,
     /// Connections to the broker after the first.
     pub broker_reconnects: IntCounter,
     /// 1 while connected to the broker.
@@ -75,6 +77,11 @@ impl Default for Metrics {
                 prometheus::exponential_buckets(0.01, 4.0, 12).expect("valid buckets"),
             ),
             ping_failures: counter("blacktree_ping_failures_total", "Health pings that failed."),
+            health_round: Gauge::new(
+                "blacktree_health_round_seconds",
+                "Duration of the last health round (every worker pinged).",
+            )
+            .expect("valid metric"),
             broker_reconnects: counter(
                 "blacktree_broker_reconnects_total",
                 "Broker connections after the first.",
@@ -99,6 +106,7 @@ impl Default for Metrics {
             Box::new(metrics.dispatch_latency.clone()),
             Box::new(metrics.job_duration.clone()),
             Box::new(metrics.ping_failures.clone()),
+            Box::new(metrics.health_round.clone()),
             Box::new(metrics.broker_reconnects.clone()),
             Box::new(metrics.broker_connected.clone()),
             Box::new(metrics.workers.clone()),

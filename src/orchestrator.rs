@@ -2,7 +2,7 @@
 //! and turns SIGINT/SIGTERM into a drain.
 //!
 //! ```text
-//!  AMQP consumer ──jobs (rendezvous)──▶ dispatch pool ──RunJob──▶ workers
+//!  AMQP consumer ──jobs (bounded)──▶ dispatch pool ──RunJob──▶ workers
 //!      ▲  inbox: Confirmed / Requeue / Drain      │  ▲ hints
 //!      │                                          ▼  │
 //!  status publisher ◀──publications──────── registry ◀── health ticker ──Ping──▶ workers
@@ -20,7 +20,7 @@ use log::{info, warn};
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks, ConsumerMsg};
 use crate::amqp::{publisher, AmqpUrl};
 use crate::config::{read_secret_file, OrchestratorConfig};
-use crate::dispatch::{self, DispatchLinks};
+use crate::dispatch::{self, DispatchLinks, DispatchSettings};
 use crate::health;
 use crate::metrics::{self, Metrics};
 use crate::rpc::{self, Tls};
@@ -74,7 +74,9 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     );
 
     let (inbox_tx, inbox_rx) = unbounded();
-    let (jobs_tx, jobs_rx) = bounded(0);
+    // Bounded by the prefetch: a job waits here for a free dispatch thread without
+    // a hand-off per job; the consumer takes back what no thread has taken.
+    let (jobs_tx, jobs_rx) = bounded(usize::from(config.prefetch().max(1)));
     let (publications_tx, publications_rx) = unbounded();
     let (connections_tx, connections_rx) = unbounded();
     let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
@@ -99,14 +101,18 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         ConsumerLinks {
             inbox: inbox_rx,
             jobs: jobs_tx,
+            unstarted: jobs_rx.clone(),
             publications: publications_tx.clone(),
             connections: connections_tx,
             metrics: metrics.clone(),
         },
     );
     dispatch::spawn_pool(
-        config.dispatch_threads,
-        config.job_timeout,
+        DispatchSettings {
+            threads: config.dispatch_threads,
+            job_timeout: config.job_timeout,
+            events: !config.topology.events_key.is_empty(),
+        },
         DispatchLinks {
             jobs: jobs_rx,
             hints: hints_rx,

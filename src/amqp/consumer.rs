@@ -2,18 +2,22 @@
 //!
 //! It owns the broker connection, the consuming channel and every unacknowledged
 //! delivery, and it is the only thread that acks (amiquip acks a delivery only on the
-//! channel that received it). Its loop `select!`s over three inputs:
+//! channel that received it). Its loop `select!`s over these inputs:
 //!
 //! * deliveries from `execute.queue`: decoded into [`Job`]s and queued in a backlog
 //!   (at most `prefetch` jobs), or moved to the rejected queue;
 //! * deliveries from `cancel.queue`: a job waiting in the backlog is dropped (status
-//!   `cancelled`), one in dispatch has its [`CancelToken`] fired, one not consumed yet is
-//!   remembered for `--cancel-ttl`;
+//!   `cancelled`), one in the `jobs` channel or in dispatch has its [`CancelToken`]
+//!   fired, one not consumed yet is remembered for `--cancel-ttl`;
 //! * its inbox ([`ConsumerMsg`]): "the status of job X is confirmed, ack its
 //!   deliveries", "job X was not started, requeue it", "the publisher lost its channel",
 //!   "drain";
-//! * the rendezvous `jobs` channel, which takes the backlog's oldest job whenever a
-//!   dispatch thread is idle.
+//! * the bounded `jobs` channel to the dispatch pool, which takes the backlog's oldest
+//!   job while it has room (its capacity is the prefetch, so it rarely fills). A job
+//!   sits there until a dispatch thread is free, without waking this thread again; the
+//!   consumer takes unstarted jobs back from the same channel on a drain or when the
+//!   connection is lost, and a cancel fires the job's token (the dispatch thread that
+//!   takes it publishes `cancelled` instead of running it).
 //!
 //! Invariants:
 //! * a delivery is acked only after everything published for it was confirmed;
@@ -94,8 +98,10 @@ pub struct ConsumerConfig {
 pub struct ConsumerLinks {
     /// Its inbox.
     pub inbox: Receiver<ConsumerMsg>,
-    /// Jobs to the dispatch pool (a rendezvous channel).
+    /// Jobs to the dispatch pool (bounded by the prefetch).
     pub jobs: Sender<Assignment>,
+    /// The receiving end of `jobs`, to take back jobs no dispatch thread has taken.
+    pub unstarted: Receiver<Assignment>,
     /// Publications (rejected messages) to the publisher.
     pub publications: Sender<Publication>,
     /// Fresh publishing channels to the publisher.
@@ -377,7 +383,7 @@ impl Consumer {
         }
         self.rejected.clear();
         // Jobs not yet started come back with those redeliveries.
-        for assignment in self.backlog.drain(..) {
+        for assignment in self.take_back_unstarted() {
             self.pending.remove(&assignment.job.job_id);
         }
     }
@@ -420,11 +426,13 @@ impl Consumer {
             token: token.clone(),
         };
         self.pending.insert(job.job_id.clone(), pending);
-        self.publish(Publication::Event(job::Event::now(
-            &job.job_id,
-            EventKind::Received,
-            "",
-        )));
+        if !self.config.topology.events_key.is_empty() {
+            self.publish(Publication::Event(job::Event::now(
+                &job.job_id,
+                EventKind::Received,
+                "",
+            )));
+        }
         if self.early_cancels.remove(&job.job_id) {
             info!("job {}: cancelled before it arrived; not run", job.job_id);
             self.publish_cancelled(&job.job_id);
@@ -458,8 +466,9 @@ impl Consumer {
         }
     }
 
-    /// Cancels a job wherever it is: waiting here (its status is published now), in
-    /// dispatch or on a worker (its dispatch thread stops it), not consumed yet
+    /// Cancels a job wherever it is: waiting here (its status is published now), in the
+    /// `jobs` channel, in dispatch or on a worker (its token tells the dispatch thread
+    /// that has or takes it), not consumed yet
     /// (remembered), or finished (nothing to do).
     fn cancel(&mut self, job_id: String) {
         if let Some(i) = self.backlog.iter().position(|a| a.job.job_id == job_id) {
@@ -570,7 +579,7 @@ impl Consumer {
             return Ok(());
         }
         self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
-        let waiting: Vec<Assignment> = self.backlog.drain(..).collect();
+        let waiting = self.take_back_unstarted();
         for assignment in &waiting {
             self.requeue(&assignment.job.job_id, channel)?;
         }
@@ -581,6 +590,13 @@ impl Consumer {
             humantime::format_duration(self.config.drain_timeout)
         );
         Ok(())
+    }
+
+    /// Every job not taken by a dispatch thread yet, from the backlog and the channel.
+    fn take_back_unstarted(&mut self) -> Vec<Assignment> {
+        let mut jobs: Vec<Assignment> = self.links.unstarted.try_iter().collect();
+        jobs.extend(self.backlog.drain(..));
+        jobs
     }
 
     fn drain_finished(&self) -> bool {

@@ -1,0 +1,132 @@
+//! Failure detection at the default health settings (a round every 2 s, 1 s deadline,
+//! unhealthy after 2 failed pings): four real `blacktree worker` processes; in each of
+//! `BENCH_TRIALS` trials (default 10) one of them is frozen with SIGSTOP, and the time
+//! until `/workers` shows it unhealthy (out of the free pool) is measured, then it is
+//! thawed with SIGCONT and the time until it is free again. Throughout, every other
+//! worker must stay free: a healthy worker removed is a false removal. Target:
+//! detection ≤ interval × unhealthy-after + timeout = 5 s. Run by scripts/bench.sh.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::build_env::WorkerProcess;
+use common::*;
+use serde_json::Value;
+use support::{http_get, percentile};
+
+const WORKERS: usize = 4;
+/// The bound the defaults promise: interval × unhealthy-after + timeout.
+const BOUND: Duration = Duration::from_secs(5);
+
+fn main() {
+    let trials: usize = std::env::var("BENCH_TRIALS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10);
+    let names = Names::unique("detect");
+    let orch = Orchestrator::start(
+        SHARED_BROKER,
+        &names,
+        &["--health-interval", "2s", "--health-timeout", "1s"],
+    );
+    let workers: Vec<WorkerProcess> = (0..WORKERS)
+        .map(|i| {
+            WorkerProcess::start(
+                &format!("detect-w{i}"),
+                orch.grpc_port,
+                &["--executor", "exec", "--exec-command", "true"],
+            )
+        })
+        .collect();
+    let mut watch = Watch {
+        port: orch.metrics_port,
+        false_removals: BTreeSet::new(),
+    };
+    let all_free = |states: &[(String, String)]| {
+        states.len() == WORKERS && states.iter().all(|(_, state)| state == "free")
+    };
+    watch.wait(None, "every worker free", all_free);
+
+    let (mut detect, mut recover) = (Vec::new(), Vec::new());
+    for trial in 0..trials {
+        let worker = &workers[trial % WORKERS];
+        let id = Some(worker.id.as_str());
+        signal(worker.pid(), libc::SIGSTOP);
+        let frozen = Instant::now();
+        watch.wait(id, "the frozen worker out", |states| {
+            states
+                .iter()
+                .any(|(w, state)| w == &worker.id && state == "unhealthy")
+        });
+        detect.push(frozen.elapsed().as_secs_f64());
+        signal(worker.pid(), libc::SIGCONT);
+        let thawed = Instant::now();
+        watch.wait(id, "every worker free", all_free);
+        recover.push(thawed.elapsed().as_secs_f64());
+    }
+    detect.sort_by(f64::total_cmp);
+    recover.sort_by(f64::total_cmp);
+    let within = detect.iter().filter(|&&d| d <= BOUND.as_secs_f64()).count();
+    println!("detection.trials {trials}");
+    println!("detection.min_s {:.2}", detect[0]);
+    println!("detection.p50_s {:.2}", percentile(&detect, 0.5));
+    println!("detection.max_s {:.2}", detect[trials - 1]);
+    println!("detection.bound_s {:.1}", BOUND.as_secs_f64());
+    println!("detection.within_bound {within}");
+    println!("detection.recovery_p50_s {:.2}", percentile(&recover, 0.5));
+    println!("detection.false_removals {}", watch.false_removals.len());
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(sent, 0, "kill({pid}, {signal})");
+}
+
+/// Reads `/workers` every few milliseconds and notes false removals: a worker out of
+/// the free pool while it is not the frozen one.
+struct Watch {
+    port: u16,
+    /// "worker state" of each false removal seen.
+    false_removals: BTreeSet<String>,
+}
+
+impl Watch {
+    /// `(id, state)` of every worker.
+    fn states(&self) -> Option<Vec<(String, String)>> {
+        let workers: Value = serde_json::from_str(&http_get(self.port, "/workers")).ok()?;
+        let states = workers
+            .as_array()?
+            .iter()
+            .map(|w| {
+                (
+                    w["id"].as_str().unwrap_or("").to_string(),
+                    w["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        Some(states)
+    }
+
+    /// Polls until `done(states)`, noting any worker but `frozen` seen out of the pool.
+    fn wait(
+        &mut self,
+        frozen: Option<&str>,
+        what: &str,
+        done: impl Fn(&[(String, String)]) -> bool,
+    ) {
+        poll(Duration::from_secs(30), what, || {
+            let states = self.states()?;
+            for (id, state) in &states {
+                if state != "free" && Some(id.as_str()) != frozen {
+                    self.false_removals.insert(format!("{id} {state}"));
+                }
+            }
+            done(&states).then_some(())
+        });
+    }
+}

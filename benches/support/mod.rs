@@ -1,0 +1,186 @@
+//! What the benchmarks share: no-op workers (one grpcio server listening on many ports,
+//! each port a worker of its own), per-process resource readings from `/proc`, and a
+//! plain HTTP GET for the orchestrator's `/metrics` and `/workers`.
+
+#![allow(dead_code)] // each bench uses a part
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blacktree::proto::job::{
+    CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
+};
+use blacktree::proto::job_grpc::{create_job_service, JobService};
+use crossbeam_channel::Sender;
+use grpcio::{EnvBuilder, RpcContext, Server, ServerBuilder, ServerCredentials, UnarySink};
+
+/// A worker that answers every call at once (RunJob: success), optionally reporting
+/// when each RunJob arrived.
+#[derive(Clone, Default)]
+pub struct NoopWorker {
+    /// Receives the arrival time of each RunJob.
+    pub arrivals: Option<Sender<Instant>>,
+}
+
+impl JobService for NoopWorker {
+    fn run_job(&mut self, ctx: RpcContext, req: JobRequest, sink: UnarySink<JobResponse>) {
+        if let Some(arrivals) = &self.arrivals {
+            let _ = arrivals.send(Instant::now());
+        }
+        let answer = JobResponse {
+            jobId: req.jobId,
+            success: true,
+            ..JobResponse::default()
+        };
+        blacktree::rpc::reply(&ctx, sink, answer);
+    }
+
+    fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+        blacktree::rpc::reply(&ctx, sink, PingResponse::default());
+    }
+
+    fn cancel_job(
+        &mut self,
+        ctx: RpcContext,
+        _req: CancelJobRequest,
+        sink: UnarySink<CancelJobResponse>,
+    ) {
+        blacktree::rpc::reply(&ctx, sink, CancelJobResponse::default());
+    }
+}
+
+/// `count` no-op workers: one grpcio server (`cq_count` completion-queue threads)
+/// listening on `count` loopback ports. Returns the running server and its ports.
+pub fn serve_noop_workers(worker: NoopWorker, count: usize, cq_count: usize) -> (Server, Vec<u16>) {
+    let env = Arc::new(EnvBuilder::new().cq_count(cq_count).build());
+    let mut server = ServerBuilder::new(env)
+        .register_service(create_job_service(worker))
+        .build()
+        .expect("building the no-op workers' server");
+    let ports = (0..count)
+        .map(|_| {
+            server
+                .add_listening_port("127.0.0.1:0", ServerCredentials::insecure())
+                .expect("a loopback port")
+        })
+        .collect();
+    server.start();
+    (server, ports)
+}
+
+/// The `--worker` value naming each port as a static worker `PREFIX-i`.
+pub fn static_workers(prefix: &str, ports: &[u16]) -> String {
+    let workers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("{prefix}-{i}=127.0.0.1:{port}"))
+        .collect();
+    workers.join(",")
+}
+
+/// A process's fields from `/proc/PID/stat` after the command name.
+fn stat_fields(pid: u32) -> Vec<String> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
+    let after_name = &stat[stat.rfind(')').expect("a command name") + 2..];
+    after_name.split_whitespace().map(str::to_string).collect()
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let fields = stat_fields(pid);
+    // After the name: state is field 3, utime field 14, stime field 15 (proc(5)).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / per_second as f64
+}
+
+/// A `Name:  value` line of `/proc/PID/status`, as a number (VmRSS in KiB, Threads).
+fn status_value(pid: u32, name: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+}
+
+/// Resident memory of `pid`, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    status_value(pid, "VmRSS") as f64 / 1024.0
+}
+
+/// Threads of `pid`.
+pub fn threads(pid: u32) -> u64 {
+    status_value(pid, "Threads")
+}
+
+/// The pid of the shared RabbitMQ node's Erlang VM.
+pub fn broker_pid() -> u32 {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "eval", "os:getpid()."])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_matches('"')
+        .parse()
+        .expect("the broker's pid")
+}
+
+/// CPU seconds used by several processes between two readings.
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    start: Vec<f64>,
+    started: Instant,
+}
+
+impl CpuMeter {
+    /// Starts measuring `pids`.
+    pub fn start(pids: &[u32]) -> CpuMeter {
+        CpuMeter {
+            pids: pids.to_vec(),
+            start: pids.iter().map(|&p| cpu_seconds(p)).collect(),
+            started: Instant::now(),
+        }
+    }
+
+    /// CPU seconds each process used since the start, and the wall seconds elapsed.
+    pub fn read(&self) -> (Vec<f64>, f64) {
+        let used = self
+            .pids
+            .iter()
+            .zip(&self.start)
+            .map(|(&p, s)| cpu_seconds(p) - s)
+            .collect();
+        (used, self.started.elapsed().as_secs_f64())
+    }
+}
+
+/// `GET path` from an HTTP server on loopback `port`; returns the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting over HTTP");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("sending a request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading a response");
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    body.to_string()
+}
+
+/// The value of the Prometheus sample `name` (a full `name{labels}` prefix) in `metrics`.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Percentile `q` (0..=1) of sorted `samples`.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
