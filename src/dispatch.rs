@@ -350,7 +350,7 @@ fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
         job_id: job.job_id.clone(),
         success: response.success,
         logs: token.redact(&response.logs),
-        image_url: response.imageUrl,
+        image_url: token.redact(&response.imageUrl),
         error: token.redact(&response.error),
         worker_id: worker.to_string(),
         outcome: if response.success {

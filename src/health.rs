@@ -1,6 +1,9 @@
 //! The health ticker: every interval it pings every worker's `JobService.Ping` at once
 //! (each call with its own deadline), records the answers in the registry, and forgets
-//! workers that stayed unhealthy too long.
+//! workers that stayed unhealthy too long. A worker whose ping failed is pinged again at
+//! once, not a whole interval later, until it answers or is unhealthy: a frozen worker
+//! is out of the pool within one interval plus `unhealthy-after` × timeout (4 s at the
+//! defaults), while a healthy one is still pinged once per interval.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,7 +14,7 @@ use grpcio::CallOption;
 use crate::metrics::Metrics;
 use crate::proto::job::{PingRequest, WorkerStatus};
 use crate::rpc::{self, CallError};
-use crate::workers::{PingResult, Registry};
+use crate::workers::{PingResult, PingTarget, Registry};
 
 /// Starts the health ticker; its first round runs at once.
 pub fn spawn(
@@ -33,13 +36,31 @@ pub fn spawn(
         .expect("spawning the health ticker thread")
 }
 
-/// Pings every worker concurrently and records the results; returns when all answered
-/// or timed out, with the number of failed pings.
+/// Pings every worker concurrently and records the results, pinging suspects (failed,
+/// still healthy) again at once; returns when every worker answered or is unhealthy,
+/// with the number of failed pings.
 pub fn round(registry: &Registry, timeout: Duration) -> u64 {
     let mut failures = 0;
+    let mut targets = registry.ping_targets();
+    while !targets.is_empty() {
+        let (failed, suspects) = ping_all(registry, targets, timeout);
+        failures += failed;
+        targets = suspects;
+    }
+    failures
+}
+
+/// Pings `targets` concurrently and records the results; returns the number of failed
+/// pings and the suspects.
+fn ping_all(
+    registry: &Registry,
+    targets: Vec<PingTarget>,
+    timeout: Duration,
+) -> (u64, Vec<PingTarget>) {
+    let mut failures = 0;
+    let mut suspects = Vec::new();
     let request = PingRequest::new();
-    let calls: Vec<_> = registry
-        .ping_targets()
+    let calls: Vec<_> = targets
         .into_iter()
         .map(|target| {
             let call = target
@@ -59,7 +80,9 @@ pub fn round(registry: &Registry, timeout: Duration) -> u64 {
             Err(CallError::Cancelled(reason)) => PingResult::Failed(format!("{reason:?}")),
         };
         failures += u64::from(matches!(result, PingResult::Failed(_)));
-        registry.record_ping(&target, result);
+        if registry.record_ping(&target, result) {
+            suspects.push(target);
+        }
     }
-    failures
+    (failures, suspects)
 }

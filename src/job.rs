@@ -11,10 +11,22 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::Value;
 
-/// The longest `jobId` accepted; job ids end up in logs, message ids and gRPC calls.
-pub const MAX_JOB_ID_LEN: usize = 256;
+/// The longest `jobId` accepted, in bytes; job ids end up in logs, message ids and gRPC
+/// calls. A jobId is the AMQP `message_id` of its status and events, a short string of
+/// at most 255 bytes: amiquip would write a longer one's length in a single, wrapped
+/// byte and corrupt the message's header frame.
+pub const MAX_JOB_ID_LEN: usize = 255;
 
-/// A secret string: its `Debug` and `Display` print `***`, never the value.
+/// The most `timeoutSeconds` means; a larger value is lowered to it (it is 136 years
+/// either way). The worker's `timeoutSeconds` is a uint32, and grpcio turns a deadline's
+/// seconds into an `i64`: from 2^63 seconds on, the deadline would wrap into the past and
+/// the job time out at once.
+pub const MAX_TIMEOUT_SECONDS: u64 = u32::MAX as u64;
+
+/// What a secret is replaced with.
+const MARKER: &str = "***";
+
+/// A secret string: its `Debug` prints `***`, never the value.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -30,18 +42,28 @@ impl Secret {
     }
 
     /// `text` with every occurrence of this secret replaced by `***`.
+    ///
+    /// A secret with a `*` in it can be formed again by a replacement and its neighbours
+    /// (`x**` in `xx**` gives `x***`), so it is replaced until none is left: each pass
+    /// removes a character that is not a `*`, or shortens the text. Only a secret that is
+    /// part of the marker itself (`*`, `**`, `***`) is replaced once.
     pub fn redact(&self, text: &str) -> String {
         if self.0.is_empty() {
-            text.to_string()
-        } else {
-            text.replace(&self.0, "***")
+            return text.to_string();
         }
+        let mut redacted = text.replace(&self.0, MARKER);
+        if !MARKER.contains(self.0.as_str()) {
+            while redacted.contains(self.0.as_str()) {
+                redacted = redacted.replace(&self.0, MARKER);
+            }
+        }
+        redacted
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+        f.write_str(if self.0.is_empty() { "\"\"" } else { MARKER })
     }
 }
 
@@ -62,7 +84,7 @@ pub struct Job {
     pub image_name: String,
     /// Token that lets the worker clone a private repository.
     pub github_token: Secret,
-    /// The job's own deadline, overriding `--job-timeout`.
+    /// The job's own deadline, overriding `--job-timeout`; at most [`MAX_TIMEOUT_SECONDS`].
     pub timeout_seconds: Option<u64>,
 }
 
@@ -79,15 +101,7 @@ impl Job {
     /// Decodes a job message, enforcing the size limit first.
     pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, Rejection> {
         if body.len() > max_bytes {
-            // Scan for the id only: the rest of an oversized message is never kept.
-            #[derive(serde::Deserialize)]
-            struct IdOnly {
-                #[serde(rename = "jobId")]
-                job_id: Option<Value>,
-            }
-            let job_id = serde_json::from_slice::<IdOnly>(body)
-                .ok()
-                .and_then(|m| check_job_id(m.job_id.as_ref()).ok());
+            let job_id = scan_job_id(body).and_then(|id| check_job_id(Some(&id)).ok());
             return Err(Rejection {
                 reason: format!(
                     "message is {} bytes, above the limit of {max_bytes}",
@@ -123,7 +137,7 @@ impl Job {
         let timeout_seconds = match fields.get("timeoutSeconds") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_u64() {
-                Some(s) if s > 0 => Some(s),
+                Some(s) if s > 0 => Some(s.min(MAX_TIMEOUT_SECONDS)),
                 _ => {
                     return Err(reject(
                         "`timeoutSeconds` must be a positive whole number".to_string(),
@@ -159,6 +173,45 @@ impl Job {
         }
         fields
     }
+}
+
+/// The `jobId` of an oversized message, read the way a full decode reads it (only from a
+/// JSON object; when the key repeats, the last one counts), without keeping the rest of
+/// the message.
+fn scan_job_id(body: &[u8]) -> Option<Value> {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct JobIdOnly(Option<Value>);
+
+    impl<'de> Deserialize<'de> for JobIdOnly {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_map(JobIdOnlyVisitor)
+        }
+    }
+
+    struct JobIdOnlyVisitor;
+
+    impl<'de> Visitor<'de> for JobIdOnlyVisitor {
+        type Value = JobIdOnly;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<JobIdOnly, A::Error> {
+            let mut job_id = None;
+            while let Some(name) = fields.next_key::<String>()? {
+                if name == "jobId" {
+                    job_id = Some(fields.next_value::<Value>()?);
+                } else {
+                    fields.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(JobIdOnly(job_id))
+        }
+    }
+
+    serde_json::from_slice::<JobIdOnly>(body).ok()?.0
 }
 
 fn check_job_id(value: Option<&Value>) -> Result<String, String> {
@@ -434,5 +487,85 @@ mod tests {
         );
         assert_eq!(format!("{s:?}"), "***");
         assert_eq!(Secret::default().redact("text"), "text");
+    }
+
+    // The tests below pin down what the fuzz targets in fuzz/ found.
+
+    #[test]
+    fn a_job_id_fits_an_amqp_message_id() {
+        // Found by fuzz/job_decode: a 256-byte jobId (with `\\` escapes) was accepted,
+        // and AMQP short strings such as `message_id` hold 255 bytes.
+        let id = |len: usize| format!("{}\\\\", "v".repeat(len - 1));
+        let message = |len: usize| format!(r#"{{"jobId":"{}"}}"#, id(len));
+        let job = decode(&message(255)).unwrap();
+        assert_eq!(job.job_id.len(), 255);
+        let r = decode(&message(256)).unwrap_err();
+        assert_eq!(r.reason, "`jobId` is longer than 255 bytes");
+        assert_eq!(r.job_id, None);
+    }
+
+    #[test]
+    fn huge_timeouts_are_lowered_to_what_the_worker_and_grpc_can_carry() {
+        let timeout = |t: &str| {
+            decode(&format!(r#"{{"jobId":"j1","timeoutSeconds":{t}}}"#)).map(|j| j.timeout_seconds)
+        };
+        assert_eq!(timeout("4294967295"), Ok(Some(MAX_TIMEOUT_SECONDS)));
+        assert_eq!(timeout("4294967296"), Ok(Some(MAX_TIMEOUT_SECONDS)));
+        assert_eq!(
+            timeout("18446744073709551615"),
+            Ok(Some(MAX_TIMEOUT_SECONDS))
+        );
+        // Past u64, fractions, exponents and signs are not whole numbers to serde_json.
+        for t in ["18446744073709551616", "1.0", "1e3", "-1", "0"] {
+            assert_eq!(
+                timeout(t).unwrap_err().reason,
+                "`timeoutSeconds` must be a positive whole number",
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn redaction_leaves_no_secret_formed_by_the_marker() {
+        let s = Secret::new("x**".into());
+        assert_eq!(s.redact("xx**"), "****");
+        let s = Secret::new("a*".into());
+        let redacted = s.redact("log aaaa* end");
+        assert!(!redacted.contains("a*"), "{redacted}");
+        assert!(redacted.starts_with("log ") && redacted.ends_with(" end"));
+        // Part of the marker itself: one pass, as before.
+        assert_eq!(Secret::new("*".into()).redact("a*b"), "a***b");
+    }
+
+    #[test]
+    fn an_oversized_message_gives_the_job_id_a_full_decode_reads() {
+        let padded = |json: &str| format!("{json:<1100}");
+        let r = decode(&padded(r#"["j1", "not a job"]"#)).unwrap_err();
+        assert!(r.reason.contains("above the limit"), "{r:?}");
+        assert_eq!(r.job_id, None, "an array has no jobId");
+        let twice = padded(r#"{"jobId":"first","jobId":"last"}"#);
+        assert_eq!(decode(&twice).unwrap_err().job_id.as_deref(), Some("last"));
+        assert_eq!(
+            Job::decode(twice.as_bytes(), usize::MAX).unwrap().job_id,
+            "last"
+        );
+    }
+
+    #[test]
+    fn odd_messages_are_rejected_without_quoting_them() {
+        let deep = format!(
+            r#"{{"jobId":"j1","x":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let r = decode(&deep).unwrap_err();
+        assert!(
+            r.reason
+                .starts_with("not JSON (syntax error at line 1 column"),
+            "{r:?}"
+        );
+        let r = Job::decode(b"{\"jobId\":\"j1\",\"branch\":\"\xff\xfe\"}", LIMIT).unwrap_err();
+        assert!(r.reason.starts_with("not JSON"), "{r:?}");
+        assert_eq!(r.job_id, None);
     }
 }

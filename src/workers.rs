@@ -314,14 +314,16 @@ impl Registry {
 
     /// Records a ping's result: `unhealthy_after` failures in a row make a worker
     /// unhealthy (and cancel the calls running on it), one answer makes it healthy.
-    pub fn record_ping(&self, target: &PingTarget, result: PingResult) {
+    /// Returns whether the worker is suspect: its ping failed and it is still healthy.
+    pub fn record_ping(&self, target: &PingTarget, result: PingResult) -> bool {
         let mut workers = self.lock();
         let Some(worker) = workers.get_mut(&target.worker) else {
-            return;
+            return false;
         };
         if worker.generation != target.generation {
-            return;
+            return false;
         }
+        let mut suspect = false;
         match result {
             PingResult::Free | PingResult::Busy => {
                 if !worker.healthy {
@@ -349,9 +351,11 @@ impl Registry {
                     );
                     self.mark_unhealthy(worker);
                 }
+                suspect = worker.healthy;
             }
         }
         self.top_up(&target.worker, worker);
+        suspect
     }
 
     /// What the registry knows of each worker, sorted by id.
@@ -501,6 +505,19 @@ mod tests {
             .expect("one slot");
         registry.release(&claim, "job0", Release::Unreachable);
         assert!(claim_all(&registry, &hints, &token).is_empty());
+    }
+
+    #[test]
+    fn a_failed_ping_makes_a_suspect_until_the_worker_is_unhealthy_or_answers() {
+        let (registry, _hints) = registry(3);
+        registry.register("w", "127.0.0.1:1", "", 1, false);
+        let fail = || registry.record_ping(&target(&registry, "w"), PingResult::Failed("x".into()));
+        assert!(fail(), "first failure: still healthy, ping again");
+        assert!(fail(), "second failure");
+        assert!(!fail(), "third failure: unhealthy, no longer a suspect");
+        assert!(!fail(), "unhealthy workers wait for the next round");
+        assert!(!registry.record_ping(&target(&registry, "w"), PingResult::Free));
+        assert!(fail(), "healthy again: a failure is suspect again");
     }
 
     #[test]
