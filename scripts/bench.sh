@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Benchmarks (benches/throughput.rs, benches/latency.rs), measured side by side in one
 # run on this machine, written to BENCHMARKS.md.
-# Release build (the first one compiles the gRPC C core again: ~15 min on 2 cores).
+# Release build (the first one compiles the gRPC C core again: ~20 min on 2 cores).
+# Run it on an otherwise idle machine: every figure shares the same 2 cores.
 #   BENCH_JOBS=20000 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blacktree-target}"
 bash scripts/setup.sh
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+notes=$(mktemp)
+trap 'rm -f "$out" "$notes"' EXIT
+# The hand-written analysis below the table ("## Notes" to the end) is kept.
+sed -n '/^## Notes/,$p' BENCHMARKS.md > "$notes" 2>/dev/null || true
 for bench in throughput latency detection scale; do
   cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
 done
@@ -38,5 +42,6 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo
   echo "CPU per 1,000 jobs in the throughput run (ms): raw loop: broker $(value throughput.raw.cpu_ms_per_1000.broker), loop $(value throughput.raw.cpu_ms_per_1000.bench);"
   echo "Blacktree: orchestrator $(value throughput.blacktree.cpu_ms_per_1000.orchestrator), broker $(value throughput.blacktree.cpu_ms_per_1000.broker), no-op workers and bench $(value throughput.blacktree.cpu_ms_per_1000.bench_and_workers)."
+  if [ -s "$notes" ]; then echo; cat "$notes"; fi
 } > BENCHMARKS.md
 cat BENCHMARKS.md
