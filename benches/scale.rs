@@ -32,6 +32,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Health rounds watched for the idle figures.
 const ROUNDS: usize = 5;
+/// The orchestrator's default dispatch pool.
+const DISPATCH_THREADS: usize = 64;
 
 fn main() {
     if let Ok(ports) = std::env::var(BARE_CLIENT) {
@@ -60,6 +62,8 @@ fn main() {
 struct Idle {
     rss_mib: f64,
     threads: u64,
+    /// Threads by name.
+    thread_names: String,
     /// Median time of one round, in ms.
     round_ms: f64,
     /// Percent of one core.
@@ -73,6 +77,7 @@ impl Idle {
         Idle {
             rss_mib: rss_mib(pid),
             threads: threads(pid),
+            thread_names: thread_names(pid),
             round_ms: median(rounds),
             cpu_pct: cpu[0] / wall * 100.0,
         }
@@ -82,6 +87,7 @@ impl Idle {
 fn print_idle(name: &str, idle: &Idle) {
     println!("scale.{name}.rss_mib {:.1}", idle.rss_mib);
     println!("scale.{name}.threads {}", idle.threads);
+    println!("scale.{name}.thread_names {}", idle.thread_names);
     println!("scale.{name}.round_ms {:.1}", idle.round_ms);
     println!("scale.{name}.idle_cpu_pct {:.2}", idle.cpu_pct);
 }
@@ -116,7 +122,7 @@ fn bare_idle(ports: &[u16]) -> Idle {
 /// The bare client: the same channels as the orchestrator's registry (same builder),
 /// pinged all at once every interval with the same deadline; prints each round's ms.
 fn bare_client(ports: &str) {
-    let env = Arc::new(EnvBuilder::new().cq_count(2).build());
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let clients: Vec<_> = ports
         .split(',')
         .map(|port| rpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
@@ -157,6 +163,8 @@ fn orchestrator(ports: &[u16], jobs: usize) -> SizeFigures {
         &[
             "--worker",
             &static_workers("scale-w", ports),
+            "--dispatch-threads",
+            &DISPATCH_THREADS.to_string(),
             "--health-interval",
             "2s",
             "--health-timeout",

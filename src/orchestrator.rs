@@ -30,7 +30,9 @@ use crate::workers::{Registry, RegistrySettings};
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     info!("orchestrator starting: {config}");
     let url = AmqpUrl::parse(&config.broker.amqp_url)?;
-    let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
+    // One completion-queue thread serves every call (measured: as fast as two, one
+    // thread fewer).
+    let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(1).build());
     let tls = Tls::load(&config.tls)?;
 
     let (hints_tx, hints_rx) = unbounded();

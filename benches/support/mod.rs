@@ -119,6 +119,24 @@ pub fn threads(pid: u32) -> u64 {
     status_value(pid, "Threads")
 }
 
+/// `pid`'s threads by name (trailing digits dropped), e.g. `dispatch×64 grpc×1`.
+pub fn thread_names(pid: u32) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/PID/task") {
+        let comm =
+            std::fs::read_to_string(task.expect("a task").path().join("comm")).unwrap_or_default();
+        let name = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        *counts.entry(name.to_string()).or_default() += 1;
+    }
+    let names: Vec<String> = counts
+        .iter()
+        .map(|(name, n)| format!("{name}×{n}"))
+        .collect();
+    names.join(" ")
+}
+
 /// The pid of the shared RabbitMQ node's Erlang VM.
 pub fn broker_pid() -> u32 {
     let out = std::process::Command::new("rabbitmqctl")
