@@ -378,6 +378,34 @@ fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
 }
 
 #[test]
+fn a_killed_worker_takes_its_running_step_with_it() {
+    // Only the step's own process dies with the agent: `exec` makes `sleep` that process
+    // (dash would otherwise keep it as a child of its own).
+    let n = std::process::id() % 10000 + 10000;
+    let marker = format!("sleep {}", 50000 + n);
+    let command = format!("exec sleep $((50000 + {n}))");
+    let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
+    let args = ["--executor", "exec", "--exec-command", command.as_str()];
+    let worker = WorkerProcess::start("killed-w", no_orchestrator(), &args);
+    let client = client(worker.port);
+    let _call = client
+        .run_job_async_opt(
+            &job("killed-1", &repo, ""),
+            CallOption::default().timeout(LONG),
+        )
+        .unwrap();
+    poll(LONG, "the job's command to start", || {
+        process_running(&marker).then_some(())
+    });
+    sh(&format!("kill -KILL {}", worker.pid()));
+    poll(
+        Duration::from_secs(10),
+        "the step to die with its worker",
+        || (!process_running(&marker)).then_some(()),
+    );
+}
+
+#[test]
 fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
     // The step's command line (`sleep 5NNNN`) differs from the worker's own argv.
     let n = std::process::id() % 10000 + 10000;

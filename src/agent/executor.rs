@@ -415,6 +415,7 @@ fn run_step(
     log.note(&format!("$ {title}\n"));
     let failed = |e: std::io::Error| StepError::Failed(format!("{title} could not start: {e}"));
     let (mut reader, writer) = std::io::pipe().map_err(failed)?;
+    die_with_agent(&mut cmd);
     cmd.process_group(0)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -447,6 +448,29 @@ fn run_step(
         Ok(status) if status.success() => Ok(()),
         Ok(status) => Err(StepError::Failed(format!("{title} failed ({status})"))),
         Err(e) => Err(StepError::Failed(format!("{title}: {e}"))),
+    }
+}
+
+/// Makes the step's process get SIGKILL when the agent dies: a SIGKILLed agent cannot
+/// stop its steps itself, and a restarted one would otherwise run beside them. Only the
+/// step's own process gets the signal: `git` and the `docker` client (whose build the
+/// engine cancels when the client goes), or the exec executor's `sh`, whose children
+/// live on unless the command `exec`s them.
+fn die_with_agent(cmd: &mut Command) {
+    let agent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent may have died before the signal was armed.
+            if libc::getppid() as u32 != agent {
+                return Err(std::io::Error::other("the worker agent is gone"));
+            }
+            Ok(())
+        });
     }
 }
 
