@@ -1,9 +1,10 @@
 //! The health ticker: every interval it pings every worker's `JobService.Ping` at once
 //! (each call with its own deadline), records the answers in the registry, and forgets
-//! workers that stayed unhealthy too long. A worker whose ping failed is pinged again at
-//! once, not a whole interval later, until it answers or is unhealthy: a frozen worker
-//! is out of the pool within one interval plus `unhealthy-after` × timeout (4 s at the
-//! defaults), while a healthy one is still pinged once per interval.
+//! workers that stayed unhealthy too long. A worker whose ping failed is pinged again a
+//! timeout after the failed ping was sent (at once when it timed out), not a whole
+//! interval later, until it answers or is unhealthy: a frozen worker is out of the pool
+//! within one interval plus `unhealthy-after` × timeout (4 s at the defaults), while a
+//! healthy one is still pinged once per interval.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,15 +38,21 @@ pub fn spawn(
 }
 
 /// Pings every worker concurrently and records the results, pinging suspects (failed,
-/// still healthy) again at once; returns when every worker answered or is unhealthy,
+/// still healthy) again a timeout after their last ping was sent; returns when every worker answered or is unhealthy,
 /// with the number of failed pings.
 pub fn round(registry: &Registry, timeout: Duration) -> u64 {
     let mut failures = 0;
     let mut targets = registry.ping_targets();
     while !targets.is_empty() {
+        let sent = Instant::now();
         let (failed, suspects) = ping_all(registry, targets, timeout);
         failures += failed;
         targets = suspects;
+        if !targets.is_empty() {
+            // Failures stay a timeout apart: a refused connection is not asked again
+            // within the same instant (a timed-out ping already waited that long).
+            std::thread::sleep(timeout.saturating_sub(sent.elapsed()));
+        }
     }
     failures
 }
