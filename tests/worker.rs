@@ -11,7 +11,7 @@ use blacktree::proto::job::{CancelJobRequest, JobRequest, JobResponse};
 use blacktree::proto::job_grpc::JobServiceClient;
 use common::build_env::*;
 use common::*;
-use grpcio::{CallOption, ChannelBuilder, Environment};
+use grpcio::{CallOption, ChannelBuilder, ClientUnaryReceiver, Environment};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -377,53 +377,66 @@ fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
     );
 }
 
-#[test]
-fn a_killed_worker_takes_its_running_step_with_it() {
-    // Only the step's own process dies with the agent: `exec` makes `sleep` that process
-    // (dash would otherwise keep it as a child of its own).
+/// A job whose step sleeps a long time, running on a worker of its own.
+struct SleepingJob {
+    worker: WorkerProcess,
+    client: JobServiceClient,
+    call: ClientUnaryReceiver<JobResponse>,
+    /// The step's command line (`sleep NNNNN`), unlike any other process's.
+    marker: String,
+    _repo: TempDir,
+}
+
+/// Starts worker `id` with a step that runs `{prefix}sleep BASE+n` and waits until the
+/// step runs.
+fn sleeping_job(id: &str, base: u32, prefix: &str) -> SleepingJob {
     let n = std::process::id() % 10000 + 10000;
-    let marker = format!("sleep {}", 50000 + n);
-    let command = format!("exec sleep $((50000 + {n}))");
+    let marker = format!("sleep {}", base + n);
+    let command = format!("{prefix}sleep $(({base} + {n}))");
     let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
     let args = ["--executor", "exec", "--exec-command", command.as_str()];
-    let worker = WorkerProcess::start("killed-w", no_orchestrator(), &args);
+    let worker = WorkerProcess::start(id, no_orchestrator(), &args);
     let client = client(worker.port);
-    let _call = client
+    let call = client
         .run_job_async_opt(
-            &job("killed-1", &repo, ""),
+            &job(&format!("{id}-job"), &repo, ""),
             CallOption::default().timeout(LONG),
         )
         .unwrap();
     poll(LONG, "the job's command to start", || {
         process_running(&marker).then_some(())
     });
-    sh(&format!("kill -KILL {}", worker.pid()));
+    SleepingJob {
+        worker,
+        client,
+        call,
+        marker,
+        _repo: repo,
+    }
+}
+
+#[test]
+fn a_killed_worker_takes_its_running_step_with_it() {
+    // Only the step's own process dies with the agent: `exec` makes `sleep` that process
+    // (dash would otherwise keep it as a child of its own).
+    let job = sleeping_job("killed-w", 50000, "exec ");
+    sh(&format!("kill -KILL {}", job.worker.pid()));
     poll(
         Duration::from_secs(10),
         "the step to die with its worker",
-        || (!process_running(&marker)).then_some(()),
+        || (!process_running(&job.marker)).then_some(()),
     );
 }
 
 #[test]
 fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
-    // The step's command line (`sleep 5NNNN`) differs from the worker's own argv.
-    let n = std::process::id() % 10000 + 10000;
-    let marker = format!("sleep {}", 40000 + n);
-    let command = format!("sleep $((40000 + {n}))");
-    let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
-    let args = ["--executor", "exec", "--exec-command", command.as_str()];
-    let worker = WorkerProcess::start("gone-w", no_orchestrator(), &args);
-    let client = client(worker.port);
-    let mut call = client
-        .run_job_async_opt(
-            &job("gone-1", &repo, ""),
-            CallOption::default().timeout(LONG),
-        )
-        .unwrap();
-    poll(LONG, "the job's command to start", || {
-        process_running(&marker).then_some(())
-    });
+    let SleepingJob {
+        worker,
+        client,
+        mut call,
+        marker,
+        _repo,
+    } = sleeping_job("gone-w", 40000, "");
     call.cancel();
     poll(Duration::from_secs(10), "the command to be killed", || {
         (!process_running(&marker)).then_some(())
