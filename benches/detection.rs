@@ -55,13 +55,16 @@ fn main() {
     watch.wait(None, "every worker free", all_free);
 
     let (mut detect, mut recover) = (Vec::new(), Vec::new());
-    let mut phase = Phase::seeded();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut rng = Rng::new(seed);
     for trial in 0..trials {
         let worker = &workers[trial % WORKERS];
         let id = Some(worker.id.as_str());
         // Freeze at a random moment of the health interval: right after a thaw the
         // rounds are in step with the trial loop.
-        std::thread::sleep(phase.next_within(HEALTH_INTERVAL));
+        std::thread::sleep(rng.millis((0, HEALTH_INTERVAL.as_millis() as u64)));
         signal(worker.pid(), libc::SIGSTOP);
         let frozen = Instant::now();
         watch.wait(id, "the frozen worker out", |states| {
@@ -86,25 +89,6 @@ fn main() {
     println!("detection.within_bound {within}");
     println!("detection.recovery_p50_s {:.2}", percentile(&recover, 0.5));
     println!("detection.false_removals {}", watch.false_removals.len());
-}
-
-/// A random offset within the health interval (xorshift, seeded by the clock).
-struct Phase(u64);
-
-impl Phase {
-    fn seeded() -> Phase {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.subsec_nanos());
-        Phase(u64::from(nanos) | 1)
-    }
-
-    fn next_within(&mut self, span: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        span.mul_f64((self.0 % 10_000) as f64 / 10_000.0)
-    }
 }
 
 fn signal(pid: u32, signal: libc::c_int) {

@@ -125,6 +125,13 @@ pub struct Topology {
     pub events_queue: String,
 }
 
+impl Topology {
+    /// Whether lifecycle events are published (`--events-key` is set).
+    pub fn events_on(&self) -> bool {
+        !self.events_key.is_empty()
+    }
+}
+
 /// The broker's URL, as every command that talks to RabbitMQ takes it.
 #[derive(Args, Debug, Clone)]
 pub struct BrokerUrl {

@@ -38,8 +38,8 @@ pub fn spawn(
 }
 
 /// Pings every worker concurrently and records the results, pinging suspects (failed,
-/// still healthy) again a timeout after their last ping was sent; returns when every worker answered or is unhealthy,
-/// with the number of failed pings.
+/// still healthy) again a timeout after their last ping was sent; returns when every
+/// worker answered or is unhealthy, with the number of failed pings.
 pub fn round(registry: &Registry, timeout: Duration) -> u64 {
     let mut failures = 0;
     let mut targets = registry.ping_targets();

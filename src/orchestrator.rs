@@ -113,7 +113,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         DispatchSettings {
             threads: config.dispatch_threads,
             job_timeout: config.job_timeout,
-            events: !config.topology.events_key.is_empty(),
+            events: config.topology.events_on(),
         },
         DispatchLinks {
             jobs: jobs_rx,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Connection, Publish};
 use common::build_env::TempDir;
-use common::{free_port, poll, LoggedChild, Mq, Names, Orchestrator, PrivateBroker};
+use common::{free_port, poll, rss_kib, LoggedChild, Mq, Names, Orchestrator, PrivateBroker, Rng};
 use crossbeam_channel::Receiver;
 use serde_json::{json, Value};
 
@@ -155,49 +155,6 @@ fn step_millis(jobs: usize) -> u64 {
     let slots = (WORKERS * CAPACITY) as f64;
     let ms = UTILISATION * slots * publishing_time(jobs).as_secs_f64() * 1000.0 / jobs as f64;
     (ms as u64).clamp(20, 500)
-}
-
-/// xorshift64*: a tiny seeded generator, so that a run's fault schedule can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // Multiplying by an odd constant is a bijection; only the zero state is unusable.
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// A duration in the `(low, high)` range of milliseconds.
-    fn millis(&mut self, (low, high): (u64, u64)) -> Duration {
-        Duration::from_millis(low + self.next_u64() % (high - low + 1))
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-/// The resident set size of process `pid`, in KiB (`VmRSS` in /proc/PID/status).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS for process {pid}"))
 }
 
 fn mib(kib: u64) -> String {

@@ -98,25 +98,14 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / per_second as f64
 }
 
-/// A `Name:  value` line of `/proc/PID/status`, as a number (VmRSS in KiB, Threads).
-fn status_value(pid: u32, name: &str) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-}
-
 /// Resident memory of `pid`, in MiB.
 pub fn rss_mib(pid: u32) -> f64 {
-    status_value(pid, "VmRSS") as f64 / 1024.0
+    crate::common::rss_kib(pid) as f64 / 1024.0
 }
 
 /// Threads of `pid`.
 pub fn threads(pid: u32) -> u64 {
-    status_value(pid, "Threads")
+    crate::common::proc_status(pid, "Threads")
 }
 
 /// `pid`'s threads by name (trailing digits dropped), e.g. `dispatch×64 grpc×1`.

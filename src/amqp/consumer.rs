@@ -426,7 +426,7 @@ impl Consumer {
             token: token.clone(),
         };
         self.pending.insert(job.job_id.clone(), pending);
-        if !self.config.topology.events_key.is_empty() {
+        if self.config.topology.events_on() {
             self.publish(Publication::Event(job::Event::now(
                 &job.job_id,
                 EventKind::Received,
@@ -468,8 +468,7 @@ impl Consumer {
 
     /// Cancels a job wherever it is: waiting here (its status is published now), in the
     /// `jobs` channel, in dispatch or on a worker (its token tells the dispatch thread
-    /// that has or takes it), not consumed yet
-    /// (remembered), or finished (nothing to do).
+    /// that has or takes it), not consumed yet (remembered), or finished (nothing to do).
     fn cancel(&mut self, job_id: String) {
         if let Some(i) = self.backlog.iter().position(|a| a.job.job_id == job_id) {
             self.backlog.remove(i);

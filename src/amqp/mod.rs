@@ -178,7 +178,7 @@ pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), am
             ..ExchangeDeclareOptions::default()
         },
     )?;
-    let events = (!topology.events_key.is_empty()).then_some(&topology.events_key);
+    let events = topology.events_on().then_some(&topology.events_key);
     for (queue, key) in [
         (&topology.execute_queue, Some(&topology.execute_key)),
         (&topology.status_queue, Some(&topology.status_key)),

@@ -29,7 +29,7 @@ pub enum Publication {
     /// A job's final status (preceded by its `finished` event when events are on); its
     /// confirmation acks the job's deliveries.
     Status(Status),
-    /// A lifecycle event; dropped when events are off.
+    /// A lifecycle event; senders send none when events are off (one is dropped then).
     Event(Event),
     /// A message that is not a valid job: a copy goes to the rejected queue with the
     /// reason in a header, and a `rejected` status when its jobId could be read.
@@ -231,7 +231,7 @@ impl Publisher {
     /// The event's message; `None` when events are off.
     fn event_message(&self, event: &Event) -> Option<Message> {
         let key = &self.topology.events_key;
-        (!key.is_empty()).then(|| Message {
+        self.topology.events_on().then(|| Message {
             exchange: self.topology.exchange.clone(),
             routing_key: key.clone(),
             body: event.to_json(),

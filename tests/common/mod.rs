@@ -531,6 +531,55 @@ pub fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
     blacktree::rpc::block_on(future, None).expect("no cancel token")
 }
 
+/// xorshift64*: a tiny seeded generator, so that a run's fault schedule can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        // Multiplying by an odd constant is a bijection; only the zero state is unusable.
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// A duration in the `(low, high)` range of milliseconds.
+    pub fn millis(&mut self, (low, high): (u64, u64)) -> Duration {
+        Duration::from_millis(low + self.next_u64() % (high - low + 1))
+    }
+
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// A number field of `/proc/PID/status` (`VmRSS` in KiB, `Threads`, …).
+pub fn proc_status(pid: u32, name: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} for process {pid}"))
+}
+
+/// The resident set size of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS")
+}
+
 /// A `blacktree` child process whose stderr is collected; killed on drop.
 pub struct LoggedChild {
     child: Child,
