@@ -1,19 +1,26 @@
 //! Throughput: N jobs through the orchestrator to 64 no-op gRPC workers, beside a raw
 //! amiquip loop doing the broker's part of the same work (consume, publish a status with
 //! publisher confirms, ack after the confirm) with the same in-flight window, in one
-//! run. Both drain a queue filled beforehand; each rate is measured from the first
-//! status to the last. `BENCH_JOBS` sets N (default 20,000). Run by scripts/bench.sh.
+//! run; and beside the same loop making a bare asynchronous `RunJob` call to the no-op
+//! workers for each message before publishing its status (the broker's part plus the
+//! gRPC part, with no thread of its own between them: the floor for all of Blacktree's
+//! work on this machine). Each drains a queue filled beforehand; each rate is measured
+//! from the first status to the last. `BENCH_JOBS` sets N (default 20,000). Run by
+//! scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod support;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use blacktree::amqp::AmqpUrl;
 use blacktree::job::{Outcome, Status};
+use blacktree::proto::job::JobRequest;
+use blacktree::rpc;
 use common::*;
 use crossbeam_channel::select;
 use serde_json::json;
@@ -28,13 +35,24 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
     let broker = broker_pid();
-    let raw = raw_loop(jobs, broker);
+    let raw = raw_loop(jobs, broker, false);
+    let raw_grpc = raw_loop(jobs, broker, true);
     let blacktree = orchestrator(jobs, broker);
     println!("throughput.jobs {jobs}");
     println!("throughput.raw_msgs_per_s {:.0}", raw.rate);
+    println!("throughput.raw_grpc_msgs_per_s {:.0}", raw_grpc.rate);
     println!("throughput.blacktree_jobs_per_s {:.0}", blacktree.rate);
     println!("throughput.ratio {:.3}", blacktree.rate / raw.rate);
-    for (run, figures) in [("raw", &raw), ("blacktree", &blacktree)] {
+    println!(
+        "throughput.ratio_grpc {:.3}",
+        blacktree.rate / raw_grpc.rate
+    );
+    let runs = [
+        ("raw", &raw),
+        ("raw_grpc", &raw_grpc),
+        ("blacktree", &blacktree),
+    ];
+    for (run, figures) in runs {
         for (process, seconds) in &figures.cpu {
             let per_1000 = seconds * 1000.0 / jobs as f64 * 1000.0;
             println!("throughput.{run}.cpu_ms_per_1000.{process} {per_1000:.0}");
@@ -108,15 +126,27 @@ fn orchestrator(jobs: usize, broker: u32) -> Run {
 }
 
 /// The broker's own limit for this work: one thread, consume → publish status with a
-/// confirm → ack, with `WINDOW` messages in flight.
-fn raw_loop(jobs: usize, broker: u32) -> Run {
-    let names = Names::unique("raw");
+/// confirm → ack, with `WINDOW` messages in flight. With `grpc`, each message first
+/// goes to one of `WORKERS` no-op workers (round-robin) as an asynchronous `RunJob`,
+/// and its status is published when the answer arrives.
+fn raw_loop(jobs: usize, broker: u32, grpc: bool) -> Run {
+    let names = Names::unique(if grpc { "rawgrpc" } else { "raw" });
     let mq = Mq::connect(SHARED_BROKER, &names);
+    let workers = grpc.then(|| serve_noop_workers(NoopWorker::default(), WORKERS, 1));
+    let ports = workers
+        .as_ref()
+        .map_or(Vec::new(), |(_, ports)| ports.clone());
     fill(&mq, jobs, "raw");
     let execute = names.execute.clone();
     let exchange = names.exchange.clone();
     let meter = CpuMeter::start(&[broker, std::process::id()]);
     let looper = std::thread::spawn(move || {
+        let env = Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+        let clients: Vec<_> = ports
+            .iter()
+            .map(|port| rpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
+            .collect();
+        let (answers, answered) = crossbeam_channel::unbounded::<(u64, String)>();
         let mut connection = AmqpUrl::parse(SHARED_BROKER).unwrap().connect().unwrap();
         let channel = connection.open_channel(None).unwrap();
         channel.qos(0, WINDOW, false).unwrap();
@@ -125,7 +155,18 @@ fn raw_loop(jobs: usize, broker: u32) -> Run {
         let consumer = channel
             .basic_consume(execute.as_str(), ConsumerOptions::default())
             .unwrap();
+        let publish = |job_id: &str| {
+            let status = Status::without_answer(job_id, Outcome::Succeeded, "raw", String::new());
+            let properties = AmqpProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let body = status.to_json();
+            let message = Publish::with_properties(&body, "api.result", properties);
+            channel.basic_publish(exchange.as_str(), message).unwrap();
+        };
         let mut smoother = ConfirmSmoother::new();
+        let mut calls = HashMap::new();
+        let mut next_call = 0;
         let mut waiting = VecDeque::new();
         let mut acked = 0;
         while acked < jobs {
@@ -133,10 +174,27 @@ fn raw_loop(jobs: usize, broker: u32) -> Run {
                 recv(consumer.receiver()) -> message => {
                     let Ok(ConsumerMessage::Delivery(delivery)) = message else { panic!("raw consumer ended") };
                     let job: serde_json::Value = serde_json::from_slice(&delivery.body).unwrap();
-                    let status = Status::without_answer(job["jobId"].as_str().unwrap(), Outcome::Succeeded, "raw", String::new());
-                    let properties = AmqpProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-                    channel.basic_publish(exchange.as_str(), Publish::with_properties(&status.to_json(), "api.result", properties)).unwrap();
-                    waiting.push_back(delivery);
+                    let job_id = job["jobId"].as_str().unwrap().to_string();
+                    if clients.is_empty() {
+                        publish(&job_id);
+                        waiting.push_back(delivery);
+                        continue;
+                    }
+                    let client = &clients[next_call as usize % clients.len()];
+                    let request = JobRequest { jobId: job_id, ..JobRequest::default() };
+                    let call = client.run_job_async(&request).unwrap();
+                    let answers = answers.clone();
+                    client.spawn(async move {
+                        let answer = call.await.expect("a no-op worker answers");
+                        let _ = answers.send((next_call, answer.jobId));
+                    });
+                    calls.insert(next_call, delivery);
+                    next_call += 1;
+                }
+                recv(answered) -> answer => {
+                    let (call, job_id) = answer.unwrap();
+                    publish(&job_id);
+                    waiting.push_back(calls.remove(&call).unwrap());
                 }
                 recv(confirms) -> confirm => {
                     for _ in smoother.process(confirm.unwrap()) {

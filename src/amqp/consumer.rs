@@ -9,8 +9,9 @@
 //! * deliveries from `cancel.queue`: a job waiting in the backlog is dropped (status
 //!   `cancelled`), one in the `jobs` channel or in dispatch has its [`CancelToken`]
 //!   fired, one not consumed yet is remembered for `--cancel-ttl`;
-//! * its inbox ([`ConsumerMsg`]): "the status of job X is confirmed, ack its
-//!   deliveries", "job X was not started, requeue it", "the publisher lost its channel",
+//! * its inbox ([`ConsumerMsg`]): "the statuses of jobs X, Y… are confirmed, ack their
+//!   deliveries" (a run of the oldest unacked deliveries goes as one multiple ack),
+//!   "job X was not started, requeue it", "the publisher lost its channel",
 //!   "drain";
 //! * the bounded `jobs` channel to the dispatch pool, which takes the backlog's oldest
 //!   job while it has room (its capacity is the prefetch, so it rarely fills). A job
@@ -27,7 +28,7 @@
 //! * deliveries belong to one connection generation: when the connection dies they are
 //!   forgotten (the broker redelivers them), never acked on the next connection.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -64,8 +65,8 @@ pub enum AckKey {
 /// Messages to the consumer thread.
 #[derive(Debug)]
 pub enum ConsumerMsg {
-    /// The broker confirmed everything published for this key: ack its deliveries.
-    Confirmed(AckKey),
+    /// The broker confirmed everything published for these keys: ack their deliveries.
+    Confirmed(Vec<AckKey>),
     /// The publisher's channel of this connection generation failed: reconnect.
     PublisherLost(u64),
     /// A dispatch thread gives back a job it never started (drain): requeue it.
@@ -121,6 +122,7 @@ pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
         pending: HashMap::new(),
         rejected: HashMap::new(),
         next_rejected: 0,
+        unacked: Unacked::default(),
         backlog: VecDeque::new(),
         drain_deadline: None,
         stats: Stats::default(),
@@ -156,6 +158,8 @@ struct Consumer {
     /// Rejected deliveries waiting for their rejected copy to be confirmed.
     rejected: HashMap<u64, Delivery>,
     next_rejected: u64,
+    /// Every delivery of the live channel not acked or nacked yet.
+    unacked: Unacked,
     recent: RecentJobs,
     /// Jobs consumed and not yet taken by a dispatch thread, oldest first.
     backlog: VecDeque<Assignment>,
@@ -329,6 +333,7 @@ impl Consumer {
             };
             match event {
                 Event::Delivery(i, Ok(ConsumerMessage::Delivery(delivery))) => {
+                    self.unacked.received(&delivery);
                     let result = match consumers[i].0 {
                         Source::Jobs => self.delivery(channel, delivery),
                         Source::Cancels => self.cancel_delivery(channel, delivery),
@@ -382,6 +387,7 @@ impl Consumer {
             pending.deliveries.clear();
         }
         self.rejected.clear();
+        self.unacked = Unacked::default();
         // Jobs not yet started come back with those redeliveries.
         for assignment in self.take_back_unstarted() {
             self.pending.remove(&assignment.job.job_id);
@@ -391,7 +397,7 @@ impl Consumer {
     fn delivery(&mut self, channel: &Channel, mut delivery: Delivery) -> amiquip::Result<()> {
         self.stats.received += 1;
         if self.drain_deadline.is_some() {
-            return delivery.nack(channel, true);
+            return self.unacked.nack(channel, delivery);
         }
         let job = match Job::decode(&delivery.body, self.config.max_message_bytes) {
             Ok(job) => job,
@@ -416,7 +422,7 @@ impl Consumer {
                 job.job_id
             );
             self.stats.duplicates += 1;
-            return delivery.ack(channel);
+            return self.unacked.ack(channel, vec![delivery]);
         }
         self.links.metrics.jobs_received.inc();
         info!("job {}: received", job.job_id);
@@ -456,7 +462,7 @@ impl Consumer {
         match decode_cancel(&delivery.body) {
             Ok(job_id) => {
                 self.cancel(job_id);
-                delivery.ack(channel)
+                self.unacked.ack(channel, vec![delivery])
             }
             Err(rejection) => {
                 let body = std::mem::take(&mut delivery.body);
@@ -532,22 +538,21 @@ impl Consumer {
     /// Handles an inbox message; `channel` is `None` while disconnected.
     fn inbox(&mut self, msg: ConsumerMsg, channel: Option<&Channel>) -> amiquip::Result<()> {
         match msg {
-            ConsumerMsg::Confirmed(AckKey::Job(job_id)) => {
-                let deliveries = self
-                    .pending
-                    .remove(&job_id)
-                    .map(|p| p.deliveries)
-                    .unwrap_or_default();
-                self.recent.insert(job_id);
-                if let Some(channel) = channel {
-                    for delivery in deliveries {
-                        delivery.ack(channel)?;
+            ConsumerMsg::Confirmed(keys) => {
+                let mut deliveries = Vec::new();
+                for key in keys {
+                    match key {
+                        AckKey::Job(job_id) => {
+                            if let Some(pending) = self.pending.remove(&job_id) {
+                                deliveries.extend(pending.deliveries);
+                            }
+                            self.recent.insert(job_id);
+                        }
+                        AckKey::Rejected(id) => deliveries.extend(self.rejected.remove(&id)),
                     }
                 }
-            }
-            ConsumerMsg::Confirmed(AckKey::Rejected(id)) => {
-                if let (Some(delivery), Some(channel)) = (self.rejected.remove(&id), channel) {
-                    delivery.ack(channel)?;
+                if let Some(channel) = channel {
+                    self.unacked.ack(channel, deliveries)?;
                 }
             }
             ConsumerMsg::Requeue(job_id) => self.requeue(&job_id, channel)?,
@@ -567,7 +572,7 @@ impl Consumer {
             .unwrap_or_default();
         if let Some(channel) = channel {
             for delivery in deliveries {
-                delivery.nack(channel, true)?;
+                self.unacked.nack(channel, delivery)?;
             }
         }
         Ok(())
@@ -606,6 +611,54 @@ impl Consumer {
             }
         }
     }
+}
+
+/// The delivery tags of the live channel not acked or nacked yet. Every ack goes
+/// through it so that acks of the oldest deliveries become one `basic.ack` with
+/// `multiple` set: under load the broker confirms statuses in batches, mostly of the
+/// oldest jobs, and one frame then acks them all.
+#[derive(Debug, Default)]
+struct Unacked(BTreeSet<u64>);
+
+impl Unacked {
+    fn received(&mut self, delivery: &Delivery) {
+        self.0.insert(delivery.delivery_tag());
+    }
+
+    fn nack(&mut self, channel: &Channel, delivery: Delivery) -> amiquip::Result<()> {
+        self.0.remove(&delivery.delivery_tag());
+        delivery.nack(channel, true)
+    }
+
+    /// Acks `deliveries`: those that are the oldest unacked ones with one multiple ack,
+    /// the others one by one.
+    fn ack(&mut self, channel: &Channel, mut deliveries: Vec<Delivery>) -> amiquip::Result<()> {
+        deliveries.sort_unstable_by_key(Delivery::delivery_tag);
+        let tags: Vec<u64> = deliveries.iter().map(Delivery::delivery_tag).collect();
+        let oldest = oldest_run(&self.0, &tags);
+        for tag in &tags {
+            self.0.remove(tag);
+        }
+        let mut deliveries = deliveries.into_iter();
+        if oldest > 1 {
+            let last = deliveries.nth(oldest - 1).expect("the run is in the list");
+            last.ack_multiple(channel)?;
+        }
+        for delivery in deliveries {
+            delivery.ack(channel)?;
+        }
+        Ok(())
+    }
+}
+
+/// How many of `tags` (sorted) are the oldest of `unacked`, in a row: a multiple ack of
+/// the last of them acks exactly those.
+fn oldest_run(unacked: &BTreeSet<u64>, tags: &[u64]) -> usize {
+    unacked
+        .iter()
+        .zip(tags)
+        .take_while(|(unacked, tag)| unacked == tag)
+        .count()
 }
 
 /// The jobIds confirmed within a time window, bounded in number.
@@ -664,6 +717,16 @@ impl RecentJobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_run_of_the_oldest_unacked_deliveries_is_acked_as_multiple() {
+        let unacked: BTreeSet<u64> = [3, 4, 5, 7, 9].into();
+        assert_eq!(oldest_run(&unacked, &[3, 4, 5]), 3);
+        assert_eq!(oldest_run(&unacked, &[3, 4, 7]), 2, "5 is still running");
+        assert_eq!(oldest_run(&unacked, &[4, 5]), 0, "3 is still running");
+        assert_eq!(oldest_run(&unacked, &[3, 4, 5, 7, 9]), 5);
+        assert_eq!(oldest_run(&unacked, &[]), 0);
+    }
 
     #[test]
     fn recent_jobs_forget_by_age_and_by_count() {

@@ -1,10 +1,11 @@
 //! The status publisher thread.
 //!
 //! It owns a publishing channel with publisher confirms. Every [`Publication`] (a job's
-//! status, a rejected message and its status, or a lifecycle event) is published at once, confirms are
-//! pipelined, and only when the broker has confirmed every message of a publication
-//! does the thread send [`ConsumerMsg::Confirmed`] so the consumer thread acks the
-//! delivery. When the channel is lost, every unconfirmed publication is kept and
+//! status, a rejected message and its status, or a lifecycle event) is published at once,
+//! confirms are pipelined, and only when the broker has confirmed every message of a
+//! publication does the thread send [`ConsumerMsg::Confirmed`] so the consumer thread
+//! acks the delivery (one message for all the publications one confirm completes: the
+//! broker confirms many messages at once under load). When the channel is lost, every unconfirmed publication is kept and
 //! published again on the next channel: a status may be published twice, never lost.
 
 use std::collections::{HashMap, VecDeque};
@@ -141,9 +142,12 @@ impl Publisher {
         self.count_finished(&publication);
         let (key, messages) = match publication {
             Publication::Status(status) => {
-                let finished = Event::now(&status.job_id, EventKind::Finished, &status.worker_id);
-                let mut messages: Vec<Message> =
-                    self.event_message(&finished).into_iter().collect();
+                let mut messages = Vec::with_capacity(2);
+                if self.topology.events_on() {
+                    let finished =
+                        Event::now(&status.job_id, EventKind::Finished, &status.worker_id);
+                    messages.extend(self.event_message(&finished));
+                }
                 messages.push(self.status_message(&status));
                 (Some(AckKey::Job(status.job_id.clone())), messages)
             }
@@ -307,6 +311,7 @@ impl Publisher {
             return;
         };
         let confirms: Vec<Confirm> = link.smoother.process(raw).collect();
+        let mut confirmed = Vec::new();
         for confirm in confirms {
             let (tag, acked) = match confirm {
                 Confirm::Ack(p) => (p.delivery_tag, true),
@@ -326,11 +331,12 @@ impl Publisher {
             entry.unconfirmed -= 1;
             if entry.unconfirmed == 0 {
                 let entry = self.entries.remove(&id).expect("entry present");
-                if let Some(key) = entry.key {
-                    // The consumer thread lives as long as the process does its job.
-                    let _ = self.consumer.send(ConsumerMsg::Confirmed(key));
-                }
+                confirmed.extend(entry.key);
             }
+        }
+        if !confirmed.is_empty() {
+            // The consumer thread lives as long as the process does its job.
+            let _ = self.consumer.send(ConsumerMsg::Confirmed(confirmed));
         }
     }
 

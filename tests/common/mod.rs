@@ -266,6 +266,24 @@ impl Mq {
     }
 }
 
+/// Deliveries of `queue` on the shared broker that are not acked yet (AMQP cannot ask
+/// this; `rabbitmqctl list_queues` can).
+pub fn unacked_on_shared_broker(queue: &str) -> u64 {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers"])
+        .args(["name", "messages_unacknowledged"])
+        .output()
+        .expect("running rabbitmqctl");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    listing
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then(|| fields.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue}: {listing}"))
+}
+
 /// Deletes the test's queues and exchange, also when the test failed.
 impl Drop for Mq {
     fn drop(&mut self) {
