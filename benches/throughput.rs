@@ -5,8 +5,9 @@
 //! workers for each message before publishing its status (the broker's part plus the
 //! gRPC part, with no thread of its own between them: the floor for all of Blacktree's
 //! work on this machine). Each drains a queue filled beforehand; each rate is measured
-//! from the first status to the last. `BENCH_JOBS` sets N (default 20,000). Run by
-//! scripts/bench.sh.
+//! from the first status to the last. `BENCH_JOBS` sets N (default 20,000); the three
+//! alternate for `BENCH_ROUNDS` rounds (default 3), and each figure is the median over
+//! the rounds (a ratio is taken within each round). Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -24,40 +25,64 @@ use blacktree::rpc;
 use common::*;
 use crossbeam_channel::select;
 use serde_json::json;
-use support::{broker_pid, serve_noop_workers, static_workers, CpuMeter, NoopWorker};
+use support::{broker_pid, percentile, serve_noop_workers, static_workers, CpuMeter, NoopWorker};
 
 const WINDOW: u16 = 64;
 const WORKERS: usize = 64;
 
 fn main() {
-    let jobs: usize = std::env::var("BENCH_JOBS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(20_000);
+    let env_number = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    let jobs = env_number("BENCH_JOBS", 20_000);
+    let rounds = env_number("BENCH_ROUNDS", 3).max(1);
     let broker = broker_pid();
-    let raw = raw_loop(jobs, broker, false);
-    let raw_grpc = raw_loop(jobs, broker, true);
-    let blacktree = orchestrator(jobs, broker);
+    // Rounds alternate the three so that a slow spell of the machine hits all of them;
+    // each ratio is taken within a round, then the median is reported.
+    let mut results: Vec<[Run; 3]> = Vec::new();
+    for _ in 0..rounds {
+        results.push([
+            raw_loop(jobs, broker, false),
+            raw_loop(jobs, broker, true),
+            orchestrator(jobs, broker),
+        ]);
+    }
     println!("throughput.jobs {jobs}");
-    println!("throughput.raw_msgs_per_s {:.0}", raw.rate);
-    println!("throughput.raw_grpc_msgs_per_s {:.0}", raw_grpc.rate);
-    println!("throughput.blacktree_jobs_per_s {:.0}", blacktree.rate);
-    println!("throughput.ratio {:.3}", blacktree.rate / raw.rate);
-    println!(
-        "throughput.ratio_grpc {:.3}",
-        blacktree.rate / raw_grpc.rate
-    );
-    let runs = [
-        ("raw", &raw),
-        ("raw_grpc", &raw_grpc),
-        ("blacktree", &blacktree),
-    ];
-    for (run, figures) in runs {
-        for (process, seconds) in &figures.cpu {
-            let per_1000 = seconds * 1000.0 / jobs as f64 * 1000.0;
-            println!("throughput.{run}.cpu_ms_per_1000.{process} {per_1000:.0}");
+    println!("throughput.rounds {rounds}");
+    let names = ["raw", "raw_grpc", "blacktree"];
+    for (i, name) in names.iter().enumerate() {
+        let rates = median_and_range(results.iter().map(|r| r[i].rate));
+        println!("throughput.{name}_per_s {:.0}", rates.0);
+        println!(
+            "throughput.{name}_per_s_range {:.0}–{:.0}",
+            rates.1, rates.2
+        );
+        for (j, (process, _)) in results[0][i].cpu.iter().enumerate() {
+            // CPU seconds for all the jobs → ms per 1,000 jobs.
+            let per_1000 =
+                median_and_range(results.iter().map(|r| r[i].cpu[j].1 * 1e6 / jobs as f64));
+            println!(
+                "throughput.{name}.cpu_ms_per_1000.{process} {:.0}",
+                per_1000.0
+            );
         }
     }
+    for (name, baseline) in [("ratio", 0), ("ratio_grpc", 1)] {
+        let ratios = median_and_range(results.iter().map(|r| r[2].rate / r[baseline].rate));
+        println!("throughput.{name} {:.3}", ratios.0);
+        println!("throughput.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
+    }
+}
+
+/// Median, smallest and largest of `values`.
+fn median_and_range(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    let median = percentile(&values, 0.5);
+    (median, values[0], values[values.len() - 1])
 }
 
 /// What one side of the comparison achieved.

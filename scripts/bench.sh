@@ -3,7 +3,7 @@
 # run on this machine, written to BENCHMARKS.md.
 # Release build (the first one compiles the gRPC C core again: ~20 min on 2 cores).
 # Run it on an otherwise idle machine: every figure shares the same 2 cores.
-#   BENCH_JOBS=20000 scripts/bench.sh
+#   BENCH_JOBS=20000 BENCH_ROUNDS=3 BENCH_SCALE_JOBS=5000 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blacktree-target}"
@@ -26,8 +26,8 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo
   echo "| benchmark | Blacktree | baseline | ratio | target |"
   echo "|---|---|---|---|---|"
-  echo "| throughput, $(value throughput.jobs) jobs, 64 no-op workers, window 64 | $(value throughput.blacktree_jobs_per_s) jobs/s | raw amiquip consume → confirmed status → ack: $(value throughput.raw_msgs_per_s) msg/s | $(value throughput.ratio) | ≥ 0.80 |"
-  echo "| throughput, same run: the raw loop plus a bare async RunJob to the same no-op workers per message | $(value throughput.blacktree_jobs_per_s) jobs/s | raw loop + gRPC: $(value throughput.raw_grpc_msgs_per_s) msg/s | $(value throughput.ratio_grpc) | (floor of all the work) |"
+  echo "| throughput, $(value throughput.jobs) jobs, 64 no-op workers, window 64 (median of $(value throughput.rounds) rounds) | $(value throughput.blacktree_per_s) jobs/s ($(value throughput.blacktree_per_s_range)) | raw amiquip consume → confirmed status → ack: $(value throughput.raw_per_s) msg/s ($(value throughput.raw_per_s_range)) | $(value throughput.ratio) ($(value throughput.ratio_range)) | ≥ 0.80 |"
+  echo "| throughput, same rounds: the raw loop plus a bare async RunJob to the same no-op workers per message | $(value throughput.blacktree_per_s) jobs/s | raw loop + gRPC: $(value throughput.raw_grpc_per_s) msg/s ($(value throughput.raw_grpc_per_s_range)) | $(value throughput.ratio_grpc) ($(value throughput.ratio_grpc_range)) | (the floor of all the work) |"
   for pair in "publish_to_runjob|publish on execute.queue → RunJob at the worker|bare_publish_to_delivery|bare publish → delivery" \
               "answer_to_status|RunJob at the worker → status delivered|bare_grpc_unary|bare gRPC unary call"; do
     IFS='|' read -r ours label floor floor_label <<<"$pair"
@@ -41,7 +41,7 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo "| scale, $(value scale.workers) workers: idle CPU (one core = 100 %) | $(value scale.w1000.idle_cpu_pct) % | bare client: $(value scale.bare.idle_cpu_pct) % | | < 2 % |"
   echo "| cost per job: orchestrator CPU per 1,000 jobs (net of idle), 10 / 100 / 1,000 workers | $(value scale.w10.cpu_ms_per_1000_jobs) / $(value scale.w100.cpu_ms_per_1000_jobs) / $(value scale.w1000.cpu_ms_per_1000_jobs) ms | 10 workers | $(ratio "$(value scale.w1000.cpu_ms_per_1000_jobs)" "$(value scale.w10.cpu_ms_per_1000_jobs)") (1,000 vs 10) | flat |"
   echo
-  echo "CPU per 1,000 jobs in the throughput run (ms): raw loop: broker $(value throughput.raw.cpu_ms_per_1000.broker), loop $(value throughput.raw.cpu_ms_per_1000.bench);"
+  echo "CPU per 1,000 jobs in the throughput run (ms, medians): raw loop: broker $(value throughput.raw.cpu_ms_per_1000.broker), loop $(value throughput.raw.cpu_ms_per_1000.bench);"
   echo "raw loop + gRPC: broker $(value throughput.raw_grpc.cpu_ms_per_1000.broker), loop and no-op workers $(value throughput.raw_grpc.cpu_ms_per_1000.bench);"
   echo "Blacktree: orchestrator $(value throughput.blacktree.cpu_ms_per_1000.orchestrator), broker $(value throughput.blacktree.cpu_ms_per_1000.broker), no-op workers and bench $(value throughput.blacktree.cpu_ms_per_1000.bench_and_workers)."
   if [ -s "$notes" ]; then echo; cat "$notes"; fi
