@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::build_env::WorkerProcess;
 use common::*;
 use serde_json::Value;
-use support::{http_get, percentile};
+use support::{env_number, http_get, percentile};
 
 const WORKERS: usize = 4;
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -26,10 +26,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const BOUND: Duration = Duration::from_secs(5);
 
 fn main() {
-    let trials: usize = std::env::var("BENCH_TRIALS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10);
+    let trials = env_number("BENCH_TRIALS", 10);
     let names = Names::unique("detect");
     let orch = Orchestrator::start(
         SHARED_BROKER,

@@ -8,6 +8,7 @@
 mod common;
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amiquip::{ConsumerMessage, ConsumerOptions, Publish};
@@ -17,20 +18,17 @@ use common::*;
 use crossbeam_channel::unbounded;
 use grpcio::{ChannelBuilder, EnvBuilder};
 use serde_json::json;
-use std::sync::Arc;
-use support::{serve_noop_workers, NoopWorker};
+use support::{env_number, percentile, serve_noop_workers, NoopWorker};
 
-fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
-    (at(0.50), at(0.99))
+/// p50 and p99 of `samples`, in ms.
+fn percentiles(samples: Vec<Duration>) -> (f64, f64) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    (percentile(&ms, 0.5), percentile(&ms, 0.99))
 }
 
 fn main() {
-    let samples: usize = std::env::var("BENCH_SAMPLES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(500);
+    let samples = env_number("BENCH_SAMPLES", 500);
     let (arrivals_tx, arrivals) = unbounded();
     let worker = NoopWorker {
         arrivals: Some(arrivals_tx),

@@ -39,10 +39,7 @@ fn main() {
     if let Ok(ports) = std::env::var(BARE_CLIENT) {
         return bare_client(&ports);
     }
-    let jobs: usize = std::env::var("BENCH_SCALE_JOBS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5_000);
+    let jobs = env_number("BENCH_SCALE_JOBS", 5_000);
     let (_workers, ports) = serve_noop_workers(NoopWorker::default(), WORKERS, 2);
     let bare = bare_idle(&ports);
     print_idle("bare", &bare);
@@ -78,7 +75,7 @@ impl Idle {
             rss_mib: rss_mib(pid),
             threads: threads(pid),
             thread_names: thread_names(pid),
-            round_ms: median(rounds),
+            round_ms: median_and_range(rounds).0,
             cpu_pct: cpu[0] / wall * 100.0,
         }
     }
@@ -90,11 +87,6 @@ fn print_idle(name: &str, idle: &Idle) {
     println!("scale.{name}.thread_names {}", idle.thread_names);
     println!("scale.{name}.round_ms {:.1}", idle.round_ms);
     println!("scale.{name}.idle_cpu_pct {:.2}", idle.cpu_pct);
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    percentile(&values, 0.5)
 }
 
 /// Runs this program as the bare client and measures it over `ROUNDS` rounds.

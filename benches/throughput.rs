@@ -25,18 +25,15 @@ use blacktree::rpc;
 use common::*;
 use crossbeam_channel::select;
 use serde_json::json;
-use support::{broker_pid, percentile, serve_noop_workers, static_workers, CpuMeter, NoopWorker};
+use support::{
+    broker_pid, env_number, median_and_range, serve_noop_workers, static_workers, CpuMeter,
+    NoopWorker,
+};
 
 const WINDOW: u16 = 64;
 const WORKERS: usize = 64;
 
 fn main() {
-    let env_number = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(default)
-    };
     let jobs = env_number("BENCH_JOBS", 20_000);
     let rounds = env_number("BENCH_ROUNDS", 3).max(1);
     let broker = broker_pid();
@@ -75,14 +72,6 @@ fn main() {
         println!("throughput.{name} {:.3}", ratios.0);
         println!("throughput.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
     }
-}
-
-/// Median, smallest and largest of `values`.
-fn median_and_range(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    let median = percentile(&values, 0.5);
-    (median, values[0], values[values.len() - 1])
 }
 
 /// What one side of the comparison achieved.

@@ -187,6 +187,25 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The number in environment variable `name` (a bench's size), or `default`.
+pub fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Median, smallest and largest of `values`.
+pub fn median_and_range(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    (
+        percentile(&values, 0.5),
+        values[0],
+        values[values.len() - 1],
+    )
+}
+
 /// Percentile `q` (0..=1) of sorted `samples`.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]

@@ -5,8 +5,9 @@
 //! confirms are pipelined, and only when the broker has confirmed every message of a
 //! publication does the thread send [`ConsumerMsg::Confirmed`] so the consumer thread
 //! acks the delivery (one message for all the publications one confirm completes: the
-//! broker confirms many messages at once under load). When the channel is lost, every unconfirmed publication is kept and
-//! published again on the next channel: a status may be published twice, never lost.
+//! broker confirms many messages at once under load). When the channel is lost, every
+//! unconfirmed publication is kept and published again on the next channel: a status
+//! may be published twice, never lost.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -146,15 +147,13 @@ impl Publisher {
                 if self.topology.events_on() {
                     let finished =
                         Event::now(&status.job_id, EventKind::Finished, &status.worker_id);
-                    messages.extend(self.event_message(&finished));
+                    messages.push(self.event_message(&finished));
                 }
                 messages.push(self.status_message(&status));
                 (Some(AckKey::Job(status.job_id.clone())), messages)
             }
-            Publication::Event(event) => match self.event_message(&event) {
-                Some(message) => (None, vec![message]),
-                None => return,
-            },
+            Publication::Event(_) if !self.topology.events_on() => return,
+            Publication::Event(event) => (None, vec![self.event_message(&event)]),
             Publication::Rejected {
                 id,
                 body,
@@ -232,18 +231,17 @@ impl Publisher {
         }
     }
 
-    /// The event's message; `None` when events are off.
-    fn event_message(&self, event: &Event) -> Option<Message> {
-        let key = &self.topology.events_key;
-        self.topology.events_on().then(|| Message {
+    /// The event's message (only called when events are on).
+    fn event_message(&self, event: &Event) -> Message {
+        Message {
             exchange: self.topology.exchange.clone(),
-            routing_key: key.clone(),
+            routing_key: self.topology.events_key.clone(),
             body: event.to_json(),
             properties: AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(event.job_id.clone()),
-        })
+        }
     }
 
     fn connected(&mut self, connected: Connected) {
