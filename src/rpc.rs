@@ -476,11 +476,39 @@ mod wait_tests {
     fn a_cancel_from_another_thread_ends_the_wait() {
         let token = CancelToken::default();
         let canceller = token.clone();
-        let waiter =
-            std::thread::spawn(move || block_on(std::future::pending::<()>(), Some(&token)));
-        std::thread::sleep(Duration::from_millis(50));
+        let (tid_tx, tid_rx) = crossbeam_channel::bounded(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            // SAFETY: gettid(2) has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_tx.send(block_on(std::future::pending::<()>(), Some(&token)));
+        });
+        // Cancelled only once the waiter has registered and sleeps in `park`, so the
+        // wake-up (not the check before parking) is what ends the wait.
+        let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let registered = canceller.state().waiter.is_some();
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            let sleeping = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('S'));
+            if registered && sleeping {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never parked"
+            );
+            std::thread::yield_now();
+        }
         assert!(canceller.cancel(CancelReason::Cancelled));
-        assert_eq!(waiter.join().unwrap(), Err(CancelReason::Cancelled));
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(10)),
+            Ok(Err(CancelReason::Cancelled)),
+            "the cancel woke the waiter"
+        );
         assert!(canceller.fired().recv().is_err(), "fired is disconnected");
     }
 }

@@ -41,11 +41,8 @@ fn sleeping(seconds: u32) -> String {
 
 #[test]
 fn a_cancel_that_arrives_before_its_job_means_the_job_never_runs() {
-    let names = Names::unique("early");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let w = TestWorker::start("early-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let Setup { mq, orch, .. } = Setup::new("early");
+    let w = orch.worker("early-w", Behaviour::default());
     mq.publish_cancel("early-1");
     orch.wait_for_log("job early-1: cancel requested before it arrived", LONG);
     mq.publish_job("early-1", json!({}));
@@ -64,15 +61,12 @@ fn a_cancel_that_arrives_before_its_job_means_the_job_never_runs() {
 
 #[test]
 fn a_job_cancelled_while_it_waits_for_a_worker_is_dropped() {
-    let names = Names::unique("queued");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("queued");
     let hold = Behaviour {
         run_time: Duration::from_secs(3),
         ..Behaviour::default()
     };
-    let w = TestWorker::start("queued-w", 0, hold);
-    w.register(orch.grpc_port);
+    let w = orch.worker("queued-w", hold);
     mq.publish_job("queued-1", json!({}));
     poll(LONG, "the first job to run", || {
         (w.observed.job_count() == 1).then_some(())
@@ -98,9 +92,7 @@ fn a_job_cancelled_while_it_waits_for_a_worker_is_dropped() {
 
 #[test]
 fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
-    let names = Names::unique("running");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("running");
     let worker = sleeper("running-w", orch.grpc_port);
     orch.wait_for_log("worker running-w registered", LONG);
     let seconds = 30_000 + std::process::id() % 10_000;
@@ -109,7 +101,7 @@ fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
         json!({"repoUrl": "", "imageName": format!("s{seconds}")}),
     );
     poll(LONG, "the job's sleep to start", || {
-        process_running(&sleeping(seconds)).then_some(())
+        worker.runs(&sleeping(seconds)).then_some(())
     });
     let cancelled_at = Instant::now();
     mq.publish_cancel("running-1");
@@ -124,7 +116,7 @@ fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
         cancelled_at.elapsed()
     );
     poll(Duration::from_secs(10), "the sleep to be killed", || {
-        (!process_running(&sleeping(seconds))).then_some(())
+        (!worker.runs(&sleeping(seconds))).then_some(())
     });
     assert!(
         worker.log().contains("job running-1: cancel requested"),
@@ -142,11 +134,8 @@ fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
 
 #[test]
 fn a_cancel_after_completion_is_harmless() {
-    let names = Names::unique("late");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let w = TestWorker::start("late-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let Setup { names, mq, orch } = Setup::new("late");
+    let _w = orch.worker("late-w", Behaviour::default());
     mq.publish_job("late-1", json!({}));
     assert_eq!(mq.statuses(1, LONG)[0]["outcome"], "succeeded");
     mq.publish_cancel("late-1");
@@ -155,16 +144,14 @@ fn a_cancel_after_completion_is_harmless() {
     orch.wait_for_log("job late-1: cancel requested", LONG);
     mq.publish_cancel("never-seen");
     orch.wait_for_log("job never-seen: cancel requested before it arrived", LONG);
-    assert_eq!(mq.depth(&names.status), 0, "no second status");
-    assert_eq!(mq.depth(&names.cancel), 0, "cancels are acked");
+    mq.wait_all_acked(&names.cancel);
+    mq.assert_no_more_statuses();
 }
 
 #[test]
 fn a_deadline_stops_the_job_on_its_worker_and_reports_timed_out() {
-    let names = Names::unique("timeout");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let _worker = sleeper("timeout-w", orch.grpc_port);
+    let Setup { mq, orch, .. } = Setup::new("timeout");
+    let worker = sleeper("timeout-w", orch.grpc_port);
     orch.wait_for_log("worker timeout-w registered", LONG);
     let seconds = 20_000 + std::process::id() % 10_000;
     mq.publish_job(
@@ -177,24 +164,20 @@ fn a_deadline_stops_the_job_on_its_worker_and_reports_timed_out() {
     let took = status["durationMs"].as_u64().unwrap();
     assert!((1900..10_000).contains(&took), "duration {took} ms");
     poll(Duration::from_secs(10), "the sleep to be killed", || {
-        (!process_running(&sleeping(seconds))).then_some(())
+        (!worker.runs(&sleeping(seconds))).then_some(())
     });
 }
 
 #[test]
 fn an_older_worker_without_cancel_job_has_its_slot_withheld_until_it_reports_free() {
-    let names = Names::unique("oldworker");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let old = TestWorker::start(
+    let Setup { mq, orch, .. } = Setup::new("oldworker");
+    let old = orch.worker(
         "old-w",
-        0,
         Behaviour {
             run_time: Duration::from_secs(3),
             ..Behaviour::default()
         },
     );
-    old.register(orch.grpc_port);
     mq.publish_job("old-1", json!({}));
     poll(LONG, "the job to start", || {
         (old.observed.job_count() == 1).then_some(())
@@ -216,13 +199,40 @@ fn an_older_worker_without_cancel_job_has_its_slot_withheld_until_it_reports_fre
         "old-2 waited for FREE"
     );
     orch.wait_for_log("has no CancelJob", LONG);
+    assert_eq!(*old.observed.cancels.lock().unwrap(), ["old-1"]);
+}
+
+#[test]
+fn a_worker_with_cancel_job_gets_its_slot_back_as_soon_as_it_confirms_the_cancel() {
+    // No health round after the first for an hour: a withheld slot would not come back.
+    let Setup { mq, orch, .. } = Setup::with_flags("newworker", &["--health-interval", "1h"]);
+    let worker = orch.worker(
+        "new-w",
+        Behaviour {
+            run_time: Duration::from_secs(600),
+            cancel_job: true,
+            ..Behaviour::default()
+        },
+    );
+    mq.publish_job("new-1", json!({}));
+    poll(LONG, "the job to start", || {
+        (worker.observed.job_count() == 1).then_some(())
+    });
+    mq.publish_cancel("new-1");
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(the_status(&statuses, "new-1")["outcome"], "cancelled");
+    assert_eq!(*worker.observed.cancels.lock().unwrap(), ["new-1"]);
+    worker.behaviour.lock().unwrap().run_time = Duration::from_millis(10);
+    mq.publish_job("new-2", json!({}));
+    let statuses = mq.statuses(1, LONG);
+    assert_eq!(the_status(&statuses, "new-2")["outcome"], "succeeded");
+    assert_eq!(worker.observed.max_in_flight.load(Ordering::SeqCst), 1);
+    assert!(!orch.log().contains("has no CancelJob"), "{}", orch.log());
 }
 
 #[test]
 fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_and_deadline() {
-    let names = Names::unique("race");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("race");
     let workers: Vec<TestWorker> = (0..3)
         .map(|i| {
             let behaviour = Behaviour {
@@ -230,8 +240,7 @@ fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_an
                 capacity: 2,
                 ..Behaviour::default()
             };
-            let w = TestWorker::start(&format!("race-w{i}"), 0, behaviour);
-            w.register(orch.grpc_port);
+            let w = orch.worker(&format!("race-w{i}"), behaviour);
             w
         })
         .collect();
@@ -263,10 +272,9 @@ fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_an
         }
     }
     let statuses = mq.statuses(n, LONG);
-    // A second status for any job would show up here.
-    let extra = mq.statuses_until(Duration::from_secs(3), |_| false);
+    // Once every job is acked, a second status for any job would be in the queue.
+    mq.assert_no_more_statuses();
     let counts = count_by_job(&statuses);
-    assert!(extra.is_empty(), "more statuses than jobs: {extra:?}");
     assert_eq!(counts.len(), n);
     assert!(counts.values().all(|&c| c == 1), "{counts:?}");
     let mut outcomes: HashMap<String, usize> = HashMap::new();
@@ -284,17 +292,39 @@ fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_an
         .filter(|id| the_status(&statuses, id)["outcome"] == "cancelled")
         .count();
     assert!(early_cancelled > 0, "cancels sent first do cancel");
-    let ran: usize = workers.iter().map(|w| w.observed.job_count()).sum();
-    println!("races: {n} jobs, outcomes {outcomes:?}, {ran} reached a worker");
+    // Outcomes match what the workers saw: no job ran twice, a job without `startedAt`
+    // never reached a worker, and a job that succeeded did. (A call cancelled as it
+    // starts may have a `startedAt` without reaching its worker.)
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for w in &workers {
+        for job in w.observed.jobs.lock().unwrap().iter() {
+            *runs.entry(job.clone()).or_default() += 1;
+        }
+    }
+    for s in &statuses {
+        let id = s["jobId"].as_str().unwrap();
+        let reached = runs.get(id).copied().unwrap_or(0);
+        assert!(reached <= 1, "{id} ran {reached} times: {s}");
+        if s["startedAt"].is_null() {
+            assert_eq!(reached, 0, "{id} has no startedAt but ran: {s}");
+            assert_eq!(s["outcome"], "cancelled", "{s}");
+        }
+        if s["outcome"] == "succeeded" {
+            assert_eq!(reached, 1, "{id} succeeded without reaching a worker: {s}");
+        }
+    }
+    let ran: usize = runs.values().sum();
+    println!(
+        "races: {n} jobs, outcomes {outcomes:?}, {ran} reached a worker, {} of {} cancelled first",
+        early_cancelled,
+        cancelled_first.len()
+    );
 }
 
 #[test]
 fn lifecycle_events_arrive_in_order_and_statuses_carry_timings() {
-    let names = Names::unique("events");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &["--events-key", "api.event"]);
-    let w = TestWorker::start("events-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let Setup { mq, orch, .. } = Setup::with_flags("events", &["--events-key", "api.event"]);
+    let _w = orch.worker("events-w", Behaviour::default());
     let ids: Vec<String> = (0..5).map(|i| format!("events-{i}")).collect();
     for id in &ids {
         mq.publish_job(id, json!({}));
@@ -326,9 +356,7 @@ fn lifecycle_events_arrive_in_order_and_statuses_carry_timings() {
 
 #[test]
 fn a_worker_frozen_mid_job_is_noticed_in_seconds_and_its_job_reported_lost() {
-    let names = Names::unique("frozen");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("frozen");
     let worker = sleeper("frozen-w", orch.grpc_port);
     orch.wait_for_log("worker frozen-w registered", LONG);
     mq.publish_job("frozen-1", json!({"repoUrl": "", "imageName": "s60"}));

@@ -74,16 +74,29 @@ const RSS_TOLERANCE_KIB: u64 = 16 * 1024;
 /// The exec executor's step (bash, run as `exec bash STEP "$PPID" FILE MS` by the
 /// agent's `sh -c`, so `$1` is the worker agent's pid): notes `start` and `end` lines
 /// with the jobId, the agent's pid and a timestamp in ns (`$EPOCHREALTIME`, no fork) in
-/// the worker's steps file, and sleeps between for 0.5–1.5 × MS ms (by jobId). A step
-/// the worker kills (SIGKILL to its process group) writes no `end`; a step orphaned by a
-/// SIGKILLed worker runs on and writes its `end` under the dead incarnation's pid.
+/// the worker's steps file, and sleeps between for 0.5–1.5 × MS ms (by jobId).
+///
+/// A step that dies before its `end` (the worker kills its process group; the agent's
+/// death kills it through `PR_SET_PDEATHSIG`) writes no `end`: a watcher in a session
+/// of its own, outside the group the worker kills, notes `died` when the step's shell is
+/// gone. It reads a pipe whose only writer is that shell (`sleep` gets it closed), which
+/// ends the moment the shell dies; a step that ends normally writes `ok` into it first.
+/// A step orphaned by a SIGKILLed agent (no `PR_SET_PDEATHSIG`) runs on and writes its
+/// `end` under the dead incarnation's pid.
 const STEP_SCRIPT: &str = r#"agent=$1 file=$2 mean=$3
 note() { local t=${EPOCHREALTIME//[!0-9]/}; echo "$1 $BLACKTREE_JOB_ID $agent ${t}000" >> "$file"; }
+if [ "$4" = watch ]; then
+  read -r how
+  [ "$how" = ok ] || note died
+  exit 0
+fi
 note start
+exec 3> >(exec setsid bash "$0" "$agent" "$file" "$mean" watch >/dev/null 2>&1)
 ms=$(( mean * (50 + ${BLACKTREE_JOB_ID##*-} % 101) / 100 ))
 printf -v fraction %03d $(( ms % 1000 ))
-sleep "$(( ms / 1000 )).$fraction"
+sleep "$(( ms / 1000 )).$fraction" 3>&-
 note end
+echo ok >&3
 "#;
 
 #[test]
@@ -235,7 +248,7 @@ impl ChaosWorker {
     fn running_a_step(&self) -> bool {
         read_steps(&self.steps)
             .get(&self.process.pid())
-            .is_some_and(|steps| steps.iter().any(|s| s.end.is_none()))
+            .is_some_and(|steps| steps.iter().any(|s| s.until().is_none()))
     }
 
     fn kill(&mut self) {
@@ -793,14 +806,23 @@ fn duplicate_bound(faults: &[Fault], published: &Published) -> usize {
 struct Step {
     job: String,
     start: u64,
-    /// `None` when the worker killed the step (no `end` line).
+    /// `None` when the step was killed (no `end` line).
     end: Option<u64>,
+    /// When a killed step was seen to die (its `died` line), if it was.
+    died: Option<u64>,
+}
+
+impl Step {
+    /// Until when the step ran: its end, or its death; `None` when neither is known.
+    fn until(&self) -> Option<u64> {
+        self.end.or(self.died)
+    }
 }
 
 /// Reads a worker's steps file: its steps by agent pid.
 fn read_steps(path: &Path) -> BTreeMap<u32, Vec<Step>> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut lines: Vec<(u64, bool, String, u32)> = text
+    let mut lines: Vec<(u64, String, String, u32)> = text
         .lines()
         .map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
@@ -809,7 +831,7 @@ fn read_steps(path: &Path) -> BTreeMap<u32, Vec<Step>> {
             };
             (
                 at.parse().unwrap(),
-                kind == "start",
+                kind.to_string(),
                 job.to_string(),
                 agent.parse().unwrap(),
             )
@@ -818,36 +840,42 @@ fn read_steps(path: &Path) -> BTreeMap<u32, Vec<Step>> {
     lines.sort();
     let mut steps: BTreeMap<u32, Vec<Step>> = BTreeMap::new();
     // The open step of each (agent, job). A worker never runs a job twice at once (it
-    // answers ALREADY_EXISTS), so an `end` closes the job's latest start, and a start
-    // still open when the job starts again on the same incarnation was killed.
+    // answers ALREADY_EXISTS), so an `end` or `died` closes the job's latest start, and
+    // a start still open when the job starts again on the same incarnation was killed.
     let mut open: HashMap<(u32, String), usize> = HashMap::new();
-    for (at, is_start, job, agent) in lines {
+    for (at, kind, job, agent) in lines {
         let incarnation = steps.entry(agent).or_default();
-        if is_start {
+        if kind == "start" {
             open.insert((agent, job.clone()), incarnation.len());
             incarnation.push(Step {
                 job,
                 start: at,
                 end: None,
+                died: None,
             });
-        } else {
-            let i = open
-                .remove(&(agent, job.clone()))
-                .unwrap_or_else(|| panic!("{}: {job} ended without a start", path.display()));
-            incarnation[i].end = Some(at);
+            continue;
+        }
+        let i = open
+            .remove(&(agent, job.clone()))
+            .unwrap_or_else(|| panic!("{}: {job} {kind} without a start", path.display()));
+        match kind.as_str() {
+            "end" => incarnation[i].end = Some(at),
+            "died" => incarnation[i].died = Some(at),
+            other => panic!("{}: unknown line kind {other:?}", path.display()),
         }
     }
     steps
 }
 
 /// The steps running at the busiest moment. The count peaks at some step's start, so
-/// only starts are looked at; a killed step counts at its start only: when it died is
-/// not known, so the figure is a lower bound, and never a false excess.
+/// only starts are looked at. A killed step runs until its watcher saw it die; one
+/// whose death was not seen (its watcher was killed as it started) counts at its start
+/// only, which can miss an excess but never make one up.
 fn peak(steps: &[Step]) -> Vec<Step> {
     let running_at = |t: u64| -> Vec<Step> {
         steps
             .iter()
-            .filter(|s| s.start <= t && s.end.map_or(s.start == t, |end| end > t))
+            .filter(|s| s.start <= t && s.until().map_or(s.start == t, |until| until > t))
             .cloned()
             .collect()
     };
@@ -864,8 +892,10 @@ struct WorkerSteps {
     id: String,
     incarnations: usize,
     steps: usize,
-    /// Steps killed by the worker (no `end` line).
+    /// Steps killed, by the worker or with it (no `end` line).
     killed: usize,
+    /// Killed steps whose death the watcher saw.
+    died: usize,
     /// Steps that ended after their worker was SIGKILLed.
     orphaned: usize,
     /// The most steps one incarnation ran at once: that incarnation's agent pid, and
@@ -889,6 +919,9 @@ impl WorkerSteps {
             incarnations: worker.incarnations.len(),
             steps: all().count(),
             killed: all().filter(|s| s.end.is_none()).count(),
+            died: all()
+                .filter(|s| s.end.is_none() && s.died.is_some())
+                .count(),
             orphaned: by_agent
                 .iter()
                 .map(
@@ -1041,8 +1074,13 @@ impl Report {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let steps: (usize, usize, usize) = self.workers.iter().fold((0, 0, 0), |acc, w| {
-            (acc.0 + w.steps, acc.1 + w.killed, acc.2 + w.orphaned)
+        let steps = self.workers.iter().fold((0, 0, 0, 0), |acc, w| {
+            (
+                acc.0 + w.steps,
+                acc.1 + w.killed,
+                acc.2 + w.died,
+                acc.3 + w.orphaned,
+            )
         });
         let baselines = cluster
             .baselines
@@ -1084,8 +1122,8 @@ impl Report {
             (
                 "steps",
                 format!(
-                    "{} started, {} killed by their worker, {} orphaned by a SIGKILL",
-                    steps.0, steps.1, steps.2
+                    "{} started, {} killed ({} seen to die), {} orphaned by a SIGKILL",
+                    steps.0, steps.1, steps.2, steps.3
                 ),
             ),
             ("max steps at once", concurrency),
@@ -1158,6 +1196,12 @@ impl Report {
                 "{}: steps under agent pids {:?}, none of its incarnations",
                 worker.id,
                 worker.unknown_pids
+            );
+            // PR_SET_PDEATHSIG: a step dies with its SIGKILLed agent.
+            assert_eq!(
+                worker.orphaned, 0,
+                "{}: steps ended after their agent was SIGKILLed",
+                worker.id
             );
             let (agent, steps) = &worker.peak;
             assert!(

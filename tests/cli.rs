@@ -27,11 +27,8 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
-    let names = Names::unique("cli-submit");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let w = TestWorker::start("cli-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let Setup { names, mq, orch } = Setup::new("cli-submit");
+    let w = orch.worker("cli-w", Behaviour::default());
 
     let mut watch = Command::new(env!("CARGO_BIN_EXE_blacktree"))
         .args([
@@ -128,16 +125,13 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
 
 #[test]
 fn cancel_workers_and_healthcheck_talk_to_the_running_orchestrator() {
-    let names = Names::unique("cli-ops");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { names, mq, orch } = Setup::new("cli-ops");
     let hold = Behaviour {
         run_time: Duration::from_secs(30),
         capacity: 2,
         ..Behaviour::default()
     };
-    let w = TestWorker::start("ops-w", 0, hold);
-    w.register(orch.grpc_port);
+    let w = orch.worker("ops-w", hold);
     mq.publish_job("ops-1", json!({}));
     poll(LONG, "the job to run", || {
         (w.observed.job_count() == 1).then_some(())
@@ -174,7 +168,7 @@ fn cancel_workers_and_healthcheck_talk_to_the_running_orchestrator() {
 
     let out = blacktree(&["healthcheck", "--orchestrator", &addr]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let dead = format!("127.0.0.1:{}", free_port());
+    let dead = "127.0.0.1:1".to_string();
     let out = blacktree(&["healthcheck", "--worker", &dead]);
     assert_eq!(out.status.code(), Some(1));
     let reason = text(&out.stderr);
@@ -203,11 +197,7 @@ fn unreachable_broker_or_orchestrator_give_a_clear_error_and_exit_code_4() {
         "{message}"
     );
     assert!(!message.contains("s3cret"), "{message}");
-    let out = blacktree(&[
-        "workers",
-        "--orchestrator",
-        &format!("127.0.0.1:{}", free_port()),
-    ]);
+    let out = blacktree(&["workers", "--orchestrator", "127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(4));
     assert!(text(&out.stderr).contains("cannot reach the orchestrator"));
     let out = blacktree(&["submit", "--json", "/nonexistent/job.json"]);
@@ -283,12 +273,8 @@ fn sample(metrics: &str, name: &str) -> f64 {
 #[test]
 fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
     let broker = common::PrivateBroker::start();
-    let url = broker.url();
-    let names = Names::unique("metrics");
-    let mq = Mq::connect(&url, &names);
-    let orch = Orchestrator::start(&url, &names, &[]);
-    let w = TestWorker::start("metrics-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let Setup { mq, orch, .. } = Setup::on(&broker, "metrics", &[]);
+    let _w = orch.worker("metrics-w", Behaviour::default());
     for i in 0..5 {
         mq.publish_job(&format!("metrics-{i}"), json!({}));
     }
@@ -346,17 +332,12 @@ fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
 
 #[test]
 fn with_a_registration_token_only_workers_that_send_it_may_register() {
-    let names = Names::unique("cli-token");
-    let mq = Mq::connect(SHARED_BROKER, &names);
     let dir = TempDir::new("regtoken");
     let token_file = dir.0.join("token");
     std::fs::write(&token_file, "reg-S3CRET-77\n").unwrap();
     let token_file = token_file.to_str().unwrap();
-    let orch = Orchestrator::start(
-        SHARED_BROKER,
-        &names,
-        &["--registration-token-file", token_file],
-    );
+    let Setup { mq, orch, .. } =
+        Setup::with_flags("cli-token", &["--registration-token-file", token_file]);
 
     let intruder = TestWorker::start("intruder-w", 0, Behaviour::default());
     for token in [None, Some("wrong-token")] {
@@ -406,9 +387,7 @@ fn with_a_registration_token_only_workers_that_send_it_may_register() {
 
 #[test]
 fn without_a_registration_token_the_orchestrator_warns_at_start() {
-    let names = Names::unique("cli-notoken");
-    let _mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { orch, .. } = Setup::new("cli-notoken");
     orch.wait_for_log("no --registration-token-file", LONG);
 }
 
@@ -417,11 +396,9 @@ fn grpc_runs_over_mutual_tls_and_refuses_peers_without_a_trusted_certificate() {
     use common::build_env::{Pki, WorkerProcess};
     let pki = Pki::new("bt");
     let stranger = Pki::new("stranger");
-    let names = Names::unique("cli-tls");
-    let mq = Mq::connect(SHARED_BROKER, &names);
     let orch_tls = pki.issue("orchestrator");
     let flags: Vec<&str> = orch_tls.iter().map(String::as_str).collect();
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
+    let Setup { mq, orch, .. } = Setup::with_flags("cli-tls", &flags);
     let addr = format!("127.0.0.1:{}", orch.grpc_port);
 
     let worker_tls = pki.issue("worker");
@@ -492,8 +469,7 @@ fn the_orchestrator_talks_to_rabbitmq_over_amqps() {
         std::net::TcpStream::connect(("127.0.0.1", broker.tls_port)).ok()
     });
     let orch = Orchestrator::start(&amqps, &names, &[]);
-    let w = TestWorker::start("amqps-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let _w = orch.worker("amqps-w", Behaviour::default());
     mq.publish_job("amqps-1", json!({}));
     assert_eq!(mq.statuses(1, LONG)[0]["outcome"], "succeeded");
     assert!(orch.log().contains(&format!(

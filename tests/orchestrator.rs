@@ -22,9 +22,7 @@ fn outcome_of<'a>(statuses: &'a [Value], job_id: &str) -> &'a str {
 
 #[test]
 fn jobs_spread_over_workers_each_status_once_within_capacity() {
-    let names = Names::unique("spread");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("spread");
     let workers: Vec<TestWorker> = [1, 1, 2, 3]
         .iter()
         .enumerate()
@@ -34,9 +32,7 @@ fn jobs_spread_over_workers_each_status_once_within_capacity() {
                 capacity,
                 ..Behaviour::default()
             };
-            let w = TestWorker::start(&format!("spread-w{i}"), 0, behaviour);
-            w.register(orch.grpc_port);
-            w
+            orch.worker(&format!("spread-w{i}"), behaviour)
         })
         .collect();
 
@@ -52,6 +48,9 @@ fn jobs_spread_over_workers_each_status_once_within_capacity() {
         counts.values().all(|&n| n == 1),
         "exactly one status per job"
     );
+    // Every delivery acked (a run of the oldest goes as one multiple ack: none may be
+    // left out), and no second status for any job behind the ones read.
+    mq.assert_no_more_statuses();
     for status in &statuses {
         assert_eq!(status["outcome"], "succeeded", "{status}");
         assert_eq!(status["success"], true);
@@ -79,33 +78,24 @@ fn jobs_spread_over_workers_each_status_once_within_capacity() {
         total += w.observed.job_count();
     }
     assert_eq!(total, ids.len(), "no job ran twice");
-    assert_eq!(mq.depth(&names.execute), 0);
-    // Acks of runs of the oldest deliveries go as one multiple ack: none is left out.
-    poll(LONG, "every delivery acked", || {
-        (unacked_on_shared_broker(&names.execute) == 0).then_some(())
-    });
     orch.assert_no_secret_logged();
 }
 
 #[test]
 fn a_killed_worker_reports_worker_lost_and_gets_no_job_until_it_answers_pings() {
-    let names = Names::unique("killed");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("killed");
     let hold = Behaviour {
         run_time: Duration::from_secs(120),
         ..Behaviour::default()
     };
-    let mut victim = TestWorker::start("killed-victim", 0, hold);
-    victim.register(orch.grpc_port);
+    let mut victim = orch.worker("killed-victim", hold);
     mq.publish_job("killed-0", json!({}));
     poll(LONG, "the victim to start job 0", || {
         (victim.observed.job_count() == 1).then_some(())
     });
 
     let fast = Behaviour::default();
-    let survivor = TestWorker::start("killed-survivor", 0, fast);
-    survivor.register(orch.grpc_port);
+    let _survivor = orch.worker("killed-survivor", fast);
     victim.kill();
     let statuses = mq.statuses(1, LONG);
     assert_eq!(outcome_of(&statuses, "killed-0"), "worker_lost");
@@ -136,25 +126,20 @@ fn a_killed_worker_reports_worker_lost_and_gets_no_job_until_it_answers_pings() 
 
 #[test]
 fn a_busy_worker_is_skipped() {
-    let names = Names::unique("busy");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let busy = TestWorker::start(
+    let Setup { mq, orch, .. } = Setup::new("busy");
+    let busy = orch.worker(
         "busy-b",
-        0,
         Behaviour {
             busy: true,
             capacity: 4,
             ..Behaviour::default()
         },
     );
-    busy.register(orch.grpc_port);
     // Two answered pings: the first one's BUSY is recorded before the second is sent.
     poll(LONG, "two pings of the busy worker", || {
         (busy.observed.pings.load(Ordering::SeqCst) >= 2).then_some(())
     });
-    let free = TestWorker::start("busy-f", 0, Behaviour::default());
-    free.register(orch.grpc_port);
+    let _free = orch.worker("busy-f", Behaviour::default());
     for i in 0..10 {
         mq.publish_job(&format!("busy-{i}"), json!({}));
     }
@@ -168,18 +153,14 @@ fn a_busy_worker_is_skipped() {
 
 #[test]
 fn a_worker_registering_again_under_its_id_gets_jobs_at_its_new_address() {
-    let names = Names::unique("rereg");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
-    let mut first = TestWorker::start("rereg-w", 0, Behaviour::default());
-    first.register(orch.grpc_port);
+    let Setup { mq, orch, .. } = Setup::new("rereg");
+    let mut first = orch.worker("rereg-w", Behaviour::default());
     mq.publish_job("rereg-0", json!({}));
     assert_eq!(outcome_of(&mq.statuses(1, LONG), "rereg-0"), "succeeded");
     assert_eq!(first.observed.job_count(), 1);
 
     first.kill();
-    let second = TestWorker::start("rereg-w", 0, Behaviour::default());
-    second.register(orch.grpc_port);
+    let second = orch.worker("rereg-w", Behaviour::default());
     for i in 1..=5 {
         mq.publish_job(&format!("rereg-{i}"), json!({}));
     }
@@ -193,15 +174,12 @@ fn a_worker_registering_again_under_its_id_gets_jobs_at_its_new_address() {
 
 #[test]
 fn a_job_past_its_deadline_is_timed_out() {
-    let names = Names::unique("deadline");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &["--job-timeout", "30s"]);
+    let Setup { mq, orch, .. } = Setup::with_flags("deadline", &["--job-timeout", "30s"]);
     let slow = Behaviour {
         run_time: Duration::from_secs(20),
         ..Behaviour::default()
     };
-    let w = TestWorker::start("deadline-w", 0, slow);
-    w.register(orch.grpc_port);
+    let _w = orch.worker("deadline-w", slow);
     mq.publish_job("deadline-0", json!({"timeoutSeconds": 1}));
     let statuses = mq.statuses(1, LONG);
     assert_eq!(outcome_of(&statuses, "deadline-0"), "timed_out");
@@ -213,11 +191,8 @@ fn a_job_past_its_deadline_is_timed_out() {
 
 #[test]
 fn bad_messages_go_to_the_rejected_queue_and_good_jobs_still_run() {
-    let names = Names::unique("bad");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &["--max-message-bytes", "2000"]);
-    let w = TestWorker::start("bad-w", 0, Behaviour::default());
-    w.register(orch.grpc_port);
+    let Setup { names, mq, orch } = Setup::with_flags("bad", &["--max-message-bytes", "2000"]);
+    let w = orch.worker("bad-w", Behaviour::default());
 
     mq.publish_raw(b"this is not json");
     mq.publish_raw(br#"{"repoUrl":"acme/app","githubToken":"ghp_TESTSECRET0123456789"}"#);
@@ -255,24 +230,29 @@ fn bad_messages_go_to_the_rejected_queue_and_good_jobs_still_run() {
         "the body is kept unchanged"
     );
     assert_eq!(w.observed.job_count(), 1);
-    assert_eq!(mq.depth(&names.execute), 0, "bad messages were acked");
+    mq.wait_all_acked(&names.execute);
+    assert_eq!(
+        mq.depth(&names.rejected),
+        0,
+        "one copy of each in the rejected queue"
+    );
     orch.assert_no_secret_logged();
 }
 
 #[test]
 fn sigterm_lets_running_jobs_finish_requeues_the_rest_and_exits_0() {
-    let names = Names::unique("drain");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let mut orch = Orchestrator::start(SHARED_BROKER, &names, &["--drain-timeout", "30s"]);
-    let w = TestWorker::start(
+    let Setup {
+        names,
+        mq,
+        mut orch,
+    } = Setup::with_flags("drain", &["--drain-timeout", "30s"]);
+    let w = orch.worker(
         "drain-w",
-        0,
         Behaviour {
             run_time: Duration::from_secs(2),
             ..Behaviour::default()
         },
     );
-    w.register(orch.grpc_port);
     for i in 0..3 {
         mq.publish_job(&format!("drain-{i}"), json!({}));
     }
@@ -284,36 +264,36 @@ fn sigterm_lets_running_jobs_finish_requeues_the_rest_and_exits_0() {
 
     let statuses = mq.statuses(1, LONG);
     let running = w.observed.jobs.lock().unwrap()[0].clone();
+    assert_eq!(outcome_of(&statuses, &running), "succeeded");
+    // It has exited: whatever it published is in the status queue by now.
     assert_eq!(
-        statuses.len(),
-        1,
+        mq.depth(&names.status),
+        0,
         "only the running job ended: {statuses:?}"
     );
-    assert_eq!(outcome_of(&statuses, &running), "succeeded");
     assert_eq!(
-        mq.depth(&names.execute),
-        2,
-        "the two waiting jobs are back in the queue"
+        mq.counts(&names.execute),
+        (2, 0),
+        "the two waiting jobs are back in the queue, the finished one acked"
     );
     assert_eq!(w.observed.job_count(), 1);
 }
 
 #[test]
 fn a_sigkilled_orchestrator_restarted_loses_no_job() {
-    let names = Names::unique("sigkill");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let mut orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup {
+        names,
+        mq,
+        mut orch,
+    } = Setup::new("sigkill");
     let behaviour = Behaviour {
         run_time: Duration::from_millis(30),
         capacity: 2,
         ..Behaviour::default()
     };
     let workers: Vec<TestWorker> = (0..3)
-        .map(|i| TestWorker::start(&format!("sigkill-w{i}"), 0, behaviour.clone()))
+        .map(|i| orch.worker(&format!("sigkill-w{i}"), behaviour.clone()))
         .collect();
-    for w in &workers {
-        w.register(orch.grpc_port);
-    }
     let ids: Vec<String> = (0..150).map(|i| format!("sigkill-{i}")).collect();
     for id in &ids {
         mq.publish_job(id, json!({}));
@@ -352,41 +332,41 @@ fn a_sigkilled_orchestrator_restarted_loses_no_job() {
 #[test]
 fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
     let broker = PrivateBroker::start();
-    let url = broker.url();
-    let names = Names::unique("cut");
-    let mq = Mq::connect(&url, &names);
-    let orch = Orchestrator::start(&url, &names, &[]);
+    let Setup { names, mq, orch } = Setup::on(&broker, "cut", &[]);
+    // The jobs running when the connections are cut end only after the orchestrator
+    // is back: their statuses need the new connection, and their redeliveries must
+    // not run them again.
+    let (open_gate, gate) = crossbeam_channel::bounded::<()>(0);
     let behaviour = Behaviour {
         run_time: Duration::from_millis(100),
         capacity: 2,
+        gate: Some(gate),
         ..Behaviour::default()
     };
     let workers: Vec<TestWorker> = (0..2)
-        .map(|i| TestWorker::start(&format!("cut-w{i}"), 0, behaviour.clone()))
+        .map(|i| orch.worker(&format!("cut-w{i}"), behaviour.clone()))
         .collect();
-    for w in &workers {
-        w.register(orch.grpc_port);
-    }
     let ids: Vec<String> = (0..60).map(|i| format!("cut-{i}")).collect();
     for id in &ids {
         mq.publish_job(id, json!({}));
     }
-    poll(LONG, "some jobs to run", || {
+    poll(LONG, "every slot to run a job", || {
         (workers
             .iter()
             .map(|w| w.observed.job_count())
             .sum::<usize>()
-            >= 8)
+            == 4)
             .then_some(())
     });
     // `mq`'s connection is cut below; it stays in scope so its queues stay too.
     broker.ctl(&["close_all_connections", "test cut"]);
-    orch.wait_for_log("broker: connected to", LONG);
     poll(LONG, "the orchestrator to reconnect", || {
         (orch.log().matches("broker: connected to").count() >= 2).then_some(())
     });
+    let reconnected = std::time::SystemTime::now();
+    drop(open_gate);
 
-    let reader = Mq::connect(&url, &names);
+    let reader = Mq::on(&broker, &names);
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let statuses = reader.statuses_until(LONG, |s| {
         let have: HashSet<&str> = s.iter().filter_map(|v| v["jobId"].as_str()).collect();
@@ -402,6 +382,23 @@ fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
         statuses.iter().all(|s| s["outcome"] == "succeeded"),
         "{statuses:?}"
     );
+    reader.assert_no_more_statuses();
+    // The four jobs that ran through the cut were published on the new connection.
+    let cut_jobs: Vec<String> = workers
+        .iter()
+        .flat_map(|w| w.observed.jobs.lock().unwrap()[..2].to_vec())
+        .collect();
+    let reconnected: String = humantime::format_rfc3339_millis(reconnected).to_string();
+    for job in &cut_jobs {
+        let status = statuses
+            .iter()
+            .find(|s| s["jobId"] == job.as_str())
+            .unwrap();
+        assert!(
+            status["finishedAt"].as_str().unwrap() >= reconnected.as_str(),
+            "{job} finished after the reconnect at {reconnected}: {status}"
+        );
+    }
     let ran: usize = workers.iter().map(|w| w.observed.job_count()).sum();
     println!(
         "connections cut: {} jobs, {} statuses, {} runs",
@@ -415,21 +412,24 @@ fn broker_connections_closed_mid_run_every_job_still_gets_its_status() {
 
 #[test]
 fn a_static_worker_named_on_the_command_line_runs_jobs_once_it_answers_pings() {
-    let names = Names::unique("static");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let w = TestWorker::start("static-w", 0, Behaviour::default());
-    let flag = format!("static-w=127.0.0.1:{}", w.port);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &["--worker", &flag]);
+    // Named before it runs: jobs wait until it answers a ping, none is sent to it blind.
+    let port = free_port();
+    let flag = format!("static-w=127.0.0.1:{port}");
+    let Setup { mq, orch, .. } = Setup::with_flags("static", &["--worker", &flag]);
     for i in 0..3 {
         mq.publish_job(&format!("static-{i}"), json!({}));
     }
+    orch.wait_for_log("job static-2: received", LONG);
+    let w = TestWorker::start("static-w", port, Behaviour::default());
     let statuses = mq.statuses(3, LONG);
-    assert!(statuses
-        .iter()
-        .all(|s| s["outcome"] == "succeeded" && s["workerId"] == "static-w"));
     assert!(
-        w.observed.pings.load(Ordering::SeqCst) >= 1,
-        "pinged before its first job"
+        statuses
+            .iter()
+            .all(|s| s["outcome"] == "succeeded" && s["workerId"] == "static-w"),
+        "{statuses:?}"
     );
+    let first_ping = *w.observed.first_ping.get().expect("it was pinged");
+    let first_job = *w.observed.first_job.get().unwrap();
+    assert!(first_ping < first_job, "pinged before its first job");
     orch.assert_no_secret_logged();
 }

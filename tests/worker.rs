@@ -40,11 +40,6 @@ fn run(port: u16, request: &JobRequest) -> JobResponse {
         .expect("RunJob call")
 }
 
-/// An orchestrator port nobody listens on: direct RunJob tests need no orchestrator.
-fn no_orchestrator() -> u16 {
-    free_port()
-}
-
 fn registry_args(registry: &Registry, password_file: &TempDir) -> Vec<String> {
     let file = password_file.0.join("password");
     std::fs::write(&file, format!("{REGISTRY_PASSWORD}\n")).unwrap();
@@ -64,7 +59,7 @@ fn the_exec_executor_runs_its_command_in_the_checkout_with_the_job_in_its_enviro
     let command = r#"echo "job=$BLACKTREE_JOB_ID image=$BLACKTREE_IMAGE_NAME token=$BLACKTREE_GITHUB_TOKEN"; test -f Dockerfile; [ "$BLACKTREE_IMAGE_NAME" != fail ] || sh build.sh"#;
     let worker = WorkerProcess::start(
         "exec-w",
-        no_orchestrator(),
+        NO_ORCHESTRATOR,
         &["--executor", "exec", "--exec-command", command],
     );
 
@@ -83,7 +78,9 @@ fn the_exec_executor_runs_its_command_in_the_checkout_with_the_job_in_its_enviro
     let answer = run(worker.port, &job("exec-2", &repo, "fail"));
     assert!(!answer.success);
     assert!(
-        answer.error.contains("exec command failed") && answer.error.contains('3'),
+        answer
+            .error
+            .contains("exec command failed (exit status: 3)"),
         "{answer:?}"
     );
     assert!(
@@ -107,7 +104,7 @@ fn a_docker_build_is_pushed_to_the_registry_and_can_be_read_back() {
     ]);
     let args = registry_args(&registry, &secrets);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let worker = WorkerProcess::start("docker-w", no_orchestrator(), &args);
+    let worker = WorkerProcess::start("docker-w", NO_ORCHESTRATOR, &args);
 
     let mut request = job("push-1", &repo, "bt/pushed:v1");
     request.contextDir = "svc".into();
@@ -143,7 +140,31 @@ fn a_docker_build_is_pushed_to_the_registry_and_can_be_read_back() {
             "secret leaked: {text}"
         );
     }
+    assert_no_secret_in_argv(
+        &worker,
+        &["git clone", "docker build", "docker login", "docker push"],
+    );
     assert!(worker.workspaces().is_empty());
+}
+
+/// Asserts that the worker ran each of `expected` (`PROGRAM SUBCOMMAND`) and that
+/// neither the token nor the registry password was ever in a `git` or `docker` argv.
+fn assert_no_secret_in_argv(worker: &WorkerProcess, expected: &[&str]) {
+    let invocations = worker.invocations();
+    for wanted in expected {
+        let (program, subcommand) = wanted.split_once(' ').unwrap();
+        assert!(
+            invocations.iter().any(|argv| argv.starts_with(program)
+                && argv.split_whitespace().any(|word| word == subcommand)),
+            "no `{wanted}` among {invocations:?}"
+        );
+    }
+    for argv in &invocations {
+        assert!(
+            !argv.contains(TOKEN) && !argv.contains(REGISTRY_PASSWORD),
+            "a secret in argv: {argv}"
+        );
+    }
 }
 
 #[test]
@@ -153,18 +174,18 @@ fn a_broken_dockerfile_fails_with_the_build_output_in_the_logs() {
         "Dockerfile",
         &format!("FROM {BASE_IMAGE}\nRUN echo about-to-fail && exit 7\n"),
     )]);
-    let worker = WorkerProcess::start("broken-w", no_orchestrator(), &[]);
+    let worker = WorkerProcess::start("broken-w", NO_ORCHESTRATOR, &[]);
     let answer = run(worker.port, &job("broken-1", &repo, "bt/broken:1"));
     assert!(!answer.success);
     assert!(answer.error.contains("docker build failed"), "{answer:?}");
     assert!(answer.logs.contains("about-to-fail"), "{}", answer.logs);
-    assert!(answer.logs.contains('7'), "{}", answer.logs);
+    assert!(answer.logs.contains("code: 7"), "{}", answer.logs);
 }
 
 #[test]
 fn bad_input_is_refused_before_anything_runs() {
     let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
-    let worker = WorkerProcess::start("refuse-w", no_orchestrator(), &[]);
+    let worker = WorkerProcess::start("refuse-w", NO_ORCHESTRATOR, &[]);
     type Spoil = fn(&mut JobRequest);
     let cases: [(&str, Spoil); 4] = [
         ("contextDir", |j| j.contextDir = "../../etc".into()),
@@ -205,7 +226,7 @@ fn a_cancel_during_a_long_run_step_stops_it_and_leaves_no_process_or_secret() {
     docker_ready();
     let marker = format!("sleep 3{}", std::process::id() % 10000 + 10000);
     let repo = git_repo(&[("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"))]);
-    let worker = WorkerProcess::start("cancel-w", no_orchestrator(), &[]);
+    let worker = WorkerProcess::start("cancel-w", NO_ORCHESTRATOR, &[]);
     let client = client(worker.port);
     let call = client
         .run_job_async_opt(
@@ -218,8 +239,9 @@ fn a_cancel_during_a_long_run_step_stops_it_and_leaves_no_process_or_secret() {
     });
 
     // While it runs: the token is in no command line and not in the checkout.
+    assert_no_secret_in_argv(&worker, &["git clone", "docker build"]);
     assert!(
-        !all_command_lines().iter().any(|c| c.contains(TOKEN)),
+        !worker.processes().iter().any(|c| c.contains(TOKEN)),
         "token in argv"
     );
     let workspaces = worker.workspaces();
@@ -255,9 +277,7 @@ fn jobs_on_the_execute_queue_end_as_images_in_the_registry_via_two_workers() {
     docker_ready();
     let registry = Registry::start();
     let secrets = TempDir::new("secrets");
-    let names = Names::unique("e2e");
-    let mq = Mq::connect(SHARED_BROKER, &names);
-    let orch = Orchestrator::start(SHARED_BROKER, &names, &[]);
+    let Setup { mq, orch, .. } = Setup::new("e2e");
     let args = registry_args(&registry, &secrets);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let workers: Vec<WorkerProcess> = (0..2)
@@ -290,7 +310,7 @@ fn jobs_on_the_execute_queue_end_as_images_in_the_registry_via_two_workers() {
             "v{i} missing from {tags}"
         );
     }
-    println!("e2e: {} images built by {:?}", ids.len(), by_worker);
+    assert_eq!(by_worker.len(), 2, "both workers built: {by_worker:?}");
     for i in 0..ids.len() {
         sh(&format!(
             "docker rmi -f {}/bt/e2e:v{i} >/dev/null",
@@ -305,7 +325,7 @@ fn a_full_worker_reports_busy_and_refuses_more_jobs_at_once() {
     let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
     let worker = WorkerProcess::start(
         "full-w",
-        no_orchestrator(),
+        NO_ORCHESTRATOR,
         &[
             "--executor",
             "exec",
@@ -395,7 +415,7 @@ fn sleeping_job(id: &str, base: u32, prefix: &str) -> SleepingJob {
     let command = format!("{prefix}sleep $(({base} + {n}))");
     let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
     let args = ["--executor", "exec", "--exec-command", command.as_str()];
-    let worker = WorkerProcess::start(id, no_orchestrator(), &args);
+    let worker = WorkerProcess::start(id, NO_ORCHESTRATOR, &args);
     let client = client(worker.port);
     let call = client
         .run_job_async_opt(
@@ -404,7 +424,7 @@ fn sleeping_job(id: &str, base: u32, prefix: &str) -> SleepingJob {
         )
         .unwrap();
     poll(LONG, "the job's command to start", || {
-        process_running(&marker).then_some(())
+        worker.runs(&marker).then_some(())
     });
     SleepingJob {
         worker,
@@ -424,7 +444,7 @@ fn a_killed_worker_takes_its_running_step_with_it() {
     poll(
         Duration::from_secs(10),
         "the step to die with its worker",
-        || (!process_running(&job.marker)).then_some(()),
+        || (!job.worker.runs(&job.marker)).then_some(()),
     );
 }
 
@@ -439,7 +459,7 @@ fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
     } = sleeping_job("gone-w", 40000, "");
     call.cancel();
     poll(Duration::from_secs(10), "the command to be killed", || {
-        (!process_running(&marker)).then_some(())
+        (!worker.runs(&marker)).then_some(())
     });
     let ping = blacktree::proto::job::PingRequest::default();
     poll(Duration::from_secs(10), "the slot to be free", || {
@@ -463,7 +483,7 @@ fn the_token_reaches_git_over_http_and_nowhere_else() {
     let url = server.publish(&repo, "private");
     let worker = WorkerProcess::start(
         "token-w",
-        no_orchestrator(),
+        NO_ORCHESTRATOR,
         &[
             "--executor",
             "exec",
@@ -488,4 +508,72 @@ fn the_token_reaches_git_over_http_and_nowhere_else() {
     assert!(!answer.success, "a wrong token is refused by the server");
     assert!(answer.error.contains("git clone failed"), "{answer:?}");
     assert!(!answer.logs.contains("ghp_WRONG_TOKEN_987") && !worker.log().contains(TOKEN));
+    assert_no_secret_in_argv(&worker, &["git clone"]);
+    assert!(
+        !worker
+            .invocations()
+            .iter()
+            .any(|argv| argv.contains("ghp_WRONG_TOKEN_987")),
+        "{:?}",
+        worker.invocations()
+    );
+}
+
+#[test]
+fn a_killed_worker_takes_its_git_client_with_it() {
+    // A git server that accepts the connection and never answers: the clone hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hangs.git", silent.local_addr().unwrap());
+    let worker = WorkerProcess::start(
+        "killed-git-w",
+        NO_ORCHESTRATOR,
+        &["--executor", "exec", "--exec-command", "true"],
+    );
+    let client = client(worker.port);
+    let mut request = job("killed-git-1", &TempDir::new("unused"), "");
+    request.repoUrl = url.clone();
+    let _call = client
+        .run_job_async_opt(&request, CallOption::default().timeout(LONG))
+        .unwrap();
+    let clone = format!("clone --depth 1 --single-branch --branch main -- {url}");
+    poll(LONG, "git clone to start", || {
+        worker.runs(&clone).then_some(())
+    });
+    worker.signal("KILL");
+    poll(
+        Duration::from_secs(10),
+        "the git client to die with its worker",
+        || (!worker.runs(&clone)).then_some(()),
+    );
+}
+
+#[test]
+fn a_killed_worker_takes_its_docker_client_and_so_its_build_with_it() {
+    docker_ready();
+    let marker = format!("sleep 4{}", std::process::id() % 10000 + 10000);
+    let repo = git_repo(&[("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"))]);
+    let worker = WorkerProcess::start("killed-docker-w", NO_ORCHESTRATOR, &[]);
+    let client = client(worker.port);
+    let _call = client
+        .run_job_async_opt(
+            &job("killed-docker-1", &repo, "bt/killed:1"),
+            CallOption::default().timeout(LONG),
+        )
+        .unwrap();
+    poll(LONG, "the RUN step to start", || {
+        process_running(&marker).then_some(())
+    });
+    assert!(worker.runs("docker build"), "{:?}", worker.processes());
+    worker.signal("KILL");
+    poll(
+        Duration::from_secs(10),
+        "the docker client to die with its worker",
+        || (!worker.runs("docker build")).then_some(()),
+    );
+    // The engine cancels a build whose client went away.
+    poll(
+        Duration::from_secs(30),
+        "the build's RUN step to end",
+        || (!process_running(&marker)).then_some(()),
+    );
 }

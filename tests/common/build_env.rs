@@ -151,17 +151,32 @@ impl Drop for Registry {
     }
 }
 
+/// An orchestrator port nobody listens on (port 1 is never handed out as a free port),
+/// for worker tests that call `RunJob` directly: check-ins are refused at once.
+pub const NO_ORCHESTRATOR: u16 = 1;
+
+/// The environment variable that marks a worker's processes (it and everything it
+/// starts inherit it), so a test looks at its own worker's processes only.
+const SCOPE_VAR: &str = "BLACKTREE_TEST_SCOPE";
+
+/// Programs whose every invocation a worker's PATH shims record (argv, one per line).
+const RECORDED: [&str; 2] = ["git", "docker"];
+
 /// A `blacktree worker` child process.
 pub struct WorkerProcess {
     pub id: String,
     pub port: u16,
     pub work_dir: TempDir,
+    /// The value of [`SCOPE_VAR`] in its environment.
+    scope: String,
     process: LoggedChild,
 }
 
 impl WorkerProcess {
     /// Starts a worker with `args` (executor, registry…) that registers with the
-    /// orchestrator at `127.0.0.1:orchestrator_port`.
+    /// orchestrator at `127.0.0.1:orchestrator_port`. Its `git` and `docker` are PATH
+    /// shims that record their argv (see [`WorkerProcess::invocations`]) and `exec` the
+    /// real program, so the process a step starts is still `git` or `docker` itself.
     pub fn start(id: &str, orchestrator_port: u16, args: &[&str]) -> WorkerProcess {
         let work_dir = TempDir::new("worker");
         let mut all: Vec<String> = [
@@ -183,11 +198,23 @@ impl WorkerProcess {
             work_dir.0.display().to_string(),
         ]);
         all.extend(args.iter().map(|s| s.to_string()));
-        let (process, ports) = LoggedChild::spawn(&all, &[" listening on port "]);
+        let scope = uuid::Uuid::new_v4().simple().to_string();
+        let shims = record_argv_shims(&work_dir.0);
+        let path = format!(
+            "{}:{}",
+            shims.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let env = [
+            (SCOPE_VAR.to_string(), scope.clone()),
+            ("PATH".to_string(), path),
+        ];
+        let (process, ports) = LoggedChild::spawn_with_env(&all, &env, &[" listening on port "]);
         WorkerProcess {
             id: id.to_string(),
             port: ports[0],
             work_dir,
+            scope,
             process,
         }
     }
@@ -206,10 +233,75 @@ impl WorkerProcess {
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
+
+    /// Sends a signal to the worker agent.
+    pub fn signal(&self, signal: &str) {
+        self.process.signal(signal)
+    }
+
+    /// Command lines of the processes this worker started (and their children), also
+    /// those that outlived it.
+    pub fn processes(&self) -> Vec<String> {
+        let mark = format!("{SCOPE_VAR}={}", self.scope);
+        processes()
+            .into_iter()
+            .filter(|(_, environ)| environ.split('\0').any(|v| v == mark))
+            .map(|(cmdline, _)| cmdline)
+            .filter(|cmdline| !cmdline.starts_with(env!("CARGO_BIN_EXE_blacktree")))
+            .collect()
+    }
+
+    /// Whether one of this worker's processes has `needle` in its command line.
+    pub fn runs(&self, needle: &str) -> bool {
+        self.processes().iter().any(|c| c.contains(needle))
+    }
+
+    /// The argv of every `git` and `docker` the worker ran so far, one string each.
+    pub fn invocations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.work_dir.0.join("shims").join("argv.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
 }
 
-/// Command lines of every process on the machine.
-pub fn all_command_lines() -> Vec<String> {
+/// Writes `DIR/shims/{git,docker}`: each appends its argv to `DIR/shims/argv.log` and
+/// `exec`s the real program. Returns the shims' directory.
+fn record_argv_shims(dir: &Path) -> PathBuf {
+    let shims = dir.join("shims");
+    std::fs::create_dir_all(&shims).unwrap();
+    let log = shims.join("argv.log");
+    for program in RECORDED {
+        let Ok(real) = which(program) else { continue };
+        let shim = shims.join(program);
+        std::fs::write(
+            &shim,
+            format!(
+                "#!/bin/sh\necho \"{program} $*\" >> '{}'\nexec '{}' \"$@\"\n",
+                log.display(),
+                real.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    shims
+}
+
+/// The path of `program` on this process's PATH.
+fn which(program: &str) -> Result<PathBuf, String> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("{program} is not on PATH"))
+}
+
+/// Every process on the machine: its command line and its environment (NUL-separated).
+fn processes() -> Vec<(String, String)> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
@@ -219,12 +311,28 @@ pub fn all_command_lines() -> Vec<String> {
                 .chars()
                 .all(|c| c.is_ascii_digit())
         })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            Some((
+                String::from_utf8_lossy(&cmdline).replace('\0', " "),
+                String::from_utf8_lossy(&environ).into_owned(),
+            ))
+        })
         .collect()
 }
 
-/// Whether any process's command line contains `needle`.
+/// Command lines of every process on the machine.
+pub fn all_command_lines() -> Vec<String> {
+    processes()
+        .into_iter()
+        .map(|(cmdline, _)| cmdline)
+        .collect()
+}
+
+/// Whether any process on the machine has `needle` in its command line: only for
+/// processes no test scope reaches (a `docker build` step runs under the engine, not
+/// under the worker), so `needle` must be unique to the test.
 pub fn process_running(needle: &str) -> bool {
     all_command_lines().iter().any(|c| c.contains(needle))
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use amiquip::{
@@ -105,12 +105,24 @@ impl Names {
 /// A test's own AMQP connection: declares the topology, publishes jobs, reads statuses.
 pub struct Mq {
     pub names: Names,
+    /// The broker node (`rabbitmqctl -n`), `None` for the machine's shared broker.
+    node: Option<String>,
     connection: Option<Connection>,
     channel: Channel,
 }
 
 impl Mq {
+    /// Connects to the machine's shared broker at `url` (or another URL of it).
     pub fn connect(url: &str, names: &Names) -> Mq {
+        Self::connect_node(url, None, names)
+    }
+
+    /// Connects to a private broker node.
+    pub fn on(broker: &PrivateBroker, names: &Names) -> Mq {
+        Self::connect_node(&broker.url(), Some(broker.node.clone()), names)
+    }
+
+    fn connect_node(url: &str, node: Option<String>, names: &Names) -> Mq {
         // Through blacktree's own connect: TCP_NODELAY, so a lone publish is not delayed.
         let mut connection = blacktree::amqp::AmqpUrl::parse(url)
             .and_then(|u| u.connect())
@@ -151,6 +163,7 @@ impl Mq {
         }
         Mq {
             names: names.clone(),
+            node,
             connection: Some(connection),
             channel,
         }
@@ -266,12 +279,17 @@ impl Mq {
     }
 }
 
-/// Deliveries of `queue` on the shared broker that are not acked yet (AMQP cannot ask
-/// this; `rabbitmqctl list_queues` can).
-pub fn unacked_on_shared_broker(queue: &str) -> u64 {
-    let out = Command::new("rabbitmqctl")
+/// Messages of `queue` on broker `node` (`None`: the shared broker) that are ready and
+/// that are delivered but not acked yet. AMQP cannot ask the second (a passive declare
+/// counts ready messages only); `rabbitmqctl list_queues` can.
+pub fn queue_counts(node: Option<&str>, queue: &str) -> (u64, u64) {
+    let mut ctl = Command::new("rabbitmqctl");
+    if let Some(node) = node {
+        ctl.args(["-n", node]);
+    }
+    let out = ctl
         .args(["list_queues", "-q", "--no-table-headers"])
-        .args(["name", "messages_unacknowledged"])
+        .args(["name", "messages_ready", "messages_unacknowledged"])
         .output()
         .expect("running rabbitmqctl");
     let listing = String::from_utf8_lossy(&out.stdout);
@@ -279,10 +297,41 @@ pub fn unacked_on_shared_broker(queue: &str) -> u64 {
         .lines()
         .find_map(|line| {
             let mut fields = line.split_whitespace();
-            (fields.next()? == queue).then(|| fields.next()?.parse().ok())?
+            (fields.next()? == queue)
+                .then(|| Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?)))?
         })
         .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue}: {listing}"))
 }
+
+impl Mq {
+    /// `(ready, unacked)` messages of `queue`, see [`queue_counts`].
+    pub fn counts(&self, queue: &str) -> (u64, u64) {
+        queue_counts(self.node.as_deref(), queue)
+    }
+
+    /// Waits until `queue` holds no message, ready or unacked: every delivery was acked.
+    pub fn wait_all_acked(&self, queue: &str) {
+        poll(SETTLE, &format!("every message of {queue} acked"), || {
+            (self.counts(queue) == (0, 0)).then_some(())
+        });
+    }
+
+    /// Asserts that no job has a status the test has not read: waits until every job
+    /// was acked (a job is acked only after its status was confirmed, so every status
+    /// is in the status queue by then, and nothing can be redelivered), then asserts
+    /// that the status queue is empty.
+    pub fn assert_no_more_statuses(&self) {
+        self.wait_all_acked(&self.names.execute);
+        let left = self.depth(&self.names.status) as usize;
+        if left > 0 {
+            let extra = self.statuses_until(SETTLE, |s| s.len() >= left);
+            panic!("{left} statuses beyond one per job: {extra:?}");
+        }
+    }
+}
+
+/// How long a test waits for the broker to settle (every delivery acked).
+pub const SETTLE: Duration = Duration::from_secs(60);
 
 /// Deletes the test's queues and exchange, also when the test failed.
 impl Drop for Mq {
@@ -320,6 +369,12 @@ pub struct Behaviour {
     pub busy: bool,
     /// Jobs at once; more are refused with RESOURCE_EXHAUSTED.
     pub capacity: u32,
+    /// Serves `CancelJob` (stops the job, answers `cancelled`), like Blacktree's own
+    /// worker; otherwise answers it UNIMPLEMENTED, like older workers.
+    pub cancel_job: bool,
+    /// Jobs do not end before this gate opens (the test drops the sending side), and
+    /// end at once if it opens after their run time.
+    pub gate: Option<Receiver<()>>,
 }
 
 impl Default for Behaviour {
@@ -328,6 +383,8 @@ impl Default for Behaviour {
             run_time: Duration::from_millis(10),
             busy: false,
             capacity: 1,
+            cancel_job: false,
+            gate: None,
         }
     }
 }
@@ -336,10 +393,19 @@ impl Default for Behaviour {
 #[derive(Default)]
 pub struct Observed {
     pub in_flight: AtomicU32,
+    /// The most `RunJob` calls it had at once, counting a call it then refused: above
+    /// the capacity means the orchestrator sent a job to a full worker.
     pub max_in_flight: AtomicU32,
     pub refused: AtomicU32,
     pub pings: AtomicU64,
+    /// When the first ping arrived.
+    pub first_ping: OnceLock<Instant>,
+    /// When the first job arrived.
+    pub first_job: OnceLock<Instant>,
+    /// Jobs it ran, in the order they arrived.
     pub jobs: Mutex<Vec<String>>,
+    /// JobIds of the `CancelJob` calls it received.
+    pub cancels: Mutex<Vec<String>>,
 }
 
 impl Observed {
@@ -355,6 +421,9 @@ struct TestJobService {
     observed: Arc<Observed>,
     /// Closed when the worker is killed, so held jobs stop.
     killed: Receiver<()>,
+    /// Running jobs that `CancelJob` can stop: jobId → the job thread's stop signal,
+    /// which carries where to say that the job's slot is free again.
+    running: Arc<Mutex<HashMap<String, Sender<Sender<()>>>>>,
 }
 
 impl JobService for TestJobService {
@@ -362,6 +431,8 @@ impl JobService for TestJobService {
         let behaviour = self.behaviour.lock().unwrap().clone();
         let obs = self.observed.clone();
         let now = obs.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        // Recorded before the refusal below: a call beyond the capacity shows here.
+        obs.max_in_flight.fetch_max(now, Ordering::SeqCst);
         if now > behaviour.capacity {
             obs.in_flight.fetch_sub(1, Ordering::SeqCst);
             obs.refused.fetch_add(1, Ordering::SeqCst);
@@ -372,7 +443,7 @@ impl JobService for TestJobService {
             });
             return;
         }
-        obs.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        obs.first_job.get_or_init(Instant::now);
         obs.jobs.lock().unwrap().push(req.jobId.clone());
         let id = self.id.clone();
         let answer = move |req: JobRequest| JobResponse {
@@ -391,15 +462,45 @@ impl JobService for TestJobService {
             return;
         }
         let killed = self.killed.clone();
+        let (stop, stopped) = crossbeam_channel::bounded(1);
+        let running = self.running.clone();
+        running.lock().unwrap().insert(req.jobId.clone(), stop);
         std::thread::spawn(move || {
-            // Simulated build time; ends early if the worker is killed.
-            let _ = killed.recv_timeout(behaviour.run_time);
+            // Simulated build time (and the gate); ends early if the worker is killed or
+            // the job cancelled.
+            let run_until = Instant::now() + behaviour.run_time;
+            let mut gate = behaviour.gate;
+            let cancelled = loop {
+                let (closed, done) = match &gate {
+                    Some(gate) => (gate.clone(), crossbeam_channel::never()),
+                    None => (crossbeam_channel::never(), crossbeam_channel::at(run_until)),
+                };
+                crossbeam_channel::select! {
+                    recv(killed) -> _ => break None,
+                    recv(stopped) -> freed => break freed.ok(),
+                    recv(closed) -> _ => gate = None,
+                    recv(done) -> _ => break None,
+                }
+            };
+            running.lock().unwrap().remove(&req.jobId);
             obs.in_flight.fetch_sub(1, Ordering::SeqCst);
-            let _ = futures_block_on(sink.success(answer(req)));
+            // Like Blacktree's worker, the slot is free before CancelJob is answered.
+            let cancelled = cancelled.map(|freed| freed.send(())).is_some();
+            let response = if cancelled {
+                JobResponse {
+                    jobId: req.jobId.clone(),
+                    error: "cancelled".into(),
+                    ..Default::default()
+                }
+            } else {
+                answer(req)
+            };
+            let _ = futures_block_on(sink.success(response));
         });
     }
 
     fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
+        self.observed.first_ping.get_or_init(Instant::now);
         self.observed.pings.fetch_add(1, Ordering::SeqCst);
         let behaviour = self.behaviour.lock().unwrap().clone();
         let full = self.observed.in_flight.load(Ordering::SeqCst) >= behaviour.capacity;
@@ -421,13 +522,33 @@ impl JobService for TestJobService {
     fn cancel_job(
         &mut self,
         ctx: RpcContext,
-        _req: CancelJobRequest,
+        req: CancelJobRequest,
         sink: UnarySink<CancelJobResponse>,
     ) {
-        ctx.spawn(async move {
-            let _ = sink
-                .fail(RpcStatus::new(RpcStatusCode::UNIMPLEMENTED))
-                .await;
+        self.observed
+            .cancels
+            .lock()
+            .unwrap()
+            .push(req.jobId.clone());
+        if !self.behaviour.lock().unwrap().cancel_job {
+            ctx.spawn(async move {
+                let _ = sink
+                    .fail(RpcStatus::new(RpcStatusCode::UNIMPLEMENTED))
+                    .await;
+            });
+            return;
+        }
+        let stop = self.running.lock().unwrap().remove(&req.jobId);
+        // Answered from a thread of its own: it waits for the job to give its slot up.
+        std::thread::spawn(move || {
+            let (freed, slot_free) = crossbeam_channel::bounded(1);
+            let cancelled =
+                stop.is_some_and(|stop| stop.send(freed).is_ok()) && slot_free.recv().is_ok();
+            let resp = CancelJobResponse {
+                cancelled,
+                ..Default::default()
+            };
+            let _ = futures_block_on(sink.success(resp));
         });
     }
 }
@@ -467,6 +588,7 @@ impl TestWorker {
             behaviour: behaviour.clone(),
             observed: observed.clone(),
             killed,
+            running: Arc::default(),
         };
         let mut server = ServerBuilder::new(env.clone())
             .register_service(create_job_service(service))
@@ -608,8 +730,18 @@ impl LoggedChild {
     /// Spawns `blacktree args…` and waits until it has logged each of `announces`
     /// (lines like "… listening on port N"); returns the announced ports in that order.
     pub fn spawn(args: &[String], announces: &[&'static str]) -> (LoggedChild, Vec<u16>) {
+        Self::spawn_with_env(args, &[], announces)
+    }
+
+    /// [`LoggedChild::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        args: &[String],
+        env: &[(String, String)],
+        announces: &[&'static str],
+    ) -> (LoggedChild, Vec<u16>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -744,6 +876,13 @@ impl Orchestrator {
         self.process.wait_exit(timeout)
     }
 
+    /// Starts a test worker and registers it here.
+    pub fn worker(&self, id: &str, behaviour: Behaviour) -> TestWorker {
+        let worker = TestWorker::start(id, 0, behaviour);
+        worker.register(self.grpc_port);
+        worker
+    }
+
     /// Asserts that the test token never reached its log.
     pub fn assert_no_secret_logged(&self) {
         let log = self.log();
@@ -751,6 +890,43 @@ impl Orchestrator {
             !log.contains(TOKEN),
             "the token reached the orchestrator's log:\n{log}"
         );
+    }
+}
+
+/// What most end-to-end tests start with: their own queue names, their own connection
+/// to the broker, and an orchestrator for those queues. Fields drop in order: the
+/// orchestrator is stopped before the queues are deleted.
+pub struct Setup {
+    pub orch: Orchestrator,
+    pub mq: Mq,
+    pub names: Names,
+}
+
+impl Setup {
+    /// On the shared broker with the test orchestrator's defaults.
+    pub fn new(test: &str) -> Setup {
+        Self::with_flags(test, &[])
+    }
+
+    /// On the shared broker, with `extra` orchestrator flags.
+    pub fn with_flags(test: &str, extra: &[&str]) -> Setup {
+        let names = Names::unique(test);
+        let mq = Mq::connect(SHARED_BROKER, &names);
+        let orch = Orchestrator::start(SHARED_BROKER, &names, extra);
+        Setup { orch, mq, names }
+    }
+
+    /// On a private broker node, with `extra` orchestrator flags.
+    pub fn on(broker: &PrivateBroker, test: &str, extra: &[&str]) -> Setup {
+        let names = Names::unique(test);
+        let mq = Mq::on(broker, &names);
+        let orch = Orchestrator::start(&broker.url(), &names, extra);
+        Setup { orch, mq, names }
+    }
+
+    /// Starts a test worker and registers it with the orchestrator.
+    pub fn worker(&self, id: &str, behaviour: Behaviour) -> TestWorker {
+        self.orch.worker(id, behaviour)
     }
 }
 
@@ -769,8 +945,42 @@ impl PrivateBroker {
     }
 
     /// With `tls = Some((ca, cert, key))` PEM files, also listens for `amqps://` on
-    /// `tls_port`.
+    /// `tls_port`. A node that does not come up (several starting at once on a loaded
+    /// machine can time out, or lose a port to another process) is stopped, its log
+    /// printed, and one more is started on fresh ports.
     pub fn start_with_tls(tls: Option<(String, String, String)>) -> PrivateBroker {
+        match Self::try_start(tls.as_ref()) {
+            Ok(broker) => broker,
+            Err(failed) => {
+                eprintln!(
+                    "private broker {} did not start; trying once more on fresh ports. Its log:\n{}",
+                    failed.node,
+                    failed.log()
+                );
+                drop(failed);
+                Self::try_start(tls.as_ref()).unwrap_or_else(|failed| {
+                    panic!(
+                        "private broker {} did not start either. Its log:\n{}",
+                        failed.node,
+                        failed.log()
+                    )
+                })
+            }
+        }
+    }
+
+    /// The node's log files, for a failure message.
+    fn log(&self) -> String {
+        let logs = std::fs::read_dir(self.dir.join("log"))
+            .into_iter()
+            .flatten();
+        logs.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Starts a node and waits until it accepts AMQP; the node that did not is `Err`.
+    fn try_start(tls: Option<&(String, String, String)>) -> Result<PrivateBroker, PrivateBroker> {
         let port = free_port();
         let tls_port = free_port();
         let dist_port = free_port();
@@ -782,7 +992,7 @@ impl PrivateBroker {
         // Our own config file: the machine's may pin the listener to 5672.
         let config = dir.join("rabbitmq.conf");
         let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
-        if let Some((ca, cert, key)) = &tls {
+        if let Some((ca, cert, key)) = tls {
             for (name, file) in [("ca.pem", ca), ("server.pem", cert), ("server.key", key)] {
                 std::fs::copy(file, dir.join(name)).unwrap();
             }
@@ -816,24 +1026,25 @@ impl PrivateBroker {
             .stderr(Stdio::null())
             .status()
             .expect("rabbitmq-server");
-        assert!(status.success(), "rabbitmq-server -detached");
         let broker = PrivateBroker {
             node,
             port,
             tls_port,
             dir,
         };
+        if !status.success() {
+            return Err(broker);
+        }
         let url = broker.url();
-        poll(
-            Duration::from_secs(90),
-            "the private broker to accept AMQP",
-            || {
-                Connection::insecure_open(&url).ok().map(|c| {
-                    let _ = c.close();
-                })
-            },
-        );
-        broker
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(connection) = Connection::insecure_open(&url) {
+                let _ = connection.close();
+                return Ok(broker);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(broker)
     }
 
     pub fn url(&self) -> String {
