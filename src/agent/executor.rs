@@ -545,7 +545,7 @@ mod tests {
         let control = JobControl::default();
         let mut log = JobLog::new(1000, vec![]);
         // A command line no other process has.
-        let background = format!("sleep 30.{}", std::process::id());
+        let background = format!("sleep 300.{}", std::process::id());
         std::thread::scope(|s| {
             s.spawn(|| {
                 while control.lock().group.is_none() {
@@ -555,7 +555,9 @@ mod tests {
                 assert!(!control.cancel("again"), "the first reason wins");
             });
             let mut cmd = Command::new("sh");
-            cmd.args(["-c", &format!("{background} & sleep 30; echo never")]);
+            // Neither sleep holds the log pipe: the step ends when its shell does.
+            let script = format!("{background} >/dev/null 2>&1 & sleep 30 >/dev/null; echo never");
+            cmd.args(["-c", &script]);
             let result = run_step("sleepers", cmd, None, &mut log, &control);
             assert!(matches!(result, Err(StepError::Stopped(r)) if r == "cancelled"));
         });
