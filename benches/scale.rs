@@ -169,7 +169,7 @@ fn orchestrator(ports: &[u16], jobs: usize) -> SizeFigures {
         Duration::from_secs(60),
         "every worker to answer pings",
         || {
-            let free = sample(&metrics(), r#"blacktree_workers{state="free"}"#)?;
+            let free = find_sample(&metrics(), r#"blacktree_workers{state="free"}"#)?;
             (free as usize == size).then_some(())
         },
     );
@@ -177,8 +177,9 @@ fn orchestrator(ports: &[u16], jobs: usize) -> SizeFigures {
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
         std::thread::sleep(HEALTH_INTERVAL);
-        rounds
-            .push(sample(&metrics(), "blacktree_health_round_seconds").expect("a round") * 1000.0);
+        rounds.push(
+            find_sample(&metrics(), "blacktree_health_round_seconds").expect("a round") * 1000.0,
+        );
     }
     let idle = Idle::read(pid, &meter, rounds);
 

@@ -249,27 +249,6 @@ fn a_second_instance_is_refused_and_a_restart_after_sigkill_is_not() {
         .success());
 }
 
-fn http(port: u16, path: &str) -> (String, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    let out = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", &url])
-        .output()
-        .unwrap();
-    let text = text(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.to_string(), body.to_string())
-}
-
-/// The value of a Prometheus sample line `name{labels} value`.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
     let broker = common::PrivateBroker::start();

@@ -28,28 +28,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `GET http://127.0.0.1:port/path` with curl: (status code, body).
-fn http(port: u16, path: &str) -> (String, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    let out = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", &url])
-        .output()
-        .unwrap();
-    let text = text(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.to_string(), body.to_string())
-}
-
-/// The value of a Prometheus sample line `name{labels} value`.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-        .parse()
-        .unwrap()
-}
-
 /// The orchestrator's `/metrics` text.
 fn metrics(port: u16) -> String {
     let (code, body) = http(port, "/metrics");

@@ -180,13 +180,6 @@ pub fn http_get(port: u16, path: &str) -> String {
     body.to_string()
 }
 
-/// The value of the Prometheus sample `name` (a full `name{labels}` prefix) in `metrics`.
-pub fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The number in environment variable `name` (a bench's size), or `default`.
 pub fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -49,6 +49,30 @@ pub fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<
     }
 }
 
+/// `GET http://127.0.0.1:port/path` with curl: (status code, body).
+pub fn http(port: u16, path: &str) -> (String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", &url])
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.to_string(), body.to_string())
+}
+
+/// The value of the Prometheus sample `name` (a full `name{labels}` prefix) in `metrics`.
+pub fn find_sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// [`find_sample`], which must be there.
+pub fn sample(metrics: &str, name: &str) -> f64 {
+    find_sample(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
