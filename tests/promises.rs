@@ -209,6 +209,8 @@ fn a_job_outlasting_the_drain_timeout_is_left_to_the_broker_and_the_process_exit
         "{}",
         text(&out.stderr)
     );
+    // `/healthz` follows the broker connection, which the drain keeps for its statuses.
+    assert_eq!(http(setup.orch.metrics_port, "/healthz").0, "200");
 
     assert_eq!(setup.orch.wait_exit(LONG), Some(0));
     let took = signalled.elapsed();
