@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blacktree::grpc;
 use blacktree::proto::job::PingRequest;
-use blacktree::rpc;
 use common::*;
 use grpcio::{CallOption, EnvBuilder};
 use serde_json::json;
@@ -117,7 +117,7 @@ fn bare_client(ports: &str) {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let clients: Vec<_> = ports
         .split(',')
-        .map(|port| rpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
+        .map(|port| grpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
         .collect();
     let request = PingRequest::new();
     let mut out = std::io::stdout();
@@ -128,7 +128,7 @@ fn bare_client(ports: &str) {
             .map(|c| c.ping_async_opt(&request, CallOption::default().timeout(HEALTH_TIMEOUT)))
             .collect();
         for call in calls {
-            let _ = call.map(|mut c| rpc::wait(&mut c, None));
+            let _ = call.map(|mut c| grpc::cancel::wait(&mut c, None));
         }
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         if writeln!(out, "{ms:.3}").and_then(|_| out.flush()).is_err() {

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use blacktree::amqp::AmqpUrl;
+use blacktree::grpc;
 use blacktree::job::{Outcome, Status};
 use blacktree::proto::job::JobRequest;
-use blacktree::rpc;
 use common::*;
 use crossbeam_channel::select;
 use serde_json::json;
@@ -158,7 +158,7 @@ fn raw_loop(jobs: usize, broker: u32, grpc: bool) -> Run {
         let env = Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
         let clients: Vec<_> = ports
             .iter()
-            .map(|port| rpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
+            .map(|port| grpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
             .collect();
         let (answers, answered) = crossbeam_channel::unbounded::<(u64, String)>();
         let mut connection = AmqpUrl::parse(SHARED_BROKER).unwrap().connect().unwrap();

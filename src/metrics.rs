@@ -1,17 +1,11 @@
-//! Prometheus metrics and the orchestrator's small HTTP endpoint (`tiny_http`, one
-//! thread): `/metrics` (Prometheus text), `/healthz` (200 only while the broker is
-//! connected; the gRPC server is up whenever the process serves this), `/workers` (JSON).
-
-use std::sync::Arc;
-use std::thread::JoinHandle;
+//! The orchestrator's Prometheus metrics. A leaf: every thread that counts something
+//! imports it; it imports none of them (the HTTP endpoint that serves it is
+//! `orchestrator::http`).
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, TextEncoder,
 };
-use serde_json::Value;
-
-use crate::workers::Registry;
 
 /// Every metric the orchestrator keeps.
 pub struct Metrics {
@@ -122,15 +116,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text of every metric, with the workers' states counted now.
-    fn render(&self, workers: &Registry) -> String {
+    /// The Prometheus text of every metric, with `blacktree_workers` counted from the
+    /// workers' current states (`free`, `busy`, `unhealthy`).
+    pub fn render<'a>(&self, worker_states: impl IntoIterator<Item = &'a str>) -> String {
         for state in ["free", "busy", "unhealthy"] {
             self.workers.with_label_values(&[state]).set(0);
         }
-        for worker in workers.list() {
-            self.workers
-                .with_label_values(&[worker.state.as_str()])
-                .inc();
+        for state in worker_states {
+            self.workers.with_label_values(&[state]).inc();
         }
         let mut text = Vec::new();
         TextEncoder::new()
@@ -138,46 +131,4 @@ impl Metrics {
             .expect("encoding metrics into memory");
         String::from_utf8(text).expect("Prometheus text is UTF-8")
     }
-}
-
-/// Starts the HTTP endpoint on `listen`; returns the bound port.
-pub fn serve(
-    listen: &str,
-    metrics: Arc<Metrics>,
-    workers: Arc<Registry>,
-) -> Result<(u16, JoinHandle<()>), String> {
-    let server = tiny_http::Server::http(listen)
-        .map_err(|e| format!("metrics endpoint cannot listen on {listen}: {e}"))?;
-    let port = server.server_addr().to_ip().map_or(0, |a| a.port());
-    let thread = std::thread::Builder::new()
-        .name("metrics-http".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let (status, content_type, body) = match request.url() {
-                    "/metrics" => (200, "text/plain; version=0.0.4", metrics.render(&workers)),
-                    "/healthz" if metrics.broker_connected.get() == 1 => {
-                        (200, "text/plain", "ok\n".to_string())
-                    }
-                    "/healthz" => (
-                        503,
-                        "text/plain",
-                        "not connected to the broker\n".to_string(),
-                    ),
-                    "/workers" => {
-                        let list: Vec<Value> = workers.list().iter().map(|w| w.to_json()).collect();
-                        (200, "application/json", Value::Array(list).to_string())
-                    }
-                    _ => (404, "text/plain", "not found\n".to_string()),
-                };
-                let header = tiny_http::Header::from_bytes("Content-Type", content_type)
-                    .expect("valid header");
-                let response = tiny_http::Response::from_string(body)
-                    .with_status_code(status)
-                    .with_header(header);
-                // A client that went away is its own problem.
-                let _ = request.respond(response);
-            }
-        })
-        .map_err(|e| format!("spawning the metrics thread: {e}"))?;
-    Ok((port, thread))
 }

@@ -34,11 +34,11 @@ impl JobService for NoopWorker {
             success: true,
             ..JobResponse::default()
         };
-        blacktree::rpc::reply(&ctx, sink, answer);
+        blacktree::grpc::reply(&ctx, sink, answer);
     }
 
     fn ping(&mut self, ctx: RpcContext, _req: PingRequest, sink: UnarySink<PingResponse>) {
-        blacktree::rpc::reply(&ctx, sink, PingResponse::default());
+        blacktree::grpc::reply(&ctx, sink, PingResponse::default());
     }
 
     fn cancel_job(
@@ -47,7 +47,7 @@ impl JobService for NoopWorker {
         _req: CancelJobRequest,
         sink: UnarySink<CancelJobResponse>,
     ) {
-        blacktree::rpc::reply(&ctx, sink, CancelJobResponse::default());
+        blacktree::grpc::reply(&ctx, sink, CancelJobResponse::default());
     }
 }
 

@@ -32,6 +32,7 @@ use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
 
 use crate::config::{read_secret_file, WorkerConfig};
+use crate::grpc::{self, Tls};
 use crate::job::Secret;
 use crate::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
@@ -39,7 +40,6 @@ use crate::proto::job::{
 };
 use crate::proto::worker::{self, WorkerInfo};
 use crate::proto::worker_grpc::WorkerServiceClient;
-use crate::rpc::{self, Tls};
 use executor::{Executor, JobControl};
 
 /// Runs the worker agent until SIGINT/SIGTERM.
@@ -64,7 +64,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     let port = server
         .add_listening_port(
             config.listen.as_str(),
-            rpc::server_credentials(tls.as_ref()),
+            grpc::server_credentials(tls.as_ref()),
         )
         .map_err(|e| format!("worker cannot listen on {}: {e}", config.listen))?;
     server.start();
@@ -170,11 +170,11 @@ fn check_in(
     token: Option<Secret>,
     interval: Duration,
 ) {
-    let channel = rpc::connect(ChannelBuilder::new(env), orchestrator, tls.as_ref());
+    let channel = grpc::connect(ChannelBuilder::new(env), orchestrator, tls.as_ref());
     let client = WorkerServiceClient::new(channel);
     let call = || {
         let options = CallOption::default().timeout(Duration::from_secs(5));
-        rpc::with_token(options, token.as_ref())
+        grpc::with_token(options, token.as_ref())
     };
     let ping = worker::PingRequest {
         id: info.id.clone(),
@@ -361,7 +361,7 @@ impl Agent {
             },
             ..PingResponse::default()
         };
-        rpc::reply(&ctx, sink, pong);
+        grpc::reply(&ctx, sink, pong);
     }
 
     fn cancel_job(
@@ -385,7 +385,7 @@ impl Agent {
             }
             None => answer.message = "no such job is running here".to_string(),
         }
-        rpc::reply(&ctx, sink, answer);
+        grpc::reply(&ctx, sink, answer);
     }
 
     /// Runs one job on its own thread and answers its call.

@@ -37,13 +37,12 @@ use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, info, warn};
 
-use super::publisher::{Connected, Publication};
 use super::{declare_topology, AmqpUrl};
 use crate::config::Topology;
-use crate::dispatch::Assignment;
+use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::job::{self, decode_cancel, EventKind, Job, Outcome, Rejection, Status};
 use crate::metrics::Metrics;
-use crate::rpc::{CancelReason, CancelToken};
+use crate::pipeline::{AckKey, Assignment, Connected, ConsumerMsg, Publication};
 
 /// How many confirmed jobIds the de-duplication window remembers at most.
 const RECENT_JOBS_CAPACITY: usize = 100_000;
@@ -52,29 +51,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A connection that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
-
-/// What a delivery waits for before it is acked.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum AckKey {
-    /// The status of this job.
-    Job(String),
-    /// The rejected copy (and status) of the consumer's rejected delivery with this id.
-    Rejected(u64),
-}
-
-/// Messages to the consumer thread.
-#[derive(Debug)]
-pub enum ConsumerMsg {
-    /// The broker confirmed everything published for these keys: ack their deliveries.
-    Confirmed(Vec<AckKey>),
-    /// The publisher's channel of this connection generation failed: reconnect.
-    PublisherLost(u64),
-    /// A dispatch thread gives back a job it never started (drain): requeue it.
-    Requeue(String),
-    /// Stop consuming, requeue what was not started, and end once running jobs are
-    /// confirmed or the drain timeout passes.
-    Drain,
-}
 
 /// Settings of the consumer thread.
 #[derive(Debug, Clone)]

@@ -17,45 +17,13 @@ use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, Fiel
 use crossbeam_channel::{never, select, Receiver, Sender};
 use log::{debug, warn};
 
-use super::consumer::{AckKey, ConsumerMsg};
 use crate::config::Topology;
 use crate::job::{Event, EventKind, Status};
 use crate::metrics::Metrics;
+use crate::pipeline::{AckKey, Connected, ConsumerMsg, Publication};
 
 /// Header of a message moved to the rejected queue that says why it was rejected.
 pub const REJECT_REASON_HEADER: &str = "x-blacktree-reject-reason";
-
-/// What the publisher is asked to publish.
-#[derive(Debug)]
-pub enum Publication {
-    /// A job's final status (preceded by its `finished` event when events are on); its
-    /// confirmation acks the job's deliveries.
-    Status(Status),
-    /// A lifecycle event; senders send none when events are off (one is dropped then).
-    Event(Event),
-    /// A message that is not a valid job: a copy goes to the rejected queue with the
-    /// reason in a header, and a `rejected` status when its jobId could be read.
-    Rejected {
-        /// The consumer's id for the delivery.
-        id: u64,
-        /// The message body, unchanged.
-        body: Vec<u8>,
-        /// Why it was rejected.
-        reason: String,
-        /// The `rejected` status, when the message had a readable jobId.
-        status: Option<Status>,
-    },
-}
-
-/// A fresh publishing channel, handed over by the consumer thread after each (re)connect.
-pub struct Connected {
-    /// The channel, with publisher confirms enabled.
-    pub channel: Channel,
-    /// Its confirms.
-    pub confirms: Receiver<Confirm>,
-    /// The connection generation the channel belongs to.
-    pub generation: u64,
-}
 
 /// One message to publish.
 struct Message {

@@ -21,11 +21,11 @@ use serde_json::{json, Value};
 
 use crate::amqp::AmqpUrl;
 use crate::config::{parse_duration, read_secret_file, BrokerUrl, TlsArgs};
+use crate::grpc::{self, Tls};
 use crate::job::{Job, Secret};
+use crate::orchestrator::registry::WorkerView;
 use crate::proto::worker::ListWorkersRequest;
 use crate::proto::worker_grpc::WorkerServiceClient;
-use crate::rpc::{self, Tls};
-use crate::workers::WorkerView;
 
 /// Exit code: something failed.
 pub const EXIT_FAILURE: u8 = 1;
@@ -396,14 +396,14 @@ pub struct WorkersArgs {
 pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let tls = Tls::load(&args.tls).map_err(CliError::failed)?;
-    let channel = rpc::connect(ChannelBuilder::new(env), &args.orchestrator, tls.as_ref());
+    let channel = grpc::connect(ChannelBuilder::new(env), &args.orchestrator, tls.as_ref());
     let client = WorkerServiceClient::new(channel);
     let token = read_secret_file(
         args.registration_token_file.as_deref(),
         "registration token",
     )
     .map_err(CliError::failed)?;
-    let options = rpc::with_token(
+    let options = grpc::with_token(
         CallOption::default().timeout(Duration::from_secs(5)),
         token.as_ref(),
     );
@@ -501,7 +501,7 @@ pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
     };
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let tls = Tls::load(&args.tls).map_err(CliError::failed)?;
-    let client = HealthClient::new(rpc::connect(ChannelBuilder::new(env), addr, tls.as_ref()));
+    let client = HealthClient::new(grpc::connect(ChannelBuilder::new(env), addr, tls.as_ref()));
     let answer = client
         .check_opt(
             &HealthCheckRequest::default(),

@@ -659,7 +659,7 @@ impl TestWorker {
             ..Default::default()
         };
         let token = token.map(|t| blacktree::job::Secret::new(t.to_string()));
-        let options = blacktree::rpc::with_token(grpcio::CallOption::default(), token.as_ref());
+        let options = blacktree::grpc::with_token(grpcio::CallOption::default(), token.as_ref());
         client.register_opt(&info, options)
     }
 
@@ -692,7 +692,7 @@ impl Drop for TestWorker {
 
 /// Waits for a grpcio future without an async runtime.
 pub fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
-    blacktree::rpc::block_on(future, None).expect("no cancel token")
+    blacktree::grpc::cancel::block_on(future, None).expect("no cancel token")
 }
 
 /// xorshift64*: a tiny seeded generator, so that a run's fault schedule can be replayed.

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use grpcio::CallOption;
 
+use super::registry::{PingResult, PingTarget, Registry};
+use crate::grpc::cancel::{self, CallError};
 use crate::metrics::Metrics;
 use crate::proto::job::{PingRequest, WorkerStatus};
-use crate::rpc::{self, CallError};
-use crate::workers::{PingResult, PingTarget, Registry};
 
 /// Starts the health ticker; its first round runs at once.
 pub fn spawn(
@@ -79,7 +79,7 @@ fn ping_all(
     for (target, call) in calls {
         let result = match call
             .map_err(CallError::Grpc)
-            .and_then(|mut c| rpc::wait(&mut c, None))
+            .and_then(|mut c| cancel::wait(&mut c, None))
         {
             Ok(pong) if pong.status == WorkerStatus::BUSY => PingResult::Busy,
             Ok(_) => PingResult::Free,

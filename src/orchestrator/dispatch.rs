@@ -9,30 +9,18 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use grpcio::{CallOption, RpcStatusCode};
 use log::{info, warn};
 
-use crate::amqp::consumer::ConsumerMsg;
-use crate::amqp::publisher::Publication;
+use super::registry::{Claim, Hint, Registry, Release};
+use crate::grpc::cancel::{self, CallError, CancelReason, CancelToken};
 use crate::job::{Event, EventKind, Job, Outcome, Status};
 use crate::metrics::Metrics;
+use crate::pipeline::{Assignment, ConsumerMsg, Publication};
 use crate::proto::job::{CancelJobRequest, JobRequest, JobResponse};
-use crate::rpc::{self, CallError, CancelReason, CancelToken};
-use crate::workers::{Claim, Hint, Registry, Release};
-
-/// A job handed to the dispatch pool, with the token that stops it (fired by the
-/// consumer thread on a cancel, or by the registry when its worker is lost).
-pub struct Assignment {
-    /// The job.
-    pub job: Job,
-    /// Stops it wherever it is.
-    pub token: CancelToken,
-    /// When the consumer took it in.
-    pub received: Instant,
-}
 
 /// How long a worker may take to answer `CancelJob`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -227,7 +215,7 @@ impl Dispatcher {
             .client
             .run_job_async_opt(&request, CallOption::default().timeout(timeout));
         let (result, mut call) = match call {
-            Ok(mut call) => (rpc::wait(&mut call, Some(token)), Some(call)),
+            Ok(mut call) => (cancel::wait(&mut call, Some(token)), Some(call)),
             Err(e) => (Err(CallError::Grpc(e)), None),
         };
         let worker = &*claim.worker;
@@ -315,7 +303,7 @@ fn stop_on_worker(claim: &Claim, job_id: &str) -> Release {
         .client
         .cancel_job_async_opt(&request, CallOption::default().timeout(CANCEL_TIMEOUT))
         .map_err(CallError::Grpc)
-        .and_then(|mut call| rpc::wait(&mut call, None));
+        .and_then(|mut call| cancel::wait(&mut call, None));
     match call {
         Ok(_) => Release::Done,
         Err(CallError::Grpc(grpcio::Error::RpcFailure(s)))

@@ -22,8 +22,9 @@ use crossbeam_channel::Sender;
 use grpcio::Environment;
 use log::{info, warn};
 
+use crate::grpc::cancel::{CancelReason, CancelToken};
+use crate::grpc::{self, Tls};
 use crate::proto::job_grpc::JobServiceClient;
-use crate::rpc::{self, CancelReason, CancelToken};
 
 /// A hint that a worker may have a free slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +120,7 @@ pub struct RegistrySettings {
     /// How long a registered worker may stay unhealthy before it is forgotten.
     pub forget_after: Duration,
     /// Mutual TLS for the calls to workers, when configured.
-    pub tls: Option<rpc::Tls>,
+    pub tls: Option<Tls>,
 }
 
 /// The registry of workers; shared by the gRPC server, the dispatch pool and the
@@ -195,7 +196,7 @@ impl Registry {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client = rpc::job_client(self.env.clone(), addr, self.settings.tls.as_ref());
+        let client = grpc::job_client(self.env.clone(), addr, self.settings.tls.as_ref());
         let id: Arc<str> = id.into();
         let mut workers = self.lock();
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);

@@ -10,6 +10,12 @@
 //!                              gRPC server: Register / Ping (workers → us)
 //! ```
 
+pub mod dispatch;
+pub mod health;
+pub mod http;
+pub mod registration;
+pub mod registry;
+
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded};
@@ -17,14 +23,14 @@ use grpcio::EnvBuilder;
 use grpcio_health::ServingStatus;
 use log::{info, warn};
 
-use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks, ConsumerMsg};
+use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks};
 use crate::amqp::{publisher, AmqpUrl};
 use crate::config::{read_secret_file, OrchestratorConfig};
-use crate::dispatch::{self, DispatchLinks, DispatchSettings};
-use crate::health;
-use crate::metrics::{self, Metrics};
-use crate::rpc::{self, Tls};
-use crate::workers::{Registry, RegistrySettings};
+use crate::grpc::Tls;
+use crate::metrics::Metrics;
+use crate::pipeline::ConsumerMsg;
+use dispatch::{DispatchLinks, DispatchSettings};
+use registry::{Registry, RegistrySettings};
 
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
@@ -55,7 +61,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     if token.is_none() {
         warn!("no --registration-token-file: any client that reaches the gRPC port can register as a worker");
     }
-    let server = rpc::serve(
+    let server = registration::serve(
         env,
         &config.grpc_listen,
         registry.clone(),
@@ -64,7 +70,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     )?;
     let metrics = Arc::new(Metrics::default());
     if !config.metrics_listen.is_empty() {
-        let (port, _) = metrics::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;
+        let (port, _) = http::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;
         info!(
             "metrics listening on port {port} ({})",
             config.metrics_listen

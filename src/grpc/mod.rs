@@ -1,0 +1,133 @@
+//! gRPC plumbing shared by the orchestrator, the worker agent and the CLI: channels and
+//! servers with optional mutual TLS, `JobService` clients, the registration token as
+//! call metadata, and answering a call without blocking grpcio's threads. Waiting for a
+//! call without an async runtime is in [`cancel`].
+
+pub mod cancel;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpcio::{
+    CallOption, CertificateRequestType, Channel, ChannelBuilder, ChannelCredentialsBuilder,
+    Environment, MetadataBuilder, RpcContext, ServerCredentials, ServerCredentialsBuilder,
+    UnarySink,
+};
+use log::{debug, warn};
+
+use crate::config::TlsArgs;
+use crate::job::Secret;
+use crate::proto::job_grpc::JobServiceClient;
+
+/// Largest message accepted from a worker (build logs can be large).
+const MAX_MESSAGE_BYTES: i32 = 64 * 1024 * 1024;
+
+/// Mutual TLS material, loaded from the `--tls-*` files.
+#[derive(Clone)]
+pub struct Tls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls { .. }")
+    }
+}
+
+impl Tls {
+    /// Reads the files; `None` when TLS is not configured.
+    pub fn load(args: &TlsArgs) -> Result<Option<Tls>, String> {
+        let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca)
+        else {
+            return Ok(None);
+        };
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| format!("reading the TLS {what} {}: {e}", path.display()))
+        };
+        Ok(Some(Tls {
+            cert: read(cert, "certificate")?,
+            key: read(key, "key")?,
+            ca: read(ca, "CA certificate")?,
+        }))
+    }
+}
+
+/// Server credentials: mutual TLS (peers must present a certificate of our CA) or
+/// plaintext.
+pub fn server_credentials(tls: Option<&Tls>) -> ServerCredentials {
+    match tls {
+        Some(tls) => ServerCredentialsBuilder::new()
+            .root_cert(
+                tls.ca.clone(),
+                CertificateRequestType::RequestAndRequireClientCertificateAndVerify,
+            )
+            .add_cert(tls.cert.clone(), tls.key.clone())
+            .build(),
+        None => ServerCredentials::insecure(),
+    }
+}
+
+/// A (lazily connecting) channel to `addr`, over mutual TLS when configured.
+pub fn connect(builder: ChannelBuilder, addr: &str, tls: Option<&Tls>) -> Channel {
+    match tls {
+        Some(tls) => {
+            let credentials = ChannelCredentialsBuilder::new()
+                .root_cert(tls.ca.clone())
+                .cert(tls.cert.clone(), tls.key.clone())
+                .build();
+            builder.set_credentials(credentials).connect(addr)
+        }
+        None => builder.connect(addr),
+    }
+}
+
+/// Opens a (lazily connecting) client of the `JobService` at `addr`.
+pub fn job_client(env: Arc<Environment>, addr: &str, tls: Option<&Tls>) -> JobServiceClient {
+    let builder = ChannelBuilder::new(env)
+        // A worker back from a restart is reachable again within a health round or two.
+        .initial_reconnect_backoff(Duration::from_millis(200))
+        .max_reconnect_backoff(Duration::from_secs(2))
+        .max_receive_message_len(MAX_MESSAGE_BYTES)
+        .max_send_message_len(MAX_MESSAGE_BYTES);
+    JobServiceClient::new(connect(builder, addr, tls))
+}
+
+/// Call options carrying `authorization: Bearer <token>` when there is a token.
+pub fn with_token(options: CallOption, token: Option<&Secret>) -> CallOption {
+    let Some(token) = token else { return options };
+    let mut headers = MetadataBuilder::new();
+    match headers.add_str("authorization", &format!("Bearer {}", token.expose())) {
+        Ok(_) => options.headers(headers.build()),
+        Err(_) => {
+            warn!("the registration token is not printable ASCII; sending none");
+            options
+        }
+    }
+}
+
+/// Whether the call carries `authorization: Bearer <token>` (compared in constant time).
+pub fn authorized(ctx: &RpcContext, token: &Secret) -> bool {
+    let expected = format!("Bearer {}", token.expose());
+    ctx.request_headers().iter().any(|(key, value)| {
+        key.eq_ignore_ascii_case("authorization")
+            && value.len() == expected.len()
+            && value
+                .iter()
+                .zip(expected.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+/// Answers a unary call from a handler without blocking grpcio's thread. (The sink's
+/// future must be driven to completion: dropping it early may cancel the call.)
+pub fn reply<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, message: T) {
+    ctx.spawn(async move {
+        if let Err(e) = sink.success(message).await {
+            debug!("could not answer a call: {e}");
+        }
+    });
+}

@@ -1,0 +1,57 @@
+//! The orchestrator's small HTTP endpoint (`tiny_http`, one thread): `/metrics`
+//! (Prometheus text), `/healthz` (200 only while the broker is connected; the gRPC
+//! server is up whenever the process serves this), `/workers` (JSON).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde_json::Value;
+
+use super::registry::Registry;
+use crate::metrics::Metrics;
+
+/// Starts the HTTP endpoint on `listen`; returns the bound port.
+pub fn serve(
+    listen: &str,
+    metrics: Arc<Metrics>,
+    workers: Arc<Registry>,
+) -> Result<(u16, JoinHandle<()>), String> {
+    let server = tiny_http::Server::http(listen)
+        .map_err(|e| format!("metrics endpoint cannot listen on {listen}: {e}"))?;
+    let port = server.server_addr().to_ip().map_or(0, |a| a.port());
+    let thread = std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let (status, content_type, body) = match request.url() {
+                    "/metrics" => {
+                        let workers = workers.list();
+                        let states = workers.iter().map(|w| w.state.as_str());
+                        (200, "text/plain; version=0.0.4", metrics.render(states))
+                    }
+                    "/healthz" if metrics.broker_connected.get() == 1 => {
+                        (200, "text/plain", "ok\n".to_string())
+                    }
+                    "/healthz" => (
+                        503,
+                        "text/plain",
+                        "not connected to the broker\n".to_string(),
+                    ),
+                    "/workers" => {
+                        let list: Vec<Value> = workers.list().iter().map(|w| w.to_json()).collect();
+                        (200, "application/json", Value::Array(list).to_string())
+                    }
+                    _ => (404, "text/plain", "not found\n".to_string()),
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", content_type)
+                    .expect("valid header");
+                let response = tiny_http::Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(header);
+                // A client that went away is its own problem.
+                let _ = request.respond(response);
+            }
+        })
+        .map_err(|e| format!("spawning the metrics thread: {e}"))?;
+    Ok((port, thread))
+}

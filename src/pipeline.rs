@@ -1,0 +1,78 @@
+//! The messages that flow between the orchestrator's threads (see ARCHITECTURE.md):
+//! jobs from the consumer to the dispatch pool, publications to the status publisher,
+//! channels from the consumer to the publisher, and requests back to the consumer. A
+//! leaf: every thread imports it, it imports none of them.
+
+use std::time::Instant;
+
+use amiquip::{Channel, Confirm};
+use crossbeam_channel::Receiver;
+
+use crate::grpc::cancel::CancelToken;
+use crate::job::{Event, Job, Status};
+
+/// A job handed to the dispatch pool, with the token that stops it (fired by the
+/// consumer thread on a cancel, or by the registry when its worker is lost).
+pub struct Assignment {
+    /// The job.
+    pub job: Job,
+    /// Stops it wherever it is.
+    pub token: CancelToken,
+    /// When the consumer took it in.
+    pub received: Instant,
+}
+
+/// What a delivery waits for before it is acked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AckKey {
+    /// The status of this job.
+    Job(String),
+    /// The rejected copy (and status) of the consumer's rejected delivery with this id.
+    Rejected(u64),
+}
+
+/// Messages to the consumer thread.
+#[derive(Debug)]
+pub enum ConsumerMsg {
+    /// The broker confirmed everything published for these keys: ack their deliveries.
+    Confirmed(Vec<AckKey>),
+    /// The publisher's channel of this connection generation failed: reconnect.
+    PublisherLost(u64),
+    /// A dispatch thread gives back a job it never started (drain): requeue it.
+    Requeue(String),
+    /// Stop consuming, requeue what was not started, and end once running jobs are
+    /// confirmed or the drain timeout passes.
+    Drain,
+}
+
+/// What the publisher is asked to publish.
+#[derive(Debug)]
+pub enum Publication {
+    /// A job's final status (preceded by its `finished` event when events are on); its
+    /// confirmation acks the job's deliveries.
+    Status(Status),
+    /// A lifecycle event; senders send none when events are off (one is dropped then).
+    Event(Event),
+    /// A message that is not a valid job: a copy goes to the rejected queue with the
+    /// reason in a header, and a `rejected` status when its jobId could be read.
+    Rejected {
+        /// The consumer's id for the delivery.
+        id: u64,
+        /// The message body, unchanged.
+        body: Vec<u8>,
+        /// Why it was rejected.
+        reason: String,
+        /// The `rejected` status, when the message had a readable jobId.
+        status: Option<Status>,
+    },
+}
+
+/// A fresh publishing channel, handed over by the consumer thread after each (re)connect.
+pub struct Connected {
+    /// The channel, with publisher confirms enabled.
+    pub channel: Channel,
+    /// Its confirms.
+    pub confirms: Receiver<Confirm>,
+    /// The connection generation the channel belongs to.
+    pub generation: u64,
+}
