@@ -229,48 +229,20 @@ impl Dispatcher {
                 let status = answered(job, worker, response).started(started);
                 Attempt::Ended(status, Release::Done)
             }
-            Err(CallError::Cancelled(CancelReason::WorkerLost)) => ended(
-                Outcome::WorkerLost,
-                Release::Done,
-                format!("worker {worker} stopped answering health pings while running the job"),
-            ),
-            Err(CallError::Cancelled(CancelReason::Cancelled)) => {
-                let release = stop_on_worker(claim, &job.job_id);
-                ended(Outcome::Cancelled, release, "cancelled".to_string())
-            }
-            Err(CallError::Grpc(grpcio::Error::RpcFailure(status))) => match status.code() {
-                RpcStatusCode::RESOURCE_EXHAUSTED => Attempt::Refused,
-                RpcStatusCode::DEADLINE_EXCEEDED => ended(
-                    Outcome::TimedOut,
-                    stop_on_worker(claim, &job.job_id),
-                    format!(
-                        "no answer from worker {worker} within {}",
-                        humantime::format_duration(timeout)
-                    ),
-                ),
-                RpcStatusCode::UNAVAILABLE | RpcStatusCode::CANCELLED => ended(
-                    Outcome::WorkerLost,
-                    Release::Unreachable,
-                    format!(
-                        "lost worker {worker}: {} {}",
-                        status.code(),
-                        status.message()
-                    ),
-                ),
-                code => ended(
-                    Outcome::Failed,
-                    Release::Done,
-                    format!(
-                        "worker {worker} failed the call: {code} {}",
-                        status.message()
-                    ),
-                ),
+            Err(error) => match failed_call(&error, worker, timeout) {
+                Ending::Refused => Attempt::Refused,
+                Ending::Ended {
+                    outcome,
+                    then,
+                    error,
+                } => {
+                    let release = match then {
+                        Then::Release(release) => release,
+                        Then::StopOnWorker => stop_on_worker(claim, &job.job_id),
+                    };
+                    ended(outcome, release, error)
+                }
             },
-            Err(CallError::Grpc(e)) => ended(
-                Outcome::Failed,
-                Release::Done,
-                format!("call to worker {worker} failed: {e}"),
-            ),
         };
         match &attempt {
             Attempt::Ended(status, _) => info!(
@@ -288,6 +260,81 @@ impl Dispatcher {
             call.cancel();
         }
         attempt
+    }
+}
+
+/// How a `RunJob` call that brought no answer ended, for the job and for its slot.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// RESOURCE_EXHAUSTED: the worker started nothing; the job goes to another worker.
+    Refused,
+    /// The job's one status: its outcome and error, and what becomes of the slot.
+    Ended {
+        outcome: Outcome,
+        then: Then,
+        error: String,
+    },
+}
+
+/// What becomes of the slot of a call that ended without an answer.
+#[derive(Debug, PartialEq, Eq)]
+enum Then {
+    /// Release it so.
+    Release(Release),
+    /// Ask the worker to stop the job (`CancelJob`); its answer says how to release.
+    StopOnWorker,
+}
+
+/// Maps every way a `RunJob` call can fail to its ending (pure, so every gRPC code is
+/// unit-tested). `worker` names the worker in the error; `timeout` was the deadline.
+fn failed_call(error: &CallError, worker: &str, timeout: Duration) -> Ending {
+    let ended = |outcome, then, error| Ending::Ended {
+        outcome,
+        then,
+        error,
+    };
+    match error {
+        CallError::Cancelled(CancelReason::WorkerLost) => ended(
+            Outcome::WorkerLost,
+            Then::Release(Release::Done),
+            format!("worker {worker} stopped answering health pings while running the job"),
+        ),
+        CallError::Cancelled(CancelReason::Cancelled) => {
+            ended(Outcome::Cancelled, Then::StopOnWorker, "cancelled".into())
+        }
+        CallError::Grpc(grpcio::Error::RpcFailure(status)) => match status.code() {
+            RpcStatusCode::RESOURCE_EXHAUSTED => Ending::Refused,
+            RpcStatusCode::DEADLINE_EXCEEDED => ended(
+                Outcome::TimedOut,
+                Then::StopOnWorker,
+                format!(
+                    "no answer from worker {worker} within {}",
+                    humantime::format_duration(timeout)
+                ),
+            ),
+            RpcStatusCode::UNAVAILABLE | RpcStatusCode::CANCELLED => ended(
+                Outcome::WorkerLost,
+                Then::Release(Release::Unreachable),
+                format!(
+                    "lost worker {worker}: {} {}",
+                    status.code(),
+                    status.message()
+                ),
+            ),
+            code => ended(
+                Outcome::Failed,
+                Then::Release(Release::Done),
+                format!(
+                    "worker {worker} failed the call: {code} {}",
+                    status.message()
+                ),
+            ),
+        },
+        CallError::Grpc(e) => ended(
+            Outcome::Failed,
+            Then::Release(Release::Done),
+            format!("call to worker {worker} failed: {e}"),
+        ),
     }
 }
 
@@ -347,5 +394,118 @@ fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
             Outcome::Failed
         },
         ..Status::without_answer(&job.job_id, Outcome::Failed, worker, String::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grpcio::RpcStatus;
+
+    const TIMEOUT: Duration = Duration::from_secs(90);
+
+    fn grpc(code: RpcStatusCode) -> CallError {
+        CallError::Grpc(grpcio::Error::RpcFailure(RpcStatus::with_message(
+            code,
+            "details".into(),
+        )))
+    }
+
+    fn ended(outcome: Outcome, then: Then, error: &str) -> Ending {
+        Ending::Ended {
+            outcome,
+            then,
+            error: error.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_grpc_code_maps_to_one_ending() {
+        let failed = |code: &str| {
+            ended(
+                Outcome::Failed,
+                Then::Release(Release::Done),
+                &format!("worker w1 failed the call: {code} details"),
+            )
+        };
+        let lost = |code: &str| {
+            ended(
+                Outcome::WorkerLost,
+                Then::Release(Release::Unreachable),
+                &format!("lost worker w1: {code} details"),
+            )
+        };
+        let cases = [
+            (RpcStatusCode::CANCELLED, lost("1-CANCELLED")),
+            (RpcStatusCode::UNKNOWN, failed("2-UNKNOWN")),
+            (
+                RpcStatusCode::INVALID_ARGUMENT,
+                failed("3-INVALID_ARGUMENT"),
+            ),
+            (
+                RpcStatusCode::DEADLINE_EXCEEDED,
+                ended(
+                    Outcome::TimedOut,
+                    Then::StopOnWorker,
+                    "no answer from worker w1 within 1m 30s",
+                ),
+            ),
+            (RpcStatusCode::NOT_FOUND, failed("5-NOT_FOUND")),
+            (RpcStatusCode::ALREADY_EXISTS, failed("6-ALREADY_EXISTS")),
+            (
+                RpcStatusCode::PERMISSION_DENIED,
+                failed("7-PERMISSION_DENIED"),
+            ),
+            (RpcStatusCode::RESOURCE_EXHAUSTED, Ending::Refused),
+            (
+                RpcStatusCode::FAILED_PRECONDITION,
+                failed("9-FAILED_PRECONDITION"),
+            ),
+            (RpcStatusCode::ABORTED, failed("10-ABORTED")),
+            (RpcStatusCode::OUT_OF_RANGE, failed("11-OUT_OF_RANGE")),
+            (RpcStatusCode::UNIMPLEMENTED, failed("12-UNIMPLEMENTED")),
+            (RpcStatusCode::INTERNAL, failed("13-INTERNAL")),
+            (RpcStatusCode::UNAVAILABLE, lost("14-UNAVAILABLE")),
+            (RpcStatusCode::DATA_LOSS, failed("15-DATA_LOSS")),
+            (RpcStatusCode::UNAUTHENTICATED, failed("16-UNAUTHENTICATED")),
+        ];
+        for (code, ending) in cases {
+            assert_eq!(failed_call(&grpc(code), "w1", TIMEOUT), ending, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn our_own_cancels_and_other_errors_map_to_their_endings() {
+        assert_eq!(
+            failed_call(
+                &CallError::Cancelled(CancelReason::WorkerLost),
+                "w1",
+                TIMEOUT
+            ),
+            ended(
+                Outcome::WorkerLost,
+                Then::Release(Release::Done),
+                "worker w1 stopped answering health pings while running the job"
+            )
+        );
+        assert_eq!(
+            failed_call(
+                &CallError::Cancelled(CancelReason::Cancelled),
+                "w1",
+                TIMEOUT
+            ),
+            ended(Outcome::Cancelled, Then::StopOnWorker, "cancelled")
+        );
+        let Ending::Ended { outcome, then, .. } = failed_call(
+            &CallError::Grpc(grpcio::Error::RemoteStopped),
+            "w1",
+            TIMEOUT,
+        ) else {
+            panic!("a call that failed otherwise is not a refusal");
+        };
+        assert_eq!(
+            (outcome, then),
+            (Outcome::Failed, Then::Release(Release::Done))
+        );
     }
 }
