@@ -170,14 +170,7 @@ impl AmqpUrl {
 /// Declares the exchange, the queues and their bindings, idempotently and with exactly
 /// the flags older deployments used (durable, no arguments), so existing queues match.
 pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), amiquip::Error> {
-    channel.exchange_declare(
-        ExchangeType::Direct,
-        topology.exchange.as_str(),
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
-    )?;
+    declare_exchange(channel, &topology.exchange)?;
     let events = topology.events_on().then_some(&topology.events_key);
     for (queue, key) in [
         (&topology.execute_queue, Some(&topology.execute_key)),
@@ -198,6 +191,19 @@ pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), am
             )?;
         }
     }
+    Ok(())
+}
+
+/// Declares the durable direct exchange (no arguments, as older deployments did).
+pub fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), amiquip::Error> {
+    channel.exchange_declare(
+        ExchangeType::Direct,
+        exchange,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+    )?;
     Ok(())
 }
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, Channel, Confirm, Connection, ConsumerMessage, ConsumerOptions,
-    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
+    AmqpProperties, Channel, Confirm, Connection, ConsumerMessage, ConsumerOptions, FieldTable,
+    Publish, QueueDeclareOptions,
 };
 use clap::Args;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
@@ -19,8 +19,8 @@ use grpcio_health::proto::HealthCheckRequest;
 use grpcio_health::{HealthClient, ServingStatus};
 use serde_json::{json, Value};
 
-use crate::amqp::AmqpUrl;
-use crate::config::{parse_duration, read_secret_file, BrokerUrl, TlsArgs};
+use crate::amqp::{declare_exchange, AmqpUrl};
+use crate::config::{parse_duration, read_secret_file, BrokerUrl, TlsArgs, Topology};
 use crate::grpc::{self, Tls};
 use crate::job::{Job, Secret};
 use crate::orchestrator::registry::WorkerView;
@@ -52,14 +52,14 @@ impl CliError {
     }
 }
 
-/// How to reach the broker and the exchange.
+/// How to reach the broker, and the exchange and routing keys: the orchestrator's own
+/// flags, with the same defaults and environment variables.
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
     #[command(flatten)]
     pub broker: BrokerUrl,
-    /// The exchange jobs, cancels and statuses go through.
-    #[arg(long, env = "BLACKTREE_EXCHANGE", default_value = "blacktree.direct")]
-    pub exchange: String,
+    #[command(flatten)]
+    pub topology: Topology,
 }
 
 impl BrokerArgs {
@@ -84,8 +84,8 @@ impl BrokerArgs {
         message_id: &str,
     ) -> Result<(), CliError> {
         let (connection, channel) = self.connect()?;
-        let amqp =
-            |e: amiquip::Error| CliError::failed(format!("publishing to {}: {e}", self.exchange));
+        let exchange = &self.topology.exchange;
+        let amqp = |e: amiquip::Error| CliError::failed(format!("publishing to {exchange}: {e}"));
         let confirms = channel.listen_for_publisher_confirms().map_err(amqp)?;
         channel.enable_publisher_confirms().map_err(amqp)?;
         let properties = AmqpProperties::default()
@@ -94,7 +94,7 @@ impl BrokerArgs {
             .with_message_id(message_id.to_string());
         channel
             .basic_publish(
-                self.exchange.as_str(),
+                exchange.as_str(),
                 Publish::with_properties(body, routing_key, properties),
             )
             .map_err(amqp)?;
@@ -115,9 +115,6 @@ impl BrokerArgs {
 pub struct SubmitArgs {
     #[command(flatten)]
     broker: BrokerArgs,
-    /// Routing key of jobs.
-    #[arg(long, env = "BLACKTREE_EXECUTE_KEY", default_value = "worker.execute")]
-    execute_key: String,
     /// A whole job message (JSON) from a file, or `-` for standard input.
     #[arg(long, conflicts_with_all = ["repo", "image"])]
     json: Option<String>,
@@ -167,15 +164,9 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
             })?
         }
         None => {
-            let token = match &args.token_file {
-                Some(file) => std::fs::read_to_string(file)
-                    .map_err(|e| {
-                        CliError::failed(format!("reading the token file {}: {e}", file.display()))
-                    })?
-                    .trim()
-                    .to_string(),
-                None => String::new(),
-            };
+            let token = read_secret_file(args.token_file.as_deref(), "token")
+                .map_err(CliError::failed)?
+                .unwrap_or_else(|| Secret::new(String::new()));
             let job = Job {
                 job_id: String::new(),
                 repo_url: args.repo.clone().unwrap_or_default(),
@@ -183,7 +174,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 dockerfile_path: args.dockerfile.clone(),
                 context_dir: args.context.clone(),
                 image_name: args.image.clone().unwrap_or_default(),
-                github_token: Secret::new(token),
+                github_token: token,
                 timeout_seconds: args.timeout,
             };
             job.to_json()
@@ -204,8 +195,8 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
     let body = serde_json::to_vec(&message).expect("JSON serialises");
     let job = Job::decode(&body, usize::MAX)
         .map_err(|r| CliError::failed(format!("not a valid job: {}", r.reason)))?;
-    args.broker
-        .publish_confirmed(&args.execute_key, &body, &job.job_id)?;
+    let key = &args.broker.topology.execute_key;
+    args.broker.publish_confirmed(key, &body, &job.job_id)?;
     println!("{}", job.job_id);
     Ok(())
 }
@@ -215,9 +206,6 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
 pub struct CancelArgs {
     #[command(flatten)]
     broker: BrokerArgs,
-    /// Routing key of cancel requests.
-    #[arg(long, env = "BLACKTREE_CANCEL_KEY", default_value = "worker.cancel")]
-    cancel_key: String,
     /// The job to cancel.
     job_id: String,
 }
@@ -225,8 +213,8 @@ pub struct CancelArgs {
 /// Publishes a cancel request.
 pub fn cancel(args: CancelArgs) -> Result<(), CliError> {
     let body = serde_json::to_vec(&json!({ "jobId": args.job_id })).expect("JSON serialises");
-    args.broker
-        .publish_confirmed(&args.cancel_key, &body, &args.job_id)?;
+    let key = &args.broker.topology.cancel_key;
+    args.broker.publish_confirmed(key, &body, &args.job_id)?;
     println!("cancel requested for {}", args.job_id);
     Ok(())
 }
@@ -234,14 +222,9 @@ pub fn cancel(args: CancelArgs) -> Result<(), CliError> {
 /// `blacktree watch`.
 #[derive(Args, Debug)]
 pub struct WatchArgs {
+    /// The broker and the routing keys; with `--events-key`, events are shown too.
     #[command(flatten)]
     broker: BrokerArgs,
-    /// Routing key of statuses.
-    #[arg(long, env = "BLACKTREE_STATUS_KEY", default_value = "api.result")]
-    status_key: String,
-    /// Routing key of lifecycle events, to show them too (empty: statuses only).
-    #[arg(long, env = "BLACKTREE_EVENTS_KEY", default_value = "")]
-    events_key: String,
     /// Print each message as JSON.
     #[arg(long)]
     json: bool,
@@ -260,18 +243,9 @@ pub struct WatchArgs {
 /// from the control plane.
 pub fn watch(args: WatchArgs) -> Result<(), CliError> {
     let (connection, channel) = args.broker.connect()?;
-    let amqp =
-        |e: amiquip::Error| CliError::failed(format!("watching {}: {e}", args.broker.exchange));
-    channel
-        .exchange_declare(
-            ExchangeType::Direct,
-            args.broker.exchange.as_str(),
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-        )
-        .map_err(amqp)?;
+    let topology = &args.broker.topology;
+    let amqp = |e: amiquip::Error| CliError::failed(format!("watching {}: {e}", topology.exchange));
+    declare_exchange(&channel, &topology.exchange).map_err(amqp)?;
     let queue = channel
         .queue_declare(
             "",
@@ -282,12 +256,12 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
             },
         )
         .map_err(amqp)?;
-    let keys = [&args.status_key, &args.events_key];
+    let keys = [&topology.status_key, &topology.events_key];
     for key in keys.iter().filter(|k| !k.is_empty()) {
         channel
             .queue_bind(
                 queue.name(),
-                args.broker.exchange.as_str(),
+                topology.exchange.as_str(),
                 key.as_str(),
                 FieldTable::new(),
             )
@@ -304,8 +278,8 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
         .map_err(amqp)?;
     eprintln!(
         "watching {} (statuses{})",
-        args.broker.exchange,
-        if args.events_key.is_empty() {
+        topology.exchange,
+        if topology.events_key.is_empty() {
             ""
         } else {
             " and events"
@@ -325,7 +299,7 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
         };
         let value: Value = serde_json::from_slice(&delivery.body).unwrap_or(Value::Null);
         let text = |key: &str| value[key].as_str().unwrap_or("").to_string();
-        let is_status = delivery.routing_key == args.status_key;
+        let is_status = delivery.routing_key == topology.status_key;
         if args.json {
             println!("{value}");
         } else if is_status {
@@ -410,21 +384,7 @@ pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
     let answer = client
         .list_workers_opt(&ListWorkersRequest::default(), options)
         .map_err(|e| orchestrator_error(&args.orchestrator, e))?;
-    let views: Vec<WorkerView> = answer
-        .workers
-        .iter()
-        .map(|w| WorkerView {
-            id: w.id.clone(),
-            addr: w.address.clone(),
-            region: w.region.clone(),
-            state: w.state.clone(),
-            capacity: w.capacity.max(0) as u32,
-            in_flight: w.inFlight.max(0) as u32,
-            last_ping: u64::try_from(w.lastPingMsAgo)
-                .ok()
-                .map(Duration::from_millis),
-        })
-        .collect();
+    let views: Vec<WorkerView> = answer.workers.iter().map(WorkerView::from_proto).collect();
     if args.json {
         println!(
             "{}",

@@ -13,7 +13,6 @@ use crate::grpc::{authorized, reply, server_credentials, Tls};
 use crate::job::Secret;
 use crate::proto::worker::{
     ListWorkersRequest, ListWorkersResponse, PingRequest, PongResponse, RegisterAck, WorkerInfo,
-    WorkerState,
 };
 use crate::proto::worker_grpc::{create_worker_service, WorkerService};
 
@@ -138,16 +137,7 @@ impl WorkerService for WorkerServiceImpl {
             .registry
             .list()
             .into_iter()
-            .map(|w| WorkerState {
-                id: w.id,
-                address: w.addr,
-                state: w.state,
-                capacity: w.capacity as i32,
-                inFlight: w.in_flight as i32,
-                lastPingMsAgo: w.last_ping.map_or(-1, |d| d.as_millis() as i64),
-                region: w.region,
-                ..WorkerState::default()
-            })
+            .map(|w| w.to_proto())
             .collect();
         let answer = ListWorkersResponse {
             workers,

@@ -25,6 +25,7 @@ use log::{info, warn};
 use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::grpc::{self, Tls};
 use crate::proto::job_grpc::JobServiceClient;
+use crate::proto::worker::WorkerState;
 
 /// A hint that a worker may have a free slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +103,37 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
+    /// As `ListWorkers` sends it (`lastPingMsAgo` -1: never answered).
+    pub fn to_proto(&self) -> WorkerState {
+        WorkerState {
+            id: self.id.clone(),
+            address: self.addr.clone(),
+            state: self.state.clone(),
+            capacity: i32::try_from(self.capacity).unwrap_or(i32::MAX),
+            inFlight: i32::try_from(self.in_flight).unwrap_or(i32::MAX),
+            lastPingMsAgo: self
+                .last_ping
+                .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            region: self.region.clone(),
+            ..WorkerState::default()
+        }
+    }
+
+    /// As `blacktree workers` reads it from `ListWorkers`.
+    pub fn from_proto(state: &WorkerState) -> WorkerView {
+        WorkerView {
+            id: state.id.clone(),
+            addr: state.address.clone(),
+            region: state.region.clone(),
+            state: state.state.clone(),
+            capacity: u32::try_from(state.capacity).unwrap_or(0),
+            in_flight: u32::try_from(state.inFlight).unwrap_or(0),
+            last_ping: u64::try_from(state.lastPingMsAgo)
+                .ok()
+                .map(Duration::from_millis),
+        }
+    }
+
     /// The JSON of `blacktree workers --json` and `/workers`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -533,5 +565,25 @@ mod tests {
         registry.forget_expired();
         assert!(!registry.is_registered("dyn"));
         assert!(registry.is_registered("static"));
+    }
+
+    #[test]
+    fn a_worker_view_survives_list_workers() {
+        let view = WorkerView {
+            id: "w1".into(),
+            addr: "10.0.0.2:6000".into(),
+            region: "eu".into(),
+            state: "busy".into(),
+            capacity: 3,
+            in_flight: 2,
+            last_ping: Some(Duration::from_millis(1500)),
+        };
+        assert_eq!(WorkerView::from_proto(&view.to_proto()), view);
+        let never = WorkerView {
+            last_ping: None,
+            ..view
+        };
+        assert_eq!(never.to_proto().lastPingMsAgo, -1);
+        assert_eq!(WorkerView::from_proto(&never.to_proto()), never);
     }
 }
