@@ -12,6 +12,7 @@
 //! over; that is why the URL is parsed here rather than by amiquip.
 
 pub mod consumer;
+pub mod ledger;
 pub mod publisher;
 
 use std::net::{TcpStream, ToSocketAddrs};

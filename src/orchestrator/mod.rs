@@ -24,6 +24,7 @@ use grpcio_health::ServingStatus;
 use log::{info, warn};
 
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks};
+use crate::amqp::ledger::LedgerConfig;
 use crate::amqp::{publisher, AmqpUrl};
 use crate::config::{read_secret_file, OrchestratorConfig};
 use crate::grpc::Tls;
@@ -101,10 +102,13 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             url,
             topology: config.topology.clone(),
             prefetch: config.prefetch(),
-            max_message_bytes: config.max_message_bytes,
-            dedupe_window: config.dedupe_window,
-            drain_timeout: config.drain_timeout,
-            cancel_ttl: config.cancel_ttl,
+            ledger: LedgerConfig {
+                max_message_bytes: config.max_message_bytes,
+                dedupe_window: config.dedupe_window,
+                drain_timeout: config.drain_timeout,
+                cancel_ttl: config.cancel_ttl,
+                events: config.topology.events_on(),
+            },
         },
         ConsumerLinks {
             inbox: inbox_rx,
