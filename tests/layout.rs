@@ -1,4 +1,5 @@
-//! The layout of `src/`: no import cycle between its files. Reads each file's top-level
+//! The layout of `src/`: files of at most 550 lines, and no import cycle between them.
+//! For the cycles, it reads each file's top-level
 //! `use crate::…` and `use super::…` lines (nested ones, such as a test module's
 //! `use super::*`, are indented and skipped), resolves each path to the file of the
 //! longest module prefix it names, and fails on a cycle, naming its files.
@@ -25,6 +26,31 @@ fn no_file_of_src_imports_itself_through_others() {
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle in src/: {}", cycle.join(" → "));
     }
+}
+
+/// The most lines a file of `src/` may have: past that, split it by concern.
+const MAX_LINES: usize = 550;
+
+#[test]
+fn no_file_of_src_is_over_the_line_limit() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut modules = Modules::new();
+    collect(&src, &src, &mut modules);
+    let long: Vec<String> = modules
+        .values()
+        .filter_map(|file| {
+            let lines = std::fs::read_to_string(src.join(file))
+                .unwrap()
+                .lines()
+                .count();
+            (lines > MAX_LINES).then(|| format!("{file} ({lines} lines)"))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "over {MAX_LINES} lines: {}",
+        long.join(", ")
+    );
 }
 
 /// Every `.rs` file below `dir` (but the binary's `main.rs`) by its module path.

@@ -31,7 +31,7 @@ use crate::grpc::Tls;
 use crate::metrics::Metrics;
 use crate::pipeline::ConsumerMsg;
 use dispatch::{DispatchLinks, DispatchSettings};
-use registry::{Registry, RegistrySettings};
+use registry::{Origin, Registry, RegistrySettings};
 
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
@@ -53,7 +53,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         },
     ));
     for worker in &config.workers {
-        registry.register(&worker.id, &worker.addr, "", 1, true);
+        registry.register(&worker.id, &worker.addr, "", 1, Origin::Static);
     }
     let token = read_secret_file(
         config.registration_token_file.as_deref(),

@@ -8,7 +8,7 @@ use grpcio::{Environment, RpcContext, RpcStatus, RpcStatusCode, Server, ServerBu
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{info, warn};
 
-use super::registry::Registry;
+use super::registry::{Origin, Registry};
 use crate::grpc::{authorized, reply, server_credentials, Tls};
 use crate::job::Secret;
 use crate::proto::worker::{
@@ -97,9 +97,13 @@ impl WorkerService for WorkerServiceImpl {
         let mut ack = RegisterAck::new();
         match checked_registration(&info) {
             Ok((addr, capacity)) => {
-                let generation =
-                    self.registry
-                        .register(&info.id, &addr, &info.region, capacity, false);
+                let generation = self.registry.register(
+                    &info.id,
+                    &addr,
+                    &info.region,
+                    capacity,
+                    Origin::Registered,
+                );
                 info!(
                     "worker {} registered at {addr} (capacity {capacity}, region {:?}, generation {generation})",
                     info.id, info.region

@@ -83,6 +83,16 @@ pub struct PingTarget {
     in_flight: u32,
 }
 
+/// How the orchestrator came to know a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// It called `Register`.
+    Registered,
+    /// `--worker ID=HOST:PORT`: never forgotten, and a registration under its id keeps it
+    /// static.
+    Static,
+}
+
 /// A worker as `blacktree workers` and `/workers` show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerView {
@@ -172,7 +182,6 @@ struct Worker {
     last_seen: Option<Instant>,
     generation: u64,
     capacity: u32,
-    in_flight: u32,
     /// Hints of this generation sent and not yet taken.
     hinted: u32,
     healthy: bool,
@@ -183,15 +192,20 @@ struct Worker {
     /// Named on the command line: never forgotten.
     is_static: bool,
     client: JobServiceClient,
-    /// Jobs running on it → the token that cancels their call.
+    /// Jobs of ours running on it → the token that cancels their call.
     running: HashMap<String, CancelToken>,
     started: u64,
 }
 
 impl Worker {
+    /// Jobs of ours running on it.
+    fn in_flight(&self) -> u32 {
+        u32::try_from(self.running.len()).unwrap_or(u32::MAX)
+    }
+
     fn free_slots(&self) -> u32 {
         if self.healthy && !self.busy {
-            self.capacity.saturating_sub(self.in_flight)
+            self.capacity.saturating_sub(self.in_flight())
         } else {
             0
         }
@@ -223,8 +237,9 @@ impl Registry {
         addr: &str,
         region: &str,
         capacity: u32,
-        is_static: bool,
+        origin: Origin,
     ) -> u64 {
+        let is_static = origin == Origin::Static;
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -238,7 +253,6 @@ impl Registry {
             last_seen: None,
             generation,
             capacity: capacity.max(1),
-            in_flight: 0,
             hinted: 0,
             healthy: !is_static,
             busy: false,
@@ -282,7 +296,6 @@ impl Registry {
         if worker.free_slots() == 0 {
             return None;
         }
-        worker.in_flight += 1;
         worker.started += 1;
         worker.running.insert(job_id.to_string(), token.clone());
         Some(Claim {
@@ -301,7 +314,6 @@ impl Registry {
         if worker.generation != claim.generation {
             return;
         }
-        worker.in_flight -= 1;
         worker.running.remove(job_id);
         match how {
             Release::Done => {}
@@ -340,7 +352,7 @@ impl Registry {
                 client: w.client.clone(),
                 generation: w.generation,
                 started: w.started,
-                in_flight: w.in_flight,
+                in_flight: w.in_flight(),
             })
             .collect()
     }
@@ -371,7 +383,7 @@ impl Registry {
                 worker.unhealthy_since = None;
                 // BUSY while our own jobs ran (or started) since the ping left is ours.
                 let ours = target.in_flight > 0
-                    || worker.in_flight > 0
+                    || worker.in_flight() > 0
                     || worker.started != target.started;
                 worker.busy = result == PingResult::Busy && !ours;
             }
@@ -409,7 +421,7 @@ impl Registry {
                 }
                 .to_string(),
                 capacity: w.capacity,
-                in_flight: w.in_flight,
+                in_flight: w.in_flight(),
                 last_ping: w.last_seen.map(|t| t.elapsed()),
             })
             .collect();
@@ -437,153 +449,4 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crossbeam_channel::{unbounded, Receiver};
-
-    fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
-        let (tx, rx) = unbounded();
-        let env = Arc::new(Environment::new(1));
-        let settings = RegistrySettings {
-            unhealthy_after,
-            forget_after: Duration::ZERO,
-            tls: None,
-        };
-        (Registry::new(env, tx, settings), rx)
-    }
-
-    /// Claims with every waiting hint; returns the claims obtained.
-    fn claim_all(registry: &Registry, hints: &Receiver<Hint>, token: &CancelToken) -> Vec<Claim> {
-        hints
-            .try_iter()
-            .enumerate()
-            .filter_map(|(i, hint)| registry.claim(&hint, &format!("job{i}"), token))
-            .collect()
-    }
-
-    fn target(registry: &Registry, id: &str) -> PingTarget {
-        registry
-            .ping_targets()
-            .into_iter()
-            .find(|t| &*t.worker == id)
-            .expect("worker listed")
-    }
-
-    #[test]
-    fn a_worker_never_gets_more_than_its_capacity() {
-        let (registry, hints) = registry(2);
-        let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", "", 3, false);
-        registry.register("w", "127.0.0.1:1", "", 3, false); // re-registration: old hints stale
-        let claims = claim_all(&registry, &hints, &token);
-        assert_eq!(claims.len(), 3);
-        assert!(hints.is_empty());
-        registry.release(&claims[0], "job0", Release::Done);
-        let again = claim_all(&registry, &hints, &token);
-        assert_eq!(again.len(), 1, "exactly the freed slot is hinted again");
-    }
-
-    #[test]
-    fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
-        let (registry, hints) = registry(2);
-        let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", "", 2, false);
-        for _ in 0..2 {
-            registry.record_ping(
-                &target(&registry, "w"),
-                PingResult::Failed("timeout".into()),
-            );
-        }
-        assert!(claim_all(&registry, &hints, &token).is_empty(), "unhealthy");
-        registry.record_ping(&target(&registry, "w"), PingResult::Busy);
-        assert!(claim_all(&registry, &hints, &token).is_empty(), "busy");
-        registry.record_ping(&target(&registry, "w"), PingResult::Free);
-        assert_eq!(
-            claim_all(&registry, &hints, &token).len(),
-            2,
-            "both slots hinted again"
-        );
-    }
-
-    #[test]
-    fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
-        let (registry, hints) = registry(2);
-        let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", "", 1, false);
-        let ping = target(&registry, "w");
-        let claim = claim_all(&registry, &hints, &token)
-            .pop()
-            .expect("one slot");
-        registry.release(&claim, "job0", Release::Done);
-        registry.record_ping(&ping, PingResult::Busy);
-        assert_eq!(claim_all(&registry, &hints, &token).len(), 1);
-    }
-
-    #[test]
-    fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
-        let (registry, hints) = registry(1);
-        let token = CancelToken::default();
-        registry.register("w", "127.0.0.1:1", "", 2, false);
-        let claims = claim_all(&registry, &hints, &token);
-        registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
-        assert_eq!(token.reason(), Some(CancelReason::WorkerLost));
-        for (i, claim) in claims.iter().enumerate() {
-            registry.release(claim, &format!("job{i}"), Release::Done);
-        }
-        assert!(claim_all(&registry, &hints, &token).is_empty());
-
-        registry.register("v", "127.0.0.1:2", "", 1, false);
-        let claim = claim_all(&registry, &hints, &token)
-            .pop()
-            .expect("one slot");
-        registry.release(&claim, "job0", Release::Unreachable);
-        assert!(claim_all(&registry, &hints, &token).is_empty());
-    }
-
-    #[test]
-    fn a_failed_ping_makes_a_suspect_until_the_worker_is_unhealthy_or_answers() {
-        let (registry, _hints) = registry(3);
-        registry.register("w", "127.0.0.1:1", "", 1, false);
-        let fail = || registry.record_ping(&target(&registry, "w"), PingResult::Failed("x".into()));
-        assert!(fail(), "first failure: still healthy, ping again");
-        assert!(fail(), "second failure");
-        assert!(!fail(), "third failure: unhealthy, no longer a suspect");
-        assert!(!fail(), "unhealthy workers wait for the next round");
-        assert!(!registry.record_ping(&target(&registry, "w"), PingResult::Free));
-        assert!(fail(), "healthy again: a failure is suspect again");
-    }
-
-    #[test]
-    fn registered_workers_are_forgotten_static_ones_are_not() {
-        let (registry, _hints) = registry(1);
-        registry.register("dyn", "127.0.0.1:1", "", 1, false);
-        registry.register("static", "127.0.0.1:2", "", 1, true);
-        registry.record_ping(&target(&registry, "static"), PingResult::Free);
-        for id in ["dyn", "static"] {
-            registry.record_ping(&target(&registry, id), PingResult::Failed("down".into()));
-        }
-        registry.forget_expired();
-        assert!(!registry.is_registered("dyn"));
-        assert!(registry.is_registered("static"));
-    }
-
-    #[test]
-    fn a_worker_view_survives_list_workers() {
-        let view = WorkerView {
-            id: "w1".into(),
-            addr: "10.0.0.2:6000".into(),
-            region: "eu".into(),
-            state: "busy".into(),
-            capacity: 3,
-            in_flight: 2,
-            last_ping: Some(Duration::from_millis(1500)),
-        };
-        assert_eq!(WorkerView::from_proto(&view.to_proto()), view);
-        let never = WorkerView {
-            last_ping: None,
-            ..view
-        };
-        assert_eq!(never.to_proto().lastPingMsAgo, -1);
-        assert_eq!(WorkerView::from_proto(&never.to_proto()), never);
-    }
-}
+mod tests;

@@ -1,0 +1,153 @@
+//! Unit tests of the worker registry and its slot accounting.
+
+use super::*;
+use crossbeam_channel::{unbounded, Receiver};
+
+fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
+    let (tx, rx) = unbounded();
+    let env = Arc::new(Environment::new(1));
+    let settings = RegistrySettings {
+        unhealthy_after,
+        forget_after: Duration::ZERO,
+        tls: None,
+    };
+    (Registry::new(env, tx, settings), rx)
+}
+
+/// Claims with every waiting hint; returns the claims obtained.
+fn claim_all(registry: &Registry, hints: &Receiver<Hint>, token: &CancelToken) -> Vec<Claim> {
+    // Claimed jobs are named job0, job1… in the order they got a slot.
+    let mut claims = Vec::new();
+    for hint in hints.try_iter() {
+        if let Some(claim) = registry.claim(&hint, &format!("job{}", claims.len()), token) {
+            claims.push(claim);
+        }
+    }
+    claims
+}
+
+fn target(registry: &Registry, id: &str) -> PingTarget {
+    registry
+        .ping_targets()
+        .into_iter()
+        .find(|t| &*t.worker == id)
+        .expect("worker listed")
+}
+
+#[test]
+fn a_worker_never_gets_more_than_its_capacity() {
+    let (registry, hints) = registry(2);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 3, Origin::Registered);
+    registry.register("w", "127.0.0.1:1", "", 3, Origin::Registered); // re-registration: old hints stale
+    let claims = claim_all(&registry, &hints, &token);
+    assert_eq!(claims.len(), 3);
+    assert!(hints.is_empty());
+    registry.release(&claims[0], "job0", Release::Done);
+    let again = claim_all(&registry, &hints, &token);
+    assert_eq!(again.len(), 1, "exactly the freed slot is hinted again");
+}
+
+#[test]
+fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
+    let (registry, hints) = registry(2);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    for _ in 0..2 {
+        registry.record_ping(
+            &target(&registry, "w"),
+            PingResult::Failed("timeout".into()),
+        );
+    }
+    assert!(claim_all(&registry, &hints, &token).is_empty(), "unhealthy");
+    registry.record_ping(&target(&registry, "w"), PingResult::Busy);
+    assert!(claim_all(&registry, &hints, &token).is_empty(), "busy");
+    registry.record_ping(&target(&registry, "w"), PingResult::Free);
+    assert_eq!(
+        claim_all(&registry, &hints, &token).len(),
+        2,
+        "both slots hinted again"
+    );
+}
+
+#[test]
+fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
+    let (registry, hints) = registry(2);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 1, Origin::Registered);
+    let ping = target(&registry, "w");
+    let claim = claim_all(&registry, &hints, &token)
+        .pop()
+        .expect("one slot");
+    registry.release(&claim, "job0", Release::Done);
+    registry.record_ping(&ping, PingResult::Busy);
+    assert_eq!(claim_all(&registry, &hints, &token).len(), 1);
+}
+
+#[test]
+fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
+    let (registry, hints) = registry(1);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    let claims = claim_all(&registry, &hints, &token);
+    registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
+    assert_eq!(token.reason(), Some(CancelReason::WorkerLost));
+    for (i, claim) in claims.iter().enumerate() {
+        registry.release(claim, &format!("job{i}"), Release::Done);
+    }
+    assert!(claim_all(&registry, &hints, &token).is_empty());
+
+    registry.register("v", "127.0.0.1:2", "", 1, Origin::Registered);
+    let claim = claim_all(&registry, &hints, &token)
+        .pop()
+        .expect("one slot");
+    registry.release(&claim, "job0", Release::Unreachable);
+    assert!(claim_all(&registry, &hints, &token).is_empty());
+}
+
+#[test]
+fn a_failed_ping_makes_a_suspect_until_the_worker_is_unhealthy_or_answers() {
+    let (registry, _hints) = registry(3);
+    registry.register("w", "127.0.0.1:1", "", 1, Origin::Registered);
+    let fail = || registry.record_ping(&target(&registry, "w"), PingResult::Failed("x".into()));
+    assert!(fail(), "first failure: still healthy, ping again");
+    assert!(fail(), "second failure");
+    assert!(!fail(), "third failure: unhealthy, no longer a suspect");
+    assert!(!fail(), "unhealthy workers wait for the next round");
+    assert!(!registry.record_ping(&target(&registry, "w"), PingResult::Free));
+    assert!(fail(), "healthy again: a failure is suspect again");
+}
+
+#[test]
+fn registered_workers_are_forgotten_static_ones_are_not() {
+    let (registry, _hints) = registry(1);
+    registry.register("dyn", "127.0.0.1:1", "", 1, Origin::Registered);
+    registry.register("static", "127.0.0.1:2", "", 1, Origin::Static);
+    registry.record_ping(&target(&registry, "static"), PingResult::Free);
+    for id in ["dyn", "static"] {
+        registry.record_ping(&target(&registry, id), PingResult::Failed("down".into()));
+    }
+    registry.forget_expired();
+    assert!(!registry.is_registered("dyn"));
+    assert!(registry.is_registered("static"));
+}
+
+#[test]
+fn a_worker_view_survives_list_workers() {
+    let view = WorkerView {
+        id: "w1".into(),
+        addr: "10.0.0.2:6000".into(),
+        region: "eu".into(),
+        state: "busy".into(),
+        capacity: 3,
+        in_flight: 2,
+        last_ping: Some(Duration::from_millis(1500)),
+    };
+    assert_eq!(WorkerView::from_proto(&view.to_proto()), view);
+    let never = WorkerView {
+        last_ping: None,
+        ..view
+    };
+    assert_eq!(never.to_proto().lastPingMsAgo, -1);
+    assert_eq!(WorkerView::from_proto(&never.to_proto()), never);
+}
