@@ -4,7 +4,7 @@
 # broker connections are closed, the broker app is stopped and started, and the
 # orchestrator is SIGKILLed and restarted; then checks that no job was lost, duplicates
 # are bounded and explained, no worker ran more jobs than its capacity, and the
-# orchestrator's memory came back near its idle baseline (tests/chaos.rs).
+# orchestrator's memory came back near its idle baseline (tests/chaos/).
 # CHAOS_SEED=N replays a run (the seed is printed). CI runs the short form (300 jobs)
 # through scripts/test.sh: the test is part of `cargo test`.
 set -euo pipefail

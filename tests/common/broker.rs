@@ -241,6 +241,12 @@ impl Mq {
 /// that are delivered but not acked yet. AMQP cannot ask the second (a passive declare
 /// counts ready messages only); `rabbitmqctl list_queues` can.
 pub fn queue_counts(node: Option<&str>, queue: &str) -> (u64, u64) {
+    try_queue_counts(node, queue)
+        .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue} on {node:?}"))
+}
+
+/// [`queue_counts`], or `None` when the node does not answer or lists no such queue.
+pub fn try_queue_counts(node: Option<&str>, queue: &str) -> Option<(u64, u64)> {
     let mut ctl = Command::new("rabbitmqctl");
     if let Some(node) = node {
         ctl.args(["-n", node]);
@@ -249,16 +255,16 @@ pub fn queue_counts(node: Option<&str>, queue: &str) -> (u64, u64) {
         .args(["list_queues", "-q", "--no-table-headers"])
         .args(["name", "messages_ready", "messages_unacknowledged"])
         .output()
-        .expect("running rabbitmqctl");
-    let listing = String::from_utf8_lossy(&out.stdout);
-    listing
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|line| {
             let mut fields = line.split_whitespace();
-            (fields.next()? == queue)
-                .then(|| Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?)))?
+            if fields.next()? != queue {
+                return None;
+            }
+            Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
         })
-        .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue}: {listing}"))
 }
 
 impl Mq {
