@@ -76,23 +76,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         "worker {id} listening on port {port} ({}), advertised as {advertise}, capacity {}, {:?} executor",
         config.listen, config.capacity, config.executor
     );
-    let (host, advertised_port) = advertise
-        .rsplit_once(':')
-        .and_then(|(h, p)| {
-            Some((
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse::<i32>().ok()?,
-            ))
-        })
-        .ok_or_else(|| format!("--advertise {advertise} is not IP:PORT"))?;
-    let info = WorkerInfo {
-        id: id.clone(),
-        ip: host,
-        port: advertised_port,
-        region: config.region.clone(),
-        capacity: config.capacity as i32,
-        ..WorkerInfo::default()
-    };
+    let info = registration_info(&config, &id, &advertise)?;
     let orchestrator = config.orchestrator.clone();
     let interval = config.check_in_interval;
     let token = read_secret_file(
@@ -104,6 +88,37 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         .spawn(move || check_in(env, &orchestrator, tls, info, token, interval))
         .map_err(|e| format!("spawning the check-in thread: {e}"))?;
 
+    wait_and_stop(&agent, &health)
+}
+
+/// What the worker tells the orchestrator at registration.
+fn registration_info(
+    config: &WorkerConfig,
+    id: &str,
+    advertise: &str,
+) -> Result<WorkerInfo, String> {
+    let (host, port) = advertise
+        .rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<i32>().ok()?,
+            ))
+        })
+        .ok_or_else(|| format!("--advertise {advertise} is not IP:PORT"))?;
+    Ok(WorkerInfo {
+        id: id.to_string(),
+        ip: host,
+        port,
+        region: config.region.clone(),
+        capacity: config.capacity as i32,
+        ..WorkerInfo::default()
+    })
+}
+
+/// Waits for SIGTERM/SIGINT, then stops the running jobs (their callers get their
+/// answers) and gives the job threads a moment to send them.
+fn wait_and_stop(agent: &Agent, health: &HealthService) -> Result<(), String> {
     let (signal_tx, signal_rx) = bounded(1);
     ctrlc::set_handler(move || {
         let _ = signal_tx.try_send(());

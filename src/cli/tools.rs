@@ -244,38 +244,7 @@ pub struct WatchArgs {
 pub fn watch(args: WatchArgs) -> Result<(), CliError> {
     let (connection, channel) = args.broker.connect()?;
     let topology = &args.broker.topology;
-    let amqp = |e: amiquip::Error| CliError::failed(format!("watching {}: {e}", topology.exchange));
-    declare_exchange(&channel, &topology.exchange).map_err(amqp)?;
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-        )
-        .map_err(amqp)?;
-    let keys = [&topology.status_key, &topology.events_key];
-    for key in keys.iter().filter(|k| !k.is_empty()) {
-        channel
-            .queue_bind(
-                queue.name(),
-                topology.exchange.as_str(),
-                key.as_str(),
-                FieldTable::new(),
-            )
-            .map_err(amqp)?;
-    }
-    let consumer = channel
-        .basic_consume(
-            queue.name(),
-            ConsumerOptions {
-                no_ack: true,
-                ..ConsumerOptions::default()
-            },
-        )
-        .map_err(amqp)?;
+    let consumer = own_queue(&channel, topology)?;
     eprintln!(
         "watching {} (statuses{})",
         topology.exchange,
@@ -298,35 +267,16 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
             break;
         };
         let value: Value = serde_json::from_slice(&delivery.body).unwrap_or(Value::Null);
-        let text = |key: &str| value[key].as_str().unwrap_or("").to_string();
         let is_status = delivery.routing_key == topology.status_key;
         if args.json {
             println!("{value}");
-        } else if is_status {
-            let error = text("error");
-            println!(
-                "{} {} worker={} {}ms{}",
-                text("jobId"),
-                text("outcome"),
-                text("workerId"),
-                value["durationMs"].as_u64().unwrap_or(0),
-                if error.is_empty() {
-                    String::new()
-                } else {
-                    format!(" error={error}")
-                }
-            );
         } else {
-            println!(
-                "{} {} worker={}",
-                text("jobId"),
-                text("event"),
-                text("workerId")
-            );
+            println!("{}", watch_line(&value, is_status));
         }
         if is_status {
             statuses += 1;
-            *outcomes.entry(text("outcome")).or_default() += 1;
+            let outcome = value["outcome"].as_str().unwrap_or("").to_string();
+            *outcomes.entry(outcome).or_default() += 1;
             if args.follow && statuses % 10 == 0 {
                 eprintln!("{}", summary(statuses, &outcomes, started.elapsed()));
             }
@@ -335,6 +285,73 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
     let _ = connection.close();
     eprintln!("{}", summary(statuses, &outcomes, started.elapsed()));
     Ok(())
+}
+
+/// Consumes an exclusive, auto-deleted queue of its own bound to the status (and
+/// events) key, so `watch` never takes a message from the control plane's queues.
+fn own_queue<'a>(
+    channel: &'a Channel,
+    topology: &Topology,
+) -> Result<amiquip::Consumer<'a>, CliError> {
+    let amqp = |e: amiquip::Error| CliError::failed(format!("watching {}: {e}", topology.exchange));
+    declare_exchange(channel, &topology.exchange).map_err(amqp)?;
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .map_err(amqp)?;
+    let keys = [&topology.status_key, &topology.events_key];
+    for key in keys.iter().filter(|k| !k.is_empty()) {
+        channel
+            .queue_bind(
+                queue.name(),
+                topology.exchange.as_str(),
+                key.as_str(),
+                FieldTable::new(),
+            )
+            .map_err(amqp)?;
+    }
+    channel
+        .basic_consume(
+            queue.name(),
+            ConsumerOptions {
+                no_ack: true,
+                ..ConsumerOptions::default()
+            },
+        )
+        .map_err(amqp)
+}
+
+/// One line of `watch`: `jobId outcome worker=ID NNNms [error=…]` for a status,
+/// `jobId event worker=ID` for an event.
+fn watch_line(value: &Value, is_status: bool) -> String {
+    let text = |key: &str| value[key].as_str().unwrap_or("");
+    if !is_status {
+        return format!(
+            "{} {} worker={}",
+            text("jobId"),
+            text("event"),
+            text("workerId")
+        );
+    }
+    let error = text("error");
+    format!(
+        "{} {} worker={} {}ms{}",
+        text("jobId"),
+        text("outcome"),
+        text("workerId"),
+        value["durationMs"].as_u64().unwrap_or(0),
+        if error.is_empty() {
+            String::new()
+        } else {
+            format!(" error={error}")
+        }
+    )
 }
 
 fn summary(statuses: usize, outcomes: &BTreeMap<String, usize>, elapsed: Duration) -> String {

@@ -17,9 +17,10 @@ pub mod registration;
 pub mod registry;
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, unbounded};
-use grpcio::EnvBuilder;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use grpcio::{EnvBuilder, Environment};
 use grpcio_health::ServingStatus;
 use log::{info, warn};
 
@@ -31,7 +32,7 @@ use crate::grpc::Tls;
 use crate::metrics::Metrics;
 use crate::pipeline::ConsumerMsg;
 use dispatch::{DispatchLinks, DispatchSettings};
-use registry::{Origin, Registry, RegistrySettings};
+use registry::{Hint, Origin, Registry, RegistrySettings};
 
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
@@ -41,7 +42,6 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     // thread fewer).
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(1).build());
     let tls = Tls::load(&config.tls)?;
-
     let (hints_tx, hints_rx) = unbounded();
     let registry = Arc::new(Registry::new(
         env.clone(),
@@ -55,6 +55,22 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     for worker in &config.workers {
         registry.register(&worker.id, &worker.addr, "", 1, Origin::Static);
     }
+    let metrics = Arc::new(Metrics::default());
+    let server = serve(&config, env, &registry, &metrics, tls.as_ref())?;
+    let pipeline = spawn_threads(&config, url, registry, metrics, hints_rx);
+    wait_and_drain(&config, &server, pipeline)?;
+    info!("orchestrator stopped");
+    Ok(())
+}
+
+/// Starts the gRPC server and the HTTP endpoint.
+fn serve(
+    config: &OrchestratorConfig,
+    env: Arc<Environment>,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+    tls: Option<&Tls>,
+) -> Result<registration::OrchestratorServer, String> {
     let token = read_secret_file(
         config.registration_token_file.as_deref(),
         "registration token",
@@ -62,14 +78,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     if token.is_none() {
         warn!("no --registration-token-file: any client that reaches the gRPC port can register as a worker");
     }
-    let server = registration::serve(
-        env,
-        &config.grpc_listen,
-        registry.clone(),
-        token,
-        tls.as_ref(),
-    )?;
-    let metrics = Arc::new(Metrics::default());
+    let server = registration::serve(env, &config.grpc_listen, registry.clone(), token, tls)?;
     if !config.metrics_listen.is_empty() {
         let (port, _) = http::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;
         info!(
@@ -81,7 +90,29 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         "gRPC server listening on port {} ({})",
         server.port, config.grpc_listen
     );
+    Ok(server)
+}
 
+/// What the main thread keeps of the running threads to drain them.
+struct Pipeline {
+    /// The consumer thread; it ends when the drain has finished.
+    consumer: JoinHandle<()>,
+    /// Its inbox, to send `Drain`.
+    inbox: Sender<ConsumerMsg>,
+    /// Dropped to tell the dispatch threads that the drain started.
+    shutdown: Sender<()>,
+}
+
+/// Starts the publisher, the consumer, the dispatch pool and the health ticker, wired
+/// as ARCHITECTURE.md draws them.
+fn spawn_threads(
+    config: &OrchestratorConfig,
+    url: AmqpUrl,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    hints: Receiver<Hint>,
+) -> Pipeline {
+    let events = config.topology.events_on();
     let (inbox_tx, inbox_rx) = unbounded();
     // Bounded by the prefetch: a job waits here for a free dispatch thread without
     // a hand-off per job; the consumer takes back what no thread has taken.
@@ -107,7 +138,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
                 dedupe_window: config.dedupe_window,
                 drain_timeout: config.drain_timeout,
                 cancel_ttl: config.cancel_ttl,
-                events: config.topology.events_on(),
+                events,
             },
         },
         ConsumerLinks {
@@ -123,11 +154,11 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         DispatchSettings {
             threads: config.dispatch_threads,
             job_timeout: config.job_timeout,
-            events: config.topology.events_on(),
+            events,
         },
         DispatchLinks {
             jobs: jobs_rx,
-            hints: hints_rx,
+            hints,
             shutdown: shutdown_rx,
             publications: publications_tx,
             consumer: inbox_tx.clone(),
@@ -141,13 +172,26 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         config.health_interval,
         config.health_timeout,
     );
+    Pipeline {
+        consumer,
+        inbox: inbox_tx,
+        shutdown: shutdown_tx,
+    }
+}
 
+/// Waits for SIGTERM/SIGINT, then drains: grpc.health.v1 says NOT_SERVING, dispatch
+/// threads waiting for a slot give their job back, the consumer requeues what did not
+/// start and ends once running jobs are confirmed. A second signal exits at once.
+fn wait_and_drain(
+    config: &OrchestratorConfig,
+    server: &registration::OrchestratorServer,
+    pipeline: Pipeline,
+) -> Result<(), String> {
     let (signals_tx, signals) = unbounded();
     ctrlc::set_handler(move || {
         let _ = signals_tx.send(());
     })
     .map_err(|e| format!("installing the signal handler: {e}"))?;
-
     signals
         .recv()
         .map_err(|_| "the signal handler stopped".to_string())?;
@@ -164,13 +208,13 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             std::process::exit(1);
         }
     });
-    drop(shutdown_tx);
-    inbox_tx
+    drop(pipeline.shutdown);
+    pipeline
+        .inbox
         .send(ConsumerMsg::Drain)
         .map_err(|_| "the AMQP consumer thread has stopped".to_string())?;
-    consumer
+    pipeline
+        .consumer
         .join()
-        .map_err(|_| "the AMQP consumer thread panicked".to_string())?;
-    info!("orchestrator stopped");
-    Ok(())
+        .map_err(|_| "the AMQP consumer thread panicked".to_string())
 }
