@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use super::{poll, Behaviour, Names, TestWorker, TOKEN};
 
+/// The `blacktree` binary to run: this build's, or `BLACKTREE_BIN` (an A/B benchmark
+/// runs an older build's binary under the same harness).
+pub fn binary() -> String {
+    std::env::var("BLACKTREE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_blacktree").to_string())
+}
+
 /// A `blacktree` child process whose stderr is collected; killed on drop.
 pub struct LoggedChild {
     child: Child,
@@ -27,7 +33,7 @@ impl LoggedChild {
         env: &[(String, String)],
         announces: &[&'static str],
     ) -> (LoggedChild, Vec<u16>) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+        let mut child = Command::new(binary())
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
