@@ -157,9 +157,9 @@ impl Consumer {
         }
         let Stats {
             received,
-            rejected,
             duplicates,
         } = self.ledger.stats();
+        let rejected = self.links.metrics.jobs_rejected.get();
         info!(
             "consumer stopped: {received} messages received, {rejected} rejected, \
              {duplicates} duplicates not run again, {} jobs left unfinished",

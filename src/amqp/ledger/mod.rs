@@ -70,8 +70,6 @@ struct Pending {
 pub struct Stats {
     /// Messages received on the execute queue.
     pub received: u64,
-    /// Messages moved to the rejected queue.
-    pub rejected: u64,
     /// Deliveries of a job in flight or recently confirmed, not run again.
     pub duplicates: u64,
 }
@@ -210,7 +208,6 @@ impl Ledger {
     }
 
     fn reject(&mut self, tag: u64, body: Vec<u8>, rejection: Rejection) -> Action {
-        self.stats.rejected += 1;
         self.metrics.jobs_rejected.inc();
         let Rejection { reason, job_id } = rejection;
         warn!(

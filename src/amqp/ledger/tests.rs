@@ -261,5 +261,5 @@ fn bad_messages_are_rejected_and_acked_once_their_copy_is_confirmed() {
         acked(&ledger.confirmed(vec![AckKey::Rejected(id)])),
         (vec![], vec![1])
     );
-    assert_eq!(ledger.stats().rejected, 1);
+    assert_eq!(ledger.metrics.jobs_rejected.get(), 1);
 }
