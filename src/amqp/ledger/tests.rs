@@ -187,14 +187,21 @@ fn a_cancel_drops_a_job_in_the_backlog_and_fires_the_token_of_one_in_dispatch() 
     assert_eq!(running[0].token.reason(), Some(CancelReason::Cancelled));
 }
 
-#[test]
-fn a_drain_requeues_what_did_not_start_and_ends_when_running_jobs_are_confirmed() {
+/// A ledger with three jobs: `running` (tag 1, taken by dispatch), `in-channel` (tag
+/// 2, in the `jobs` channel: returned here) and `waiting` (tag 3, in the backlog).
+fn three_jobs() -> (Ledger, Assignment, Assignment) {
     let mut ledger = fresh();
     for (tag, id) in [(1, "running"), (2, "in-channel"), (3, "waiting")] {
         ledger.job_delivery(tag, job(id));
     }
-    let _running = ledger.next_job().unwrap();
+    let running = ledger.next_job().unwrap();
     let in_channel = ledger.next_job().unwrap();
+    (ledger, running, in_channel)
+}
+
+#[test]
+fn a_drain_requeues_what_did_not_start_and_ends_when_running_jobs_are_confirmed() {
+    let (mut ledger, _running, in_channel) = three_jobs();
     assert!(!ledger.drain_finished());
     let actions = ledger.start_drain(vec![in_channel]);
     let nacked: Vec<u64> = actions
@@ -216,12 +223,7 @@ fn a_drain_requeues_what_did_not_start_and_ends_when_running_jobs_are_confirmed(
 
 #[test]
 fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_ones() {
-    let mut ledger = fresh();
-    for (tag, id) in [(1, "running"), (2, "in-channel"), (3, "waiting")] {
-        ledger.job_delivery(tag, job(id));
-    }
-    let _running = ledger.next_job().unwrap();
-    let in_channel = ledger.next_job().unwrap();
+    let (mut ledger, _running, in_channel) = three_jobs();
     ledger.connection_lost(vec![in_channel]);
     assert!(!ledger.has_backlog());
     assert!(
