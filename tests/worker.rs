@@ -290,6 +290,8 @@ fn jobs_on_the_execute_queue_end_as_images_in_the_registry_via_two_workers() {
         "Dockerfile",
         &format!("FROM {BASE_IMAGE}\nRUN echo built\n"),
     )]);
+    // The base layer is in the repository before the two workers push at once.
+    registry.seed(BASE_IMAGE, "bt/e2e:base");
     let ids: Vec<String> = (0..4).map(|i| format!("e2e-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         mq.publish_job(

@@ -135,6 +135,20 @@ impl Registry {
         }
     }
 
+    /// Pushes local `image` as `reference` (`repository:tag`), so that its layers are
+    /// in `repository` before workers push images built on it: docker-registry can
+    /// answer 500 to two concurrent uploads of one layer to one repository.
+    pub fn seed(&self, image: &str, reference: &str) {
+        let config = TempDir::new("seed-docker-config");
+        let (addr, dir) = (&self.addr, config.0.display());
+        sh(&format!(
+            "echo {REGISTRY_PASSWORD} | DOCKER_CONFIG={dir} docker login {addr} -u {REGISTRY_USER} \
+             --password-stdin >/dev/null 2>&1 && docker tag {image} {addr}/{reference} && \
+             DOCKER_CONFIG={dir} docker push -q {addr}/{reference} >/dev/null && \
+             docker rmi {addr}/{reference} >/dev/null"
+        ));
+    }
+
     /// The tags of `repository`, read from the registry's HTTP API.
     pub fn tags(&self, repository: &str) -> String {
         sh(&format!(
