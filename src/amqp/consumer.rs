@@ -2,8 +2,8 @@
 //!
 //! It owns the broker connection, the consuming channel and every unacknowledged
 //! delivery, and it is the only thread that acks (amiquip acks a delivery only on the
-//! channel that received it). Its loop takes the next event ([`Consumer::next_event`],
-//! one `select!` over its inputs) and handles it ([`Consumer::handle_event`]):
+//! channel that received it). Its loop takes the next event (`next_event`,
+//! one `select!` over its inputs) and handles it (`handle_event`):
 //!
 //! * deliveries from `execute.queue` and `cancel.queue` go to the ledger, which decides
 //!   (a job joins the backlog or is rejected; a cancel drops, stops or remembers a job);
@@ -115,11 +115,11 @@ fn stop_consuming(consumers: &Consumers<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// One step of the consuming loop.
+/// One input of the consuming loop (`job::Event` is a lifecycle event, not this).
 // Most events are deliveries (as in amiquip's own `ConsumerMessage`): boxing them would
 // allocate once per message for nothing.
 #[allow(clippy::large_enum_variant)]
-enum Event {
+enum Input {
     /// From the consumer with this index.
     Delivery(usize, Result<ConsumerMessage, crossbeam_channel::RecvError>),
     Inbox(ConsumerMsg),
@@ -234,7 +234,7 @@ impl Consumer {
 
     /// Waits for the next input: a delivery, an inbox message, room in the `jobs`
     /// channel for the backlog's oldest job (sent here), or the drain deadline.
-    fn next_event(&mut self, consumers: &Consumers<'_>) -> Result<Event, String> {
+    fn next_event(&mut self, consumers: &Consumers<'_>) -> Result<Input, String> {
         let mut sel = Select::new();
         let listening: Vec<(usize, usize)> = consumers
             .iter()
@@ -252,36 +252,36 @@ impl Consumer {
             None => Some(sel.select()),
         };
         let Some(op) = selected else {
-            return Ok(Event::Tick);
+            return Ok(Input::Tick);
         };
         if op.index() == inbox {
             return op
                 .recv(&self.links.inbox)
-                .map(Event::Inbox)
+                .map(Input::Inbox)
                 .map_err(|_| "the orchestrator stopped".to_string());
         }
         if Some(op.index()) == send {
             let assignment = self.ledger.next_job().expect("the backlog is not empty");
             return op
                 .send(&self.links.jobs, assignment)
-                .map(|()| Event::Sent)
+                .map(|()| Input::Sent)
                 .map_err(|_| "the dispatch pool stopped".to_string());
         }
         let (_, i) = *listening
             .iter()
             .find(|(index, _)| *index == op.index())
             .expect("a consumer was selected");
-        Ok(Event::Delivery(i, op.recv(consumers[i].1.receiver())))
+        Ok(Input::Delivery(i, op.recv(consumers[i].1.receiver())))
     }
 
     fn handle_event(
         &mut self,
         channel: &Channel,
         consumers: &mut Consumers<'_>,
-        event: Event,
+        event: Input,
     ) -> Result<(), String> {
         match event {
-            Event::Delivery(i, Ok(ConsumerMessage::Delivery(mut delivery))) => {
+            Input::Delivery(i, Ok(ConsumerMessage::Delivery(mut delivery))) => {
                 let tag = delivery.delivery_tag();
                 let body = std::mem::take(&mut delivery.body);
                 self.deliveries.insert(tag, delivery);
@@ -291,24 +291,24 @@ impl Consumer {
                 };
                 self.apply(Some(channel), actions)
             }
-            Event::Delivery(i, Ok(ConsumerMessage::ClientCancelled)) => {
+            Input::Delivery(i, Ok(ConsumerMessage::ClientCancelled)) => {
                 consumers[i].2 = false;
                 Ok(())
             }
-            Event::Delivery(_, Ok(other)) => Err(format!("consumer ended: {other:?}")),
-            Event::Delivery(..) => Err("the connection closed".to_string()),
-            Event::Inbox(ConsumerMsg::PublisherLost(generation))
+            Input::Delivery(_, Ok(other)) => Err(format!("consumer ended: {other:?}")),
+            Input::Delivery(..) => Err("the connection closed".to_string()),
+            Input::Inbox(ConsumerMsg::PublisherLost(generation))
                 if generation == self.generation =>
             {
                 Err("the publishing channel failed".to_string())
             }
-            Event::Inbox(msg) => {
+            Input::Inbox(msg) => {
                 if matches!(msg, ConsumerMsg::Drain) {
                     stop_consuming(consumers)?;
                 }
                 self.inbox(msg, Some(channel))
             }
-            Event::Sent | Event::Tick => Ok(()),
+            Input::Sent | Input::Tick => Ok(()),
         }
     }
 
