@@ -209,6 +209,15 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Image name of a deployment (`deploymentId` job) without `imageName`: this prefix
+    /// and the deployment's id, as the deployed Go orchestrator named them.
+    #[arg(
+        long,
+        env = "BLACKTREE_DERIVED_IMAGE_PREFIX",
+        default_value = "blacktree/"
+    )]
+    pub derived_image_prefix: String,
+
     /// File holding the shared token workers must send (`authorization: Bearer …`) to
     /// register and check in; without one, any worker may register.
     #[arg(long, env = "BLACKTREE_REGISTRATION_TOKEN_FILE")]
@@ -255,7 +264,8 @@ impl fmt::Display for OrchestratorConfig {
              status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} \
              events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
-             drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} workers=[{}]",
+             drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
+             derived-image-prefix={} workers=[{}]",
             mask_url(&self.broker.amqp_url),
             t.exchange,
             t.execute_queue,
@@ -279,6 +289,7 @@ impl fmt::Display for OrchestratorConfig {
             d(self.dedupe_window),
             d(self.cancel_ttl),
             self.max_message_bytes,
+            self.derived_image_prefix,
             workers.join(","),
         )
     }

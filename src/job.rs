@@ -67,6 +67,17 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Which control plane's words a job came in: its status answers in the same ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// DESIGN.md's job: `jobId`, `repoUrl`, `dockerfilePath`, `githubToken`, …
+    #[default]
+    Blacktree,
+    /// The deployed control plane's job: `deploymentId`, `repository`, `dockerFilePath`,
+    /// `token`; its status carries `deploymentId` too.
+    Deployment,
+}
+
 /// A build job, as the control plane publishes it on `execute.queue`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Job {
@@ -86,6 +97,9 @@ pub struct Job {
     pub github_token: Secret,
     /// The job's own deadline, overriding `--job-timeout`; at most [`MAX_TIMEOUT_SECONDS`].
     pub timeout_seconds: Option<u64>,
+    /// The words it came in. A deployment without `imageName` gets
+    /// `--derived-image-prefix` + its id as image name (see [`Job::derive_image_name`]).
+    pub dialect: Dialect,
 }
 
 /// Why a message on `execute.queue` is not a job.
@@ -93,45 +107,63 @@ pub struct Job {
 pub struct Rejection {
     /// Human-readable reason; it never quotes the message's values.
     pub reason: String,
-    /// The message's `jobId`, when one could be read.
+    /// The message's `jobId` (or `deploymentId`), when one could be read.
     pub job_id: Option<String>,
+    /// The words the message came in, for its `rejected` status.
+    pub dialect: Dialect,
 }
 
 impl Job {
     /// Decodes a job message, enforcing the size limit first.
     pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, Rejection> {
         if body.len() > max_bytes {
-            let job_id = scan_job_id(body).and_then(|id| check_job_id(Some(&id)).ok());
+            let (id, dialect) = scan_job_id(body);
             return Err(Rejection {
                 reason: format!(
                     "message is {} bytes, above the limit of {max_bytes}",
                     body.len()
                 ),
-                job_id,
+                job_id: id.and_then(|id| check_job_id(Some(&id), "jobId").ok()),
+                dialect,
             });
         }
         let value: Value = serde_json::from_slice(body).map_err(|e| Rejection {
             reason: format!("not JSON ({})", syntax_position(&e)),
             job_id: None,
+            dialect: Dialect::Blacktree,
         })?;
         let Value::Object(fields) = value else {
             return Err(Rejection {
                 reason: "not a JSON object".to_string(),
                 job_id: None,
+                dialect: Dialect::Blacktree,
             });
         };
-        let job_id = check_job_id(fields.get("jobId"));
-        let readable_id = job_id.as_ref().ok().cloned();
+        let (job_id, dialect) = read_id(&fields);
+        // A deployment whose two ids differ is answered by its `deploymentId`.
+        let readable_id = job_id.as_ref().ok().cloned().or_else(|| {
+            let deployment_id = fields.get("deploymentId");
+            (dialect == Dialect::Deployment)
+                .then(|| check_job_id(deployment_id, "deploymentId").ok())
+                .flatten()
+        });
         let reject = |reason: String| Rejection {
             reason,
             job_id: readable_id.clone(),
+            dialect,
         };
         let job_id = job_id.map_err(&reject)?;
+        // A field by its name in either dialect (ours first when both are there).
         let text = |name: &str| -> Result<String, Rejection> {
-            match fields.get(name) {
-                None | Some(Value::Null) => Ok(String::new()),
-                Some(Value::String(s)) => Ok(s.clone()),
-                Some(_) => Err(reject(format!("`{name}` must be a string"))),
+            let alias = ALIASES.iter().find(|(ours, _)| *ours == name).map(|a| a.1);
+            let found = [Some(name), alias]
+                .into_iter()
+                .flatten()
+                .find_map(|n| Some((n, fields.get(n)?)));
+            match found {
+                None | Some((_, Value::Null)) => Ok(String::new()),
+                Some((_, Value::String(s))) => Ok(s.clone()),
+                Some((n, _)) => Err(reject(format!("`{n}` must be a string"))),
             }
         };
         let timeout_seconds = match fields.get("timeoutSeconds") {
@@ -154,7 +186,16 @@ impl Job {
             github_token: Secret::new(text("githubToken")?),
             timeout_seconds,
             job_id,
+            dialect,
         })
+    }
+
+    /// Gives a deployment without `imageName` the name `prefix` + its id, as the deployed
+    /// orchestrator did (`blacktree/<deploymentId>`).
+    pub fn derive_image_name(&mut self, prefix: &str) {
+        if self.dialect == Dialect::Deployment && self.image_name.is_empty() {
+            self.image_name = format!("{prefix}{}", self.job_id);
+        }
     }
 
     /// Encodes the job as the JSON message of the wire contract (used by `submit` and tests).
@@ -175,13 +216,39 @@ impl Job {
     }
 }
 
-/// The `jobId` of an oversized message, read the way a full decode reads it (only from a
-/// JSON object; when the key repeats, the last one counts), without keeping the rest of
-/// the message.
-fn scan_job_id(body: &[u8]) -> Option<Value> {
+/// Our field names and their names in the deployed control plane's jobs.
+const ALIASES: [(&str, &str); 3] = [
+    ("repoUrl", "repository"),
+    ("dockerfilePath", "dockerFilePath"),
+    ("githubToken", "token"),
+];
+
+/// The job's id and dialect: `jobId`, or `deploymentId` when there is no `jobId`; both
+/// must agree when both are there.
+fn read_id(fields: &serde_json::Map<String, Value>) -> (Result<String, String>, Dialect) {
+    match (fields.get("jobId"), fields.get("deploymentId")) {
+        (None | Some(Value::Null), Some(id)) if !id.is_null() => {
+            (check_job_id(Some(id), "deploymentId"), Dialect::Deployment)
+        }
+        (job_id, None | Some(Value::Null)) => (check_job_id(job_id, "jobId"), Dialect::Blacktree),
+        (job_id, deployment_id) => {
+            let id = check_job_id(job_id, "jobId");
+            if id.is_ok() && job_id != deployment_id {
+                let differ = "`jobId` and `deploymentId` differ".to_string();
+                return (Err(differ), Dialect::Deployment);
+            }
+            (id, Dialect::Deployment)
+        }
+    }
+}
+
+/// The id of an oversized message, read the way a full decode reads it (only from a
+/// JSON object; when a key repeats, the last one counts; `jobId` before
+/// `deploymentId`), without keeping the rest of the message.
+fn scan_job_id(body: &[u8]) -> (Option<Value>, Dialect) {
     use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-    struct JobIdOnly(Option<Value>);
+    struct JobIdOnly(Option<Value>, Option<Value>);
 
     impl<'de> Deserialize<'de> for JobIdOnly {
         fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -199,33 +266,40 @@ fn scan_job_id(body: &[u8]) -> Option<Value> {
         }
 
         fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<JobIdOnly, A::Error> {
-            let mut job_id = None;
+            let (mut job_id, mut deployment_id) = (None, None);
             while let Some(name) = fields.next_key::<String>()? {
-                if name == "jobId" {
-                    job_id = Some(fields.next_value::<Value>()?);
-                } else {
-                    fields.next_value::<IgnoredAny>()?;
+                match name.as_str() {
+                    "jobId" => job_id = Some(fields.next_value::<Value>()?),
+                    "deploymentId" => deployment_id = Some(fields.next_value::<Value>()?),
+                    _ => {
+                        fields.next_value::<IgnoredAny>()?;
+                    }
                 }
             }
-            Ok(JobIdOnly(job_id))
+            Ok(JobIdOnly(job_id, deployment_id))
         }
     }
 
-    serde_json::from_slice::<JobIdOnly>(body).ok()?.0
+    match serde_json::from_slice::<JobIdOnly>(body) {
+        Ok(JobIdOnly(Some(id), _)) => (Some(id), Dialect::Blacktree),
+        Ok(JobIdOnly(None, Some(id))) => (Some(id), Dialect::Deployment),
+        _ => (None, Dialect::Blacktree),
+    }
 }
 
-fn check_job_id(value: Option<&Value>) -> Result<String, String> {
+/// Checks an id read from field `name`.
+fn check_job_id(value: Option<&Value>, name: &str) -> Result<String, String> {
     match value {
-        None | Some(Value::Null) => Err("`jobId` is missing".to_string()),
-        Some(Value::String(id)) if id.trim().is_empty() => Err("`jobId` is empty".to_string()),
+        None | Some(Value::Null) => Err(format!("`{name}` is missing")),
+        Some(Value::String(id)) if id.trim().is_empty() => Err(format!("`{name}` is empty")),
         Some(Value::String(id)) if id.len() > MAX_JOB_ID_LEN => {
-            Err(format!("`jobId` is longer than {MAX_JOB_ID_LEN} bytes"))
+            Err(format!("`{name}` is longer than {MAX_JOB_ID_LEN} bytes"))
         }
         Some(Value::String(id)) if id.chars().any(char::is_control) => {
-            Err("`jobId` contains control characters".to_string())
+            Err(format!("`{name}` contains control characters"))
         }
         Some(Value::String(id)) => Ok(id.clone()),
-        Some(_) => Err("`jobId` must be a string".to_string()),
+        Some(_) => Err(format!("`{name}` must be a string")),
     }
 }
 
@@ -239,16 +313,45 @@ fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-/// Decodes a cancel message (`{"jobId": "…"}`); returns the jobId.
+/// Decodes a cancel message (`{"jobId": "…"}` or `{"deploymentId": "…"}`); returns the id.
 pub fn decode_cancel(body: &[u8]) -> Result<String, Rejection> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Rejection {
-        reason: format!("cancel message is not JSON ({})", syntax_position(&e)),
+    let rejection = |reason| Rejection {
+        reason,
         job_id: None,
+        dialect: Dialect::Blacktree,
+    };
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        rejection(format!(
+            "cancel message is not JSON ({})",
+            syntax_position(&e)
+        ))
     })?;
-    check_job_id(value.get("jobId")).map_err(|reason| Rejection {
-        reason: format!("cancel message: {reason}"),
-        job_id: None,
-    })
+    let Value::Object(fields) = value else {
+        return Err(rejection("cancel message: not a JSON object".to_string()));
+    };
+    read_id(&fields)
+        .0
+        .map_err(|reason| rejection(format!("cancel message: {reason}")))
+}
+
+/// A copy of a rejected message for the rejected queue: a JSON object's token fields
+/// (`githubToken`, `token`) are replaced by `***`; anything else is kept unchanged.
+pub fn without_secrets(body: Vec<u8>) -> Vec<u8> {
+    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    let mut changed = false;
+    for name in ["githubToken", "token"] {
+        if let Some(value @ Value::String(_)) = fields.get_mut(name) {
+            *value = Value::String(MARKER.to_string());
+            changed = true;
+        }
+    }
+    if changed {
+        serde_json::to_vec(&fields).expect("JSON serialises")
+    } else {
+        body
+    }
 }
 
 /// A step of a job's life, as lifecycle events report it.
@@ -318,6 +421,10 @@ pub enum Outcome {
 pub struct Status {
     /// The job's id.
     pub job_id: String,
+    /// The same id, for a job that came as a deployment (the deployed control plane
+    /// reads its results by it); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
     /// True only for [`Outcome::Succeeded`].
     pub success: bool,
     /// The worker's build logs (secrets redacted).
@@ -348,6 +455,7 @@ impl Status {
     ) -> Status {
         Status {
             job_id: job_id.to_string(),
+            deployment_id: None,
             success: false,
             logs: String::new(),
             image_url: String::new(),
@@ -358,6 +466,14 @@ impl Status {
             finished_at: rfc3339(SystemTime::now()),
             duration_ms: 0,
         }
+    }
+
+    /// Speaks the job's dialect: a deployment's status carries `deploymentId` too.
+    pub fn in_dialect(mut self, dialect: Dialect) -> Status {
+        if dialect == Dialect::Deployment {
+            self.deployment_id = Some(self.job_id.clone());
+        }
+        self
     }
 
     /// Sets the timings of a job that was sent to a worker at `started` and ends now.

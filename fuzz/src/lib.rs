@@ -46,15 +46,24 @@ pub struct ReasonNumbers {
 
 // The wording of every reason `Job::decode` and `decode_cancel` may give, with `#`
 // where a number goes. A reason outside this list could be quoting a value.
-const JOB_ID_REASONS: [&str; 5] = [
+const JOB_ID_REASONS: [&str; 11] = [
     "`jobId` is missing",
     "`jobId` is empty",
     "`jobId` is longer than # bytes",
     "`jobId` contains control characters",
     "`jobId` must be a string",
+    "`deploymentId` is empty",
+    "`deploymentId` is longer than # bytes",
+    "`deploymentId` contains control characters",
+    "`deploymentId` must be a string",
+    "`jobId` and `deploymentId` differ",
+    "not a JSON object",
 ];
-const FIELD_REASONS: [&str; 7] = [
+const FIELD_REASONS: [&str; 10] = [
     "`repoUrl` must be a string",
+    "`repository` must be a string",
+    "`dockerFilePath` must be a string",
+    "`token` must be a string",
     "`branch` must be a string",
     "`dockerfilePath` must be a string",
     "`contextDir` must be a string",

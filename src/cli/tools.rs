@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::amqp::{declare_exchange, AmqpUrl};
 use crate::config::{parse_duration, read_secret_file, BrokerUrl, TlsArgs, Topology};
 use crate::grpc::{self, Tls};
-use crate::job::{Job, Secret};
+use crate::job::{Dialect, Job, Secret};
 use crate::orchestrator::registry::WorkerView;
 use crate::proto::worker::ListWorkersRequest;
 use crate::proto::worker_grpc::WorkerServiceClient;
@@ -176,6 +176,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 image_name: args.image.clone().unwrap_or_default(),
                 github_token: token,
                 timeout_seconds: args.timeout,
+                dialect: Dialect::Blacktree,
             };
             job.to_json()
         }

@@ -188,3 +188,91 @@ fn odd_messages_are_rejected_without_quoting_them() {
     assert!(r.reason.starts_with("not JSON"), "{r:?}");
     assert_eq!(r.job_id, None);
 }
+
+fn decode_json(json: serde_json::Value) -> Result<Job, Rejection> {
+    Job::decode(&serde_json::to_vec(&json).unwrap(), 4096)
+}
+
+#[test]
+fn a_deployment_reads_as_the_deployed_orchestrator_mapped_it() {
+    let mut job = decode_json(serde_json::json!({
+        "deploymentId": "d-1", "token": "ghp_secret", "repository": "acme/app",
+        "branch": "main", "dockerFilePath": "docker/Dockerfile", "contextDir": ".",
+        "createdAt": "2026-12-01T10:00:00.000Z"
+    }))
+    .unwrap();
+    job.derive_image_name("blacktree/");
+    assert_eq!(job.dialect, Dialect::Deployment);
+    assert_eq!(job.job_id, "d-1");
+    assert_eq!(job.repo_url, "acme/app");
+    assert_eq!(job.dockerfile_path, "docker/Dockerfile");
+    assert_eq!(job.github_token.expose(), "ghp_secret");
+    assert_eq!(job.image_name, "blacktree/d-1");
+    assert!(!format!("{job:?}").contains("ghp_secret"));
+
+    let mut named =
+        decode_json(serde_json::json!({"deploymentId": "d-2", "imageName": "acme/x:1"})).unwrap();
+    named.derive_image_name("blacktree/");
+    assert_eq!(named.image_name, "acme/x:1", "imageName wins");
+    let mut ours = decode_json(serde_json::json!({"jobId": "j-1"})).unwrap();
+    ours.derive_image_name("blacktree/");
+    assert_eq!(
+        (ours.dialect, ours.image_name.as_str()),
+        (Dialect::Blacktree, "")
+    );
+}
+
+#[test]
+fn both_ids_must_agree_and_name_the_field_they_read() {
+    let both = decode_json(serde_json::json!({"jobId": "a", "deploymentId": "a"})).unwrap();
+    assert_eq!(
+        (both.job_id.as_str(), both.dialect),
+        ("a", Dialect::Deployment)
+    );
+    let differ = decode_json(serde_json::json!({"jobId": "a", "deploymentId": "b"})).unwrap_err();
+    assert_eq!(differ.reason, "`jobId` and `deploymentId` differ");
+    assert_eq!(
+        differ.job_id.as_deref(),
+        Some("b"),
+        "answered by its deploymentId"
+    );
+    let bad = decode_json(serde_json::json!({"deploymentId": 7})).unwrap_err();
+    assert_eq!(bad.reason, "`deploymentId` must be a string");
+    let field = decode_json(serde_json::json!({"deploymentId": "d", "token": 5})).unwrap_err();
+    assert_eq!(field.reason, "`token` must be a string");
+    assert_eq!(
+        (field.job_id.as_deref(), field.dialect),
+        (Some("d"), Dialect::Deployment)
+    );
+    let big = Job::decode(
+        &serde_json::to_vec(&serde_json::json!({"deploymentId": "d-9", "x": "y".repeat(99)}))
+            .unwrap(),
+        50,
+    )
+    .unwrap_err();
+    assert_eq!(
+        (big.job_id.as_deref(), big.dialect),
+        (Some("d-9"), Dialect::Deployment)
+    );
+    assert_eq!(decode_cancel(br#"{"deploymentId":"d-3"}"#).unwrap(), "d-3");
+}
+
+#[test]
+fn a_deployment_status_carries_its_deployment_id_and_copies_lose_their_tokens() {
+    let status = Status::without_answer("d-1", Outcome::Failed, "w", "boom".into())
+        .in_dialect(Dialect::Deployment);
+    let json: serde_json::Value = serde_json::from_slice(&status.to_json()).unwrap();
+    assert_eq!(
+        (json["deploymentId"].as_str(), json["jobId"].as_str()),
+        (Some("d-1"), Some("d-1"))
+    );
+    let ours = Status::without_answer("j", Outcome::Failed, "w", String::new());
+    let json: serde_json::Value = serde_json::from_slice(&ours.to_json()).unwrap();
+    assert!(json.get("deploymentId").is_none());
+
+    let copy =
+        without_secrets(br#"{"deploymentId":"d","token":"ghp_x","githubToken":"ghp_y"}"#.to_vec());
+    let copy = String::from_utf8(copy).unwrap();
+    assert!(!copy.contains("ghp_") && copy.contains("\"d\""), "{copy}");
+    assert_eq!(without_secrets(b"not json".to_vec()), b"not json");
+}

@@ -22,6 +22,10 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Assignment, ConsumerMsg, Publication};
 use crate::proto::job::{CancelJobRequest, JobRequest, JobResponse};
 
+/// The whole message of the deployed Go worker's UNKNOWN answer when it runs a job
+/// already (it started nothing).
+const GO_WORKER_BUSY: &str = "worker is currently busy";
+
 /// How long a worker may take to answer `CancelJob`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -88,6 +92,8 @@ enum Wait {
 }
 
 /// How one `RunJob` attempt ended.
+// Almost every attempt ends with a status: boxing it would allocate for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     /// The job ended with this status.
     Ended(Status, Release),
@@ -132,7 +138,8 @@ impl Dispatcher {
                         Outcome::Cancelled,
                         "",
                         "cancelled".into(),
-                    );
+                    )
+                    .in_dialect(job.dialect);
                     self.publish(Publication::Status(status));
                     return;
                 }
@@ -222,7 +229,7 @@ impl Dispatcher {
         let ended = |outcome, release, error: String| {
             let error = job.github_token.redact(&error);
             let status = Status::without_answer(&job.job_id, outcome, worker, error);
-            Attempt::Ended(status.started(started), release)
+            Attempt::Ended(status.in_dialect(job.dialect).started(started), release)
         };
         let attempt = match result {
             Ok(response) => {
@@ -304,6 +311,8 @@ fn failed_call(error: &CallError, worker: &str, timeout: Duration) -> Ending {
         }
         CallError::Grpc(grpcio::Error::RpcFailure(status)) => match status.code() {
             RpcStatusCode::RESOURCE_EXHAUSTED => Ending::Refused,
+            // How the deployed Go workers say they are full: they started nothing.
+            RpcStatusCode::UNKNOWN if status.message().trim() == GO_WORKER_BUSY => Ending::Refused,
             RpcStatusCode::DEADLINE_EXCEEDED => ended(
                 Outcome::TimedOut,
                 Then::StopOnWorker,
@@ -394,6 +403,7 @@ fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
             Outcome::Failed
         },
         ..Status::without_answer(&job.job_id, Outcome::Failed, worker, String::new())
+            .in_dialect(job.dialect)
     }
 }
 
@@ -472,6 +482,32 @@ mod tests {
         for (code, ending) in cases {
             assert_eq!(failed_call(&grpc(code), "w1", TIMEOUT), ending, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_go_worker_that_is_busy_started_nothing_and_its_build_errors_are_failures() {
+        let unknown = |message: &str| {
+            CallError::Grpc(grpcio::Error::RpcFailure(RpcStatus::with_message(
+                RpcStatusCode::UNKNOWN,
+                message.into(),
+            )))
+        };
+        assert_eq!(
+            failed_call(&unknown("worker is currently busy"), "go", TIMEOUT),
+            Ending::Refused
+        );
+        assert_eq!(
+            failed_call(
+                &unknown("Failed to build Docker image: exit status 1"),
+                "go",
+                TIMEOUT
+            ),
+            ended(
+                Outcome::Failed,
+                Then::Release(Release::Done),
+                "worker go failed the call: 2-UNKNOWN Failed to build Docker image: exit status 1"
+            )
+        );
     }
 
     #[test]

@@ -139,6 +139,7 @@ fn spawn_threads(
                 drain_timeout: config.drain_timeout,
                 cancel_ttl: config.cancel_ttl,
                 events,
+                derived_image_prefix: config.derived_image_prefix.clone(),
             },
         },
         ConsumerLinks {

@@ -143,6 +143,52 @@ impl Mq {
             .unwrap();
     }
 
+    /// Publishes a job as the deployed control plane does (`deploymentId`, `token`,
+    /// `repository`, `dockerFilePath`, `createdAt`; persistent, no content type), with
+    /// `extra` fields on top.
+    pub fn publish_deployment(&self, deployment_id: &str, extra: Value) {
+        let mut job = serde_json::json!({
+            "deploymentId": deployment_id, "token": TOKEN, "repository": "acme/app",
+            "branch": "main", "dockerFilePath": "docker/Dockerfile", "contextDir": ".",
+            "createdAt": "2026-12-01T10:00:00.000Z",
+        });
+        if let Value::Object(extra) = extra {
+            job.as_object_mut().unwrap().extend(extra);
+        }
+        self.publish_raw(&serde_json::to_vec(&job).unwrap());
+    }
+
+    /// Declares the deployed control plane's own result queue (`{status}.api`, bound
+    /// with `api.result` like the status queue) and returns its name.
+    pub fn api_result_queue(&self) -> String {
+        let queue = format!("{}.api", self.names.status);
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.channel.queue_declare(queue.as_str(), opts).unwrap();
+        self.channel
+            .queue_bind(
+                queue.as_str(),
+                self.names.exchange.as_str(),
+                "api.result",
+                FieldTable::new(),
+            )
+            .unwrap();
+        queue
+    }
+
+    /// Publishes a cancel request as the deployed control plane would (`deploymentId`).
+    pub fn publish_cancel_deployment(&self, deployment_id: &str) {
+        let body = serde_json::to_vec(&serde_json::json!({ "deploymentId": deployment_id }));
+        self.channel
+            .basic_publish(
+                self.names.exchange.as_str(),
+                Publish::new(&body.unwrap(), "worker.cancel"),
+            )
+            .unwrap();
+    }
+
     /// Publishes a cancel request for `job_id`.
     pub fn publish_cancel(&self, job_id: &str) {
         let body = serde_json::to_vec(&serde_json::json!({ "jobId": job_id })).unwrap();
@@ -301,7 +347,15 @@ pub const SETTLE: Duration = Duration::from_secs(60);
 impl Drop for Mq {
     fn drop(&mut self) {
         let n = &self.names;
-        for q in [&n.execute, &n.status, &n.rejected, &n.cancel, &n.events] {
+        let api = format!("{}.api", n.status);
+        for q in [
+            &n.execute,
+            &n.status,
+            &n.rejected,
+            &n.cancel,
+            &n.events,
+            &api,
+        ] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str(), QueueDeleteOptions::default());

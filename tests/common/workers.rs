@@ -34,6 +34,13 @@ pub struct Behaviour {
     /// Jobs do not end before this gate opens (the test drops the sending side), and
     /// end at once if it opens after their run time.
     pub gate: Option<Receiver<()>>,
+    /// Answers like the deployed Go workers: a full worker says UNKNOWN "worker is
+    /// currently busy" (not RESOURCE_EXHAUSTED).
+    pub go: bool,
+    /// Refuses every job as full (while its pings say FREE).
+    pub refuse: bool,
+    /// Fails every job with UNKNOWN and this message, as a Go worker's failed build.
+    pub fail_with: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -44,6 +51,9 @@ impl Default for Behaviour {
             capacity: 1,
             cancel_job: false,
             gate: None,
+            go: false,
+            refuse: false,
+            fail_with: None,
         }
     }
 }
@@ -65,6 +75,8 @@ pub struct Observed {
     pub jobs: Mutex<Vec<String>>,
     /// JobIds of the `CancelJob` calls it received.
     pub cancels: Mutex<Vec<String>>,
+    /// Every request it ran, as it received it.
+    pub requests: Mutex<Vec<JobRequest>>,
 }
 
 impl Observed {
@@ -92,11 +104,14 @@ impl JobService for TestJobService {
         let now = obs.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         // Recorded before the refusal below: a call beyond the capacity shows here.
         obs.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        if now > behaviour.capacity {
+        if now > behaviour.capacity || behaviour.refuse {
             obs.in_flight.fetch_sub(1, Ordering::SeqCst);
             obs.refused.fetch_add(1, Ordering::SeqCst);
-            let status =
-                RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, "no free slot".into());
+            let status = if behaviour.go {
+                RpcStatus::with_message(RpcStatusCode::UNKNOWN, "worker is currently busy".into())
+            } else {
+                RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, "no free slot".into())
+            };
             ctx.spawn(async move {
                 let _ = sink.fail(status).await;
             });
@@ -104,6 +119,15 @@ impl JobService for TestJobService {
         }
         obs.first_job.get_or_init(Instant::now);
         obs.jobs.lock().unwrap().push(req.jobId.clone());
+        obs.requests.lock().unwrap().push(req.clone());
+        if let Some(message) = behaviour.fail_with.clone() {
+            obs.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let status = RpcStatus::with_message(RpcStatusCode::UNKNOWN, message);
+            ctx.spawn(async move {
+                let _ = sink.fail(status).await;
+            });
+            return;
+        }
         let id = self.id.clone();
         let answer = move |req: JobRequest| JobResponse {
             logs: format!("built {} on {id} with token {}", req.jobId, req.githubToken),

@@ -42,9 +42,14 @@ pub struct LedgerConfig {
     pub cancel_ttl: Duration,
     /// Whether lifecycle events are published.
     pub events: bool,
+    /// A deployment without `imageName` builds this + its id.
+    pub derived_image_prefix: String,
 }
 
 /// What the consumer thread must do on the live channel, in order.
+// A publication is as common as an ack (one status per job): boxing it would allocate
+// once per job for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     /// Ack these deliveries: `run` (empty, or two or more) are the oldest unacked ones
@@ -120,10 +125,11 @@ impl Ledger {
         if self.drain_deadline.is_some() {
             return vec![self.nack(tag)];
         }
-        let job = match Job::decode(&body, self.config.max_message_bytes) {
+        let mut job = match Job::decode(&body, self.config.max_message_bytes) {
             Ok(job) => job,
             Err(rejection) => return vec![self.reject(tag, body, rejection)],
         };
+        job.derive_image_name(&self.config.derived_image_prefix);
         if let Some(pending) = self.pending.get_mut(&job.job_id) {
             info!(
                 "job {}: delivered again while running here; not run twice",
@@ -156,7 +162,7 @@ impl Ledger {
         }
         if self.early_cancels.remove(&job.job_id) {
             info!("job {}: cancelled before it arrived; not run", job.job_id);
-            actions.push(cancelled(&job.job_id));
+            actions.push(cancelled(&job));
         } else {
             self.backlog.push_back(Assignment {
                 job,
@@ -185,9 +191,9 @@ impl Ledger {
     /// that has or takes it), not consumed yet (remembered), or finished (nothing to do).
     fn cancel(&mut self, job_id: String) -> Vec<Action> {
         if let Some(i) = self.backlog.iter().position(|a| a.job.job_id == job_id) {
-            self.backlog.remove(i);
+            let assignment = self.backlog.remove(i).expect("found in the backlog");
             info!("job {job_id}: cancelled before dispatch");
-            return vec![cancelled(&job_id)];
+            return vec![cancelled(&assignment.job)];
         }
         if let Some(pending) = self.pending.get(&job_id) {
             if pending.token.cancel(CancelReason::Cancelled) {
@@ -209,7 +215,11 @@ impl Ledger {
 
     fn reject(&mut self, tag: u64, body: Vec<u8>, rejection: Rejection) -> Action {
         self.metrics.jobs_rejected.inc();
-        let Rejection { reason, job_id } = rejection;
+        let Rejection {
+            reason,
+            job_id,
+            dialect,
+        } = rejection;
         warn!(
             "rejected a message (jobId {}): {reason}",
             job_id.as_deref().unwrap_or("unreadable")
@@ -224,10 +234,11 @@ impl Ledger {
                 "",
                 format!("rejected: {reason}"),
             )
+            .in_dialect(dialect)
         });
         Action::Publish(Publication::Rejected {
             id,
-            body,
+            body: job::without_secrets(body),
             reason,
             status,
         })
@@ -356,8 +367,9 @@ impl Ledger {
 }
 
 /// The `cancelled` status of a job that never reached a worker.
-fn cancelled(job_id: &str) -> Action {
-    let status = Status::without_answer(job_id, Outcome::Cancelled, "", "cancelled".to_string());
+fn cancelled(job: &Job) -> Action {
+    let status = Status::without_answer(&job.job_id, Outcome::Cancelled, "", "cancelled".into())
+        .in_dialect(job.dialect);
     Action::Publish(Publication::Status(status))
 }
 

@@ -13,6 +13,7 @@ fn ledger_with(dedupe_window: Duration) -> Ledger {
         drain_timeout: Duration::from_secs(30),
         cancel_ttl: Duration::from_secs(3600),
         events: false,
+        derived_image_prefix: "blacktree/".into(),
     };
     Ledger::new(config, Arc::new(Metrics::default()))
 }
