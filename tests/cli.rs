@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::build_env::TempDir;
@@ -12,18 +12,6 @@ use common::*;
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn blacktree(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_blacktree"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running blacktree")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 #[test]
 fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::build_env::{TempDir, WorkerProcess};
@@ -15,18 +14,6 @@ use common::*;
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn blacktree(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_blacktree"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running blacktree")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// The orchestrator's `/metrics` text.
 fn metrics(port: u16) -> String {

@@ -14,6 +14,20 @@ pub fn binary() -> String {
     std::env::var("BLACKTREE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_blacktree").to_string())
 }
 
+/// Runs `blacktree args…` to its end (a one-shot command: submit, workers, healthcheck…).
+pub fn blacktree(args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running blacktree")
+}
+
+/// Output bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// A `blacktree` child process whose stderr is collected; killed on drop.
 pub struct LoggedChild {
     child: Child,
