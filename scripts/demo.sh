@@ -62,7 +62,7 @@ git -C "$WORK/repo" -c user.name=demo -c user.email=demo@example.invalid commit 
 GRPC=$(free_port); METRICS=$(free_port)
 echo "demo: orchestrator on 127.0.0.1:$GRPC (metrics on :$METRICS), $EXECUTOR executor"
 "$BT" orchestrator "${NAMES[@]}" --grpc-listen "127.0.0.1:$GRPC" --metrics-listen "127.0.0.1:$METRICS" \
-  --lock-file "$WORK/orchestrator.lock" >"$WORK/orchestrator.log" 2>&1 &
+  --lock-file "$WORK/orchestrator.lock" --state-file "$WORK/registry.json" >"$WORK/orchestrator.log" 2>&1 &
 PIDS+=($!)
 wait_for 30 "the orchestrator" "$BT" healthcheck --metrics "http://127.0.0.1:$METRICS/healthz"
 

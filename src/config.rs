@@ -236,6 +236,11 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]
     pub lock_file: Option<std::path::PathBuf>,
 
+    /// File where registered workers are remembered across restarts (default:
+    /// `/var/lib/blacktree-orchestrator/registry.json`, kept only if usable; empty: off).
+    #[arg(long, env = "BLACKTREE_STATE_FILE")]
+    pub state_file: Option<std::path::PathBuf>,
+
     /// A statically known worker, `ID=HOST:PORT` (repeatable). It is never forgotten.
     #[arg(long = "worker", env = "BLACKTREE_WORKERS", value_delimiter = ',',
           value_parser = parse_static_worker)]
@@ -265,7 +270,7 @@ impl fmt::Display for OrchestratorConfig {
              events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
              drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
-             derived-image-prefix={} workers=[{}]",
+             derived-image-prefix={} state-file={} workers=[{}]",
             mask_url(&self.broker.amqp_url),
             t.exchange,
             t.execute_queue,
@@ -290,6 +295,9 @@ impl fmt::Display for OrchestratorConfig {
             d(self.cancel_ttl),
             self.max_message_bytes,
             self.derived_image_prefix,
+            self.state_file
+                .as_deref()
+                .map_or("(default)".into(), |p| p.display().to_string()),
             workers.join(","),
         )
     }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod job;
+pub mod lock;
 pub mod metrics;
 pub mod orchestrator;
 pub mod pipeline;

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::build_env::TempDir;
@@ -18,7 +18,7 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
     let Setup { names, mq, orch } = Setup::new("cli-submit");
     let w = orch.worker("cli-w", Behaviour::default());
 
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+    let mut watch = command()
         .args([
             "watch",
             "--amqp-url",
@@ -86,7 +86,7 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
     orch.assert_no_secret_logged();
 
     // A job from JSON on stdin keeps its own id.
-    let mut submit = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+    let mut submit = command()
         .args([
             "submit",
             "--amqp-url",
@@ -201,7 +201,7 @@ fn a_second_instance_is_refused_and_a_restart_after_sigkill_is_not() {
     let lock = lock.to_str().unwrap();
     let mut first = Orchestrator::start(SHARED_BROKER, &names, &["--lock-file", lock]);
 
-    let second = Command::new(env!("CARGO_BIN_EXE_blacktree"))
+    let second = command()
         .args([
             "orchestrator",
             "--amqp-url",
@@ -271,10 +271,7 @@ fn metrics_are_scraped_during_a_run_and_healthz_follows_the_broker() {
         5.0
     );
     assert_eq!(sample(&metrics, "blacktree_broker_connected"), 1.0);
-    let (code, body) = http(port, "/workers");
-    assert_eq!(code, "200");
-    let workers: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(workers[0]["id"], "metrics-w");
+    assert_eq!(workers_json(port)[0]["id"], "metrics-w");
     assert_eq!(http(port, "/healthz").0, "200");
     let healthz = format!("http://127.0.0.1:{port}/healthz");
     assert!(blacktree(&["healthcheck", "--metrics", &healthz])

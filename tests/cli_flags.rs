@@ -19,7 +19,6 @@ use common::*;
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
-const BIN: &str = env!("CARGO_BIN_EXE_blacktree");
 /// A broker URL nobody answers at (port 1 is never handed out), with a password that
 /// must not show up in an error.
 const NOWHERE: &str = "amqp://guest:s3cret@127.0.0.1:1/%2f";
@@ -49,9 +48,10 @@ struct Running {
 
 impl Running {
     /// Starts `blacktree args…` with `env` on top of the test's environment, minus any
-    /// `MQ_URL`/`BLACKTREE_*` the test run itself may have, so only `env` configures it.
+    /// `MQ_URL`/`BLACKTREE_*` the test run itself may have, so only `env` configures it
+    /// (and an orchestrator's own state file, as everywhere in the tests).
     fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
-        let mut command = Command::new(BIN);
+        let mut command = command();
         for (key, _) in std::env::vars() {
             if key == "MQ_URL" || key.starts_with("BLACKTREE_") {
                 command.env_remove(key);

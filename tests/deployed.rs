@@ -165,3 +165,177 @@ fn deployment_cancels_and_rejections_speak_the_deployments_dialect_and_keep_no_t
     assert!(copy.contains("dep-both") && !copy.contains(TOKEN), "{copy}");
     orch.assert_no_secret_logged();
 }
+
+/// Publishes `n` deployments named `{tag}-{i}` and reads their results from the API
+/// queue; all must have succeeded. Returns the worker of each.
+fn run_deployments(mq: &Mq, api: &str, tag: &str, n: usize) -> Vec<String> {
+    for i in 0..n {
+        mq.publish_deployment(&format!("{tag}-{i}"), json!({}));
+    }
+    api_results(mq, api, n)
+        .iter()
+        .map(|r| {
+            assert_eq!(r["success"], true, "{r}");
+            r["workerId"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// The ids the state file at `path` remembers.
+fn remembered_ids(path: &str) -> Vec<String> {
+    let json: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    json["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn go_workers_that_registered_once_get_jobs_after_a_graceful_or_hard_restart() {
+    let state = own_state_file();
+    let flags = ["--state-file", state.as_str()];
+    let Setup {
+        names,
+        mq,
+        mut orch,
+    } = Setup::with_flags("dep-restart", &flags);
+    let api = mq.api_result_queue();
+    // Go workers register once, at their own start, and never again.
+    let a = orch.worker("go-a", go_worker(Duration::from_millis(100)));
+    let mut b = orch.worker("go-b", go_worker(Duration::from_millis(100)));
+    assert_eq!(
+        remembered_ids(&state),
+        ["go-a", "go-b"],
+        "remembered before the registration is acknowledged"
+    );
+    for signal in ["TERM", "KILL"] {
+        // Nothing left unacked to be redelivered: each deployment runs once.
+        mq.wait_all_acked(&names.execute);
+        orch.signal(signal);
+        orch.wait_exit(LONG);
+        let before = [a.observed.job_count(), b.observed.job_count()];
+        orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
+        let ran = run_deployments(&mq, &api, &format!("dep-after-{signal}"), 8);
+        for (worker, was) in [(&a, before[0]), (&b, before[1])] {
+            assert!(
+                worker.observed.job_count() > was,
+                "after SIG{signal}, {} got no job: {ran:?}",
+                worker.id
+            );
+        }
+        let log = orch.log();
+        assert!(
+            log.contains("worker go-a (") && log.contains("restored from the state file"),
+            "{log}"
+        );
+        assert!(
+            !log.contains("registered at"),
+            "no one registered again:\n{log}"
+        );
+    }
+
+    // go-b dies while no orchestrator runs: the next one restores it and sends it nothing.
+    mq.wait_all_acked(&names.execute);
+    orch.signal("KILL");
+    orch.wait_exit(LONG);
+    b.kill();
+    let b_jobs = b.observed.job_count();
+    orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
+    let ran = run_deployments(&mq, &api, "dep-dead", 6);
+    assert!(ran.iter().all(|w| w == "go-a"), "{ran:?}");
+    assert_eq!(b.observed.job_count(), b_jobs);
+    assert_eq!(
+        state_of(orch.metrics_port, "go-b").as_deref(),
+        Some("unhealthy")
+    );
+    mq.wait_all_acked(&names.execute);
+    assert_eq!(mq.depth(&api), 0, "no deployment has a second result");
+    orch.assert_no_secret_logged();
+}
+
+#[test]
+fn a_remembered_id_that_moved_gets_jobs_only_at_its_new_address() {
+    // The state file says go-moved is at `old`; another worker listens there now, and
+    // go-moved itself runs at a new address, registering once the orchestrator is up.
+    let go = |id: &str| TestWorker::start(id, 0, go_worker(Duration::from_millis(100)));
+    let (squatter, stays, moved) = (go("go-squatter"), go("go-stays"), go("go-moved"));
+    let state = own_state_file();
+    let remembered = |id: &str, port: u16| json!({"id": id, "address": format!("127.0.0.1:{port}"), "region": "", "capacity": 1});
+    let contents = json!({"version": 1, "workers": [
+        remembered("go-moved", squatter.port), remembered("go-stays", stays.port)]});
+    std::fs::write(&state, contents.to_string()).unwrap();
+    let Setup { mq, orch, .. } = Setup::with_flags("dep-moved", &["--state-file", &state]);
+    let api = mq.api_result_queue();
+    poll(LONG, "go-stays to answer and go-moved to stay out", || {
+        let states = worker_states(orch.metrics_port);
+        let of = |id: &str| states.iter().find(|(w, _)| w == id).map(|(_, s)| s.clone());
+        (of("go-stays").as_deref() == Some("free")).then_some(())?;
+        assert_eq!(of("go-moved").as_deref(), Some("unhealthy"), "{states:?}");
+        orch.log()
+            .contains("answers as worker \"go-squatter\"")
+            .then_some(())
+    });
+    let ran = run_deployments(&mq, &api, "dep-stale", 3);
+    assert!(ran.iter().all(|w| w == "go-stays"), "{ran:?}");
+    assert_eq!(
+        squatter.observed.job_count(),
+        0,
+        "the old address got nothing"
+    );
+
+    moved.register(orch.grpc_port);
+    let listed = workers_json(orch.metrics_port);
+    let entry = listed.iter().find(|w| w["id"] == "go-moved").unwrap();
+    assert_eq!(entry["address"], format!("127.0.0.1:{}", moved.port));
+    let ran = run_deployments(&mq, &api, "dep-moved", 6);
+    assert!(ran.iter().any(|w| w == "go-moved"), "{ran:?}");
+    assert_eq!(squatter.observed.job_count(), 0);
+    let file = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        file.contains(&format!("127.0.0.1:{}", moved.port))
+            && !file.contains(&format!("127.0.0.1:{}", squatter.port)),
+        "{file}"
+    );
+}
+
+#[test]
+fn a_corrupt_state_file_named_by_the_flag_stops_the_start_and_is_left_alone() {
+    let names = Names::unique("dep-corrupt");
+    let state = own_state_file();
+    std::fs::write(&state, "{\"version\":1,\"workers\":[{\"id\":\"w\",").unwrap();
+    let mut child = command()
+        .args([
+            "orchestrator",
+            "--amqp-url",
+            SHARED_BROKER,
+            "--state-file",
+            &state,
+        ])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(names.args())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = poll(LONG, "the orchestrator to exit", || {
+        child.try_wait().unwrap()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the state file {state} is corrupt")),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        "{\"version\":1,\"workers\":[{\"id\":\"w\","
+    );
+}

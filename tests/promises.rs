@@ -29,30 +29,6 @@ const PING_FAILURES: &str = "blacktree_ping_failures_total";
 const HEALTH_ROUND: &str = "blacktree_health_round_seconds";
 const CONNECTED: &str = "blacktree_broker_connected";
 
-/// The orchestrator's `/workers` JSON: worker id → state.
-fn worker_states(port: u16) -> Vec<(String, String)> {
-    let (code, body) = http(port, "/workers");
-    assert_eq!(code, "200", "{body}");
-    let list: Value = serde_json::from_str(&body).expect("/workers is JSON");
-    list.as_array()
-        .expect("/workers is a list")
-        .iter()
-        .map(|w| {
-            (
-                w["id"].as_str().unwrap().to_string(),
-                w["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn state_of(port: u16, id: &str) -> Option<String> {
-    worker_states(port)
-        .into_iter()
-        .find(|(w, _)| w == id)
-        .map(|(_, state)| state)
-}
-
 fn the_status<'a>(statuses: &'a [Value], job_id: &str) -> &'a Value {
     statuses
         .iter()

@@ -2,7 +2,6 @@
 //! success, 1 failure (or unhealthy), 2 bad usage, 3 another instance is running, 4 the
 //! broker or the orchestrator could not be reached.
 
-pub mod lock;
 pub mod tools;
 
 use std::path::PathBuf;
@@ -12,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::agent;
 use crate::config::{OrchestratorConfig, WorkerConfig};
+use crate::lock;
 use crate::orchestrator;
 use tools::{CliError, EXIT_ALREADY_RUNNING, EXIT_FAILURE};
 

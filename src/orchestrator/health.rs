@@ -81,6 +81,11 @@ fn ping_all(
             .map_err(CallError::Grpc)
             .and_then(|mut c| cancel::wait(&mut c, None))
         {
+            // Another worker now listens at this address (an id moved): not this one.
+            Ok(pong) if !pong.workerId.is_empty() && *pong.workerId != *target.worker => {
+                let other: String = pong.workerId.chars().take(64).collect();
+                PingResult::Failed(format!("its address answers as worker {other:?}"))
+            }
             Ok(pong) if pong.status == WorkerStatus::BUSY => PingResult::Busy,
             Ok(_) => PingResult::Free,
             Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),

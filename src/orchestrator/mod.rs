@@ -15,6 +15,7 @@ pub mod health;
 pub mod http;
 pub mod registration;
 pub mod registry;
+pub mod state_file;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -27,12 +28,13 @@ use log::{info, warn};
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks};
 use crate::amqp::ledger::LedgerConfig;
 use crate::amqp::{publisher, AmqpUrl};
-use crate::config::{read_secret_file, OrchestratorConfig};
+use crate::config::{read_secret_file, OrchestratorConfig, StaticWorker};
 use crate::grpc::Tls;
 use crate::metrics::Metrics;
 use crate::pipeline::ConsumerMsg;
 use dispatch::{DispatchLinks, DispatchSettings};
 use registry::{Hint, Origin, Registry, RegistrySettings};
+use state_file::Remembered;
 
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
@@ -43,7 +45,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(1).build());
     let tls = Tls::load(&config.tls)?;
     let (hints_tx, hints_rx) = unbounded();
-    let registry = Arc::new(Registry::new(
+    let registry = Registry::new(
         env.clone(),
         hints_tx,
         RegistrySettings {
@@ -51,16 +53,52 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             forget_after: config.forget_after,
             tls: tls.clone(),
         },
-    ));
+    );
+    let state_file = state_file::open(config.state_file.as_deref())?;
+    if let Some((_, remembered)) = &state_file {
+        restore(&registry, remembered, &config.workers);
+    }
     for worker in &config.workers {
         registry.register(&worker.id, &worker.addr, "", 1, Origin::Static);
     }
+    // Attached once the start's registrations are in: one write for all of them.
+    let registry = Arc::new(match state_file {
+        Some((file, _)) => registry.remembered_in(file),
+        None => registry,
+    });
     let metrics = Arc::new(Metrics::default());
     let server = serve(&config, env, &registry, &metrics, tls.as_ref())?;
     let pipeline = spawn_threads(&config, url, registry, metrics, hints_rx);
     wait_and_drain(&config, &server, pipeline)?;
     info!("orchestrator stopped");
     Ok(())
+}
+
+/// Brings back the registered workers a state file remembers. Static ones come from
+/// `--worker` alone: one that the flag no longer names was removed by the operator.
+fn restore(registry: &Registry, remembered: &[Remembered], named: &[StaticWorker]) {
+    for worker in remembered {
+        if worker.is_static {
+            if !named.iter().any(|w| w.id == worker.id) {
+                info!(
+                    "worker {} ({}) was named by --worker and no longer is: not restored",
+                    worker.id, worker.address
+                );
+            }
+            continue;
+        }
+        info!(
+            "worker {} ({}) restored from the state file: no jobs until it answers a ping",
+            worker.id, worker.address
+        );
+        registry.register(
+            &worker.id,
+            &worker.address,
+            &worker.region,
+            worker.capacity,
+            Origin::Restored,
+        );
+    }
 }
 
 /// Starts the gRPC server and the HTTP endpoint.

@@ -13,6 +13,10 @@
 //!   waiting in the channel (`hinted`) are at least its free slots. Every change that
 //!   frees a slot calls `top_up`, which sends the missing hints; `hinted` never exceeds
 //!   the capacity, so the channel stays small.
+//!
+//! With a state file, every change of the set of workers (a registration, a worker
+//! forgotten) is written to it before the change is acknowledged; at start the
+//! remembered workers come back as [`Origin::Restored`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +26,7 @@ use crossbeam_channel::Sender;
 use grpcio::Environment;
 use log::{info, warn};
 
+use super::state_file::{Remembered, StateFile};
 use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::grpc::{self, Tls};
 use crate::proto::job_grpc::JobServiceClient;
@@ -91,6 +96,9 @@ pub enum Origin {
     /// `--worker ID=HOST:PORT`: never forgotten, and a registration under its id keeps it
     /// static.
     Static,
+    /// Read from the state file at start: it gets no job until it answers a ping, and is
+    /// forgotten like a registered worker if it never does.
+    Restored,
 }
 
 /// A worker as `blacktree workers` and `/workers` show it.
@@ -173,6 +181,8 @@ pub struct Registry {
     hints: Sender<Hint>,
     env: Arc<Environment>,
     settings: RegistrySettings,
+    /// Where the set of workers is remembered, if anywhere.
+    state_file: Option<StateFile>,
 }
 
 struct Worker {
@@ -221,16 +231,29 @@ impl Registry {
             hints,
             env,
             settings,
+            state_file: None,
         }
+    }
+
+    /// The same registry, remembering its workers in `file` from now on (written at
+    /// once).
+    pub fn remembered_in(self, file: StateFile) -> Registry {
+        let registry = Registry {
+            state_file: Some(file),
+            ..self
+        };
+        registry.remember();
+        registry
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Worker>> {
         self.state.lock().expect("worker registry lock")
     }
 
-    /// Adds or replaces a worker; returns its new generation. A registered worker starts
-    /// healthy (it just reached us); a static one starts unhealthy until a ping answers.
-    /// Hints of an earlier registration under the same id become stale.
+    /// Adds or replaces a worker; returns its new generation once the change is in the
+    /// state file. A registered worker starts healthy (it just reached us); a static or
+    /// restored one starts unhealthy until a ping answers. Hints of an earlier
+    /// registration under the same id become stale.
     pub fn register(
         &self,
         id: &str,
@@ -247,6 +270,7 @@ impl Registry {
         let id: Arc<str> = id.into();
         let mut workers = self.lock();
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
+        let healthy = origin == Origin::Registered && !is_static;
         let worker = workers.entry(id.clone()).insert_entry(Worker {
             addr: addr.to_string(),
             region: region.to_string(),
@@ -254,17 +278,44 @@ impl Registry {
             generation,
             capacity: capacity.max(1),
             hinted: 0,
-            healthy: !is_static,
+            healthy,
             busy: false,
             failures: 0,
-            unhealthy_since: None,
+            // A restored worker that never answers is forgotten `forget_after` from now.
+            unhealthy_since: (origin == Origin::Restored).then(Instant::now),
             is_static,
             client,
             running: HashMap::new(),
             started: 0,
         });
         self.top_up(&id, worker.into_mut());
+        drop(workers);
+        self.remember();
         generation
+    }
+
+    /// Writes the set of workers to the state file, if there is one; never called with
+    /// the registry locked (the file's turn is taken first). A failure is logged: the
+    /// registry itself goes on.
+    fn remember(&self) {
+        let Some(file) = &self.state_file else {
+            return;
+        };
+        let snapshot = || {
+            self.lock()
+                .iter()
+                .map(|(id, w)| Remembered {
+                    id: id.to_string(),
+                    address: w.addr.clone(),
+                    region: w.region.clone(),
+                    capacity: w.capacity,
+                    is_static: w.is_static,
+                })
+                .collect()
+        };
+        if let Err(e) = file.save(snapshot) {
+            warn!("{e}: the latest change of the registry is not remembered");
+        }
     }
 
     /// Sends the hints a worker's free slots are missing.
@@ -389,6 +440,13 @@ impl Registry {
             }
             PingResult::Failed(error) => {
                 worker.failures += 1;
+                if worker.last_seen.is_none() && worker.failures == 1 {
+                    // A static or restored worker that has not answered yet: said once.
+                    info!(
+                        "worker {} ({}) does not answer yet: {error}",
+                        target.worker, worker.addr
+                    );
+                }
                 if worker.healthy && worker.failures >= self.settings.unhealthy_after {
                     warn!(
                         "worker {} ({}) failed {} pings in a row ({error}): unhealthy",
@@ -432,6 +490,7 @@ impl Registry {
     /// Forgets registered workers unhealthy for longer than `forget_after`.
     pub fn forget_expired(&self) {
         let forget_after = self.settings.forget_after;
+        let mut forgotten = false;
         self.lock().retain(|id, w| {
             let expired = !w.is_static
                 && w.unhealthy_since
@@ -443,8 +502,12 @@ impl Registry {
                     humantime::format_duration(forget_after)
                 );
             }
+            forgotten |= expired;
             !expired
         });
+        if forgotten {
+            self.remember();
+        }
     }
 }
 

@@ -48,6 +48,35 @@ pub fn http(port: u16, path: &str) -> (String, String) {
     (code.to_string(), body.to_string())
 }
 
+/// The orchestrator's `/workers` JSON (on its metrics port): one object per worker.
+pub fn workers_json(port: u16) -> Vec<serde_json::Value> {
+    let (code, body) = http(port, "/workers");
+    assert_eq!(code, "200", "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).expect("/workers is JSON");
+    list.as_array().expect("/workers is a list").clone()
+}
+
+/// `/workers` as worker id → state.
+pub fn worker_states(port: u16) -> Vec<(String, String)> {
+    workers_json(port)
+        .iter()
+        .map(|w| {
+            (
+                w["id"].as_str().unwrap().to_string(),
+                w["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The state `/workers` gives worker `id`, if it lists it.
+pub fn state_of(port: u16, id: &str) -> Option<String> {
+    worker_states(port)
+        .into_iter()
+        .find(|(w, _)| w == id)
+        .map(|(_, state)| state)
+}
+
 /// The value of the Prometheus sample `name` (a full `name{labels}` prefix) in `metrics`.
 pub fn find_sample(metrics: &str, name: &str) -> Option<f64> {
     metrics

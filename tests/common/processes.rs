@@ -14,9 +14,26 @@ pub fn binary() -> String {
     std::env::var("BLACKTREE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_blacktree").to_string())
 }
 
+/// A command running the `blacktree` binary. An orchestrator it starts remembers its
+/// workers in a state file of its own (never the default one, which would carry workers
+/// from test to test), unless the test names one.
+pub fn command() -> Command {
+    let mut command = Command::new(binary());
+    command.env("BLACKTREE_STATE_FILE", own_state_file());
+    command
+}
+
+/// A state file path no other orchestrator uses.
+pub fn own_state_file() -> String {
+    let dir = std::env::temp_dir().join("blacktree-test-state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{}.json", uuid::Uuid::new_v4().simple()));
+    file.to_str().unwrap().to_string()
+}
+
 /// Runs `blacktree args…` to its end (a one-shot command: submit, workers, healthcheck…).
 pub fn blacktree(args: &[&str]) -> std::process::Output {
-    Command::new(binary())
+    command()
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
@@ -47,7 +64,7 @@ impl LoggedChild {
         env: &[(String, String)],
         announces: &[&'static str],
     ) -> (LoggedChild, Vec<u16>) {
-        let mut child = Command::new(binary())
+        let mut child = command()
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")

@@ -151,3 +151,63 @@ fn a_worker_view_survives_list_workers() {
     assert_eq!(never.to_proto().lastPingMsAgo, -1);
     assert_eq!(WorkerView::from_proto(&never.to_proto()), never);
 }
+
+#[test]
+fn a_restored_worker_gets_no_job_until_it_answers_a_ping() {
+    let (registry, hints) = registry(1);
+    registry.register("r", "127.0.0.1:1", "", 2, Origin::Restored);
+    assert_eq!(registry.list()[0].state, "unhealthy");
+    assert!(hints.try_iter().next().is_none(), "no hint before a ping");
+    registry.record_ping(&target(&registry, "r"), PingResult::Free);
+    assert_eq!(
+        claim_all(&registry, &hints, &CancelToken::default()).len(),
+        2
+    );
+}
+
+#[test]
+fn a_restored_worker_that_never_answers_is_forgotten() {
+    let (registry, _hints) = registry(1);
+    registry.register("r", "127.0.0.1:1", "", 1, Origin::Restored);
+    registry.forget_expired(); // forget_after is zero here
+    assert!(!registry.is_registered("r"));
+}
+
+#[test]
+fn every_change_of_the_set_of_workers_reaches_the_state_file() {
+    let path = std::env::temp_dir()
+        .join(format!("blacktree-registry-{}", uuid::Uuid::new_v4()))
+        .join("registry.json");
+    let (file, _) = crate::orchestrator::state_file::open(Some(&path))
+        .unwrap()
+        .unwrap();
+    let (registry, _hints) = registry(1);
+    let registry = registry.remembered_in(file);
+    let remembered = || -> Vec<(String, String, bool)> {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        json["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let text = |k: &str| w[k].as_str().unwrap().to_string();
+                (text("id"), text("address"), w["static"].as_bool().unwrap())
+            })
+            .collect()
+    };
+    registry.register("dyn", "127.0.0.1:1", "eu", 3, Origin::Registered);
+    registry.register("fixed", "127.0.0.1:2", "", 1, Origin::Static);
+    assert_eq!(
+        remembered(),
+        [
+            ("dyn".into(), "127.0.0.1:1".into(), false),
+            ("fixed".into(), "127.0.0.1:2".into(), true)
+        ]
+    );
+    registry.register("dyn", "127.0.0.1:9", "eu", 3, Origin::Registered); // it moved
+    assert_eq!(remembered()[0], ("dyn".into(), "127.0.0.1:9".into(), false));
+    registry.record_ping(&target(&registry, "dyn"), PingResult::Failed("down".into()));
+    registry.forget_expired();
+    assert_eq!(remembered(), [("fixed".into(), "127.0.0.1:2".into(), true)]);
+}

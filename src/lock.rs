@@ -1,7 +1,8 @@
 //! The single-instance lock: a service takes an exclusive `flock` on its lock file at
 //! start. A second instance (say, started by cron while one runs) finds it taken and
 //! exits at once, touching nothing; a lock left by a killed process is released by the
-//! kernel, so a restart is never blocked.
+//! kernel, so a restart is never blocked. The orchestrator's state file is guarded the
+//! same way, so that two orchestrators never write one file.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
