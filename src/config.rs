@@ -236,6 +236,17 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]
     pub lock_file: Option<std::path::PathBuf>,
 
+    /// The largest capacity a worker may register with; larger ones are refused.
+    #[arg(long, env = "BLACKTREE_MAX_WORKER_CAPACITY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_worker_capacity: u32,
+
+    /// The most workers that may be registered at once; further ids are refused
+    /// (RESOURCE_EXHAUSTED). Workers named with `--worker` always count.
+    #[arg(long, env = "BLACKTREE_MAX_WORKERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_workers: u32,
+
     /// File where registered workers are remembered across restarts (default:
     /// `/var/lib/blacktree-orchestrator/registry.json`, kept only if usable; empty: off).
     #[arg(long, env = "BLACKTREE_STATE_FILE")]
@@ -270,7 +281,8 @@ impl fmt::Display for OrchestratorConfig {
              events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
              drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
-             derived-image-prefix={} state-file={} workers=[{}]",
+             derived-image-prefix={} max-worker-capacity={} max-workers={} state-file={} \
+             workers=[{}]",
             mask_url(&self.broker.amqp_url),
             t.exchange,
             t.execute_queue,
@@ -295,6 +307,8 @@ impl fmt::Display for OrchestratorConfig {
             d(self.cancel_ttl),
             self.max_message_bytes,
             self.derived_image_prefix,
+            self.max_worker_capacity,
+            self.max_workers,
             self.state_file
                 .as_deref()
                 .map_or("(default)".into(), |p| p.display().to_string()),

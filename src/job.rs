@@ -26,6 +26,10 @@ pub const MAX_TIMEOUT_SECONDS: u64 = u32::MAX as u64;
 /// What a secret is replaced with.
 const MARKER: &str = "***";
 
+/// Secrets shorter than this are not redacted: no real token is that short, and replacing
+/// every `t` of a text would mangle it (a job's `imageUrl`, its logs) while hiding nothing.
+pub const MIN_REDACTED_LEN: usize = 8;
+
 /// A secret string: its `Debug` prints `***`, never the value.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
@@ -41,21 +45,39 @@ impl Secret {
         &self.0
     }
 
-    /// `text` with every occurrence of this secret replaced by `***`.
+    /// Whether [`Secret::redact`] replaces it: it is at least [`MIN_REDACTED_LEN`] bytes
+    /// long. (An empty secret is simply absent.)
+    pub fn is_redacted(&self) -> bool {
+        self.0.len() >= MIN_REDACTED_LEN
+    }
+
+    /// Says once per process, for the first secret too short to be redacted, that it is
+    /// left as it is (`what` names it: "the job's githubToken").
+    pub fn warn_if_short(&self, what: &str) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        if !self.0.is_empty() && !self.is_redacted() {
+            WARNED.call_once(|| {
+                log::warn!(
+                    "{what} is shorter than {MIN_REDACTED_LEN} bytes, too short to be a real \
+                     secret: it is not redacted from logs and statuses (said once)"
+                );
+            });
+        }
+    }
+
+    /// `text` with every occurrence of this secret replaced by `***`, unless the secret
+    /// is too short to be real ([`Secret::is_redacted`]).
     ///
     /// A secret with a `*` in it can be formed again by a replacement and its neighbours
-    /// (`x**` in `xx**` gives `x***`), so it is replaced until none is left: each pass
-    /// removes a character that is not a `*`, or shortens the text. Only a secret that is
-    /// part of the marker itself (`*`, `**`, `***`) is replaced once.
+    /// (`x*******` in `xx***********` gives `x*******`), so it is replaced until none is
+    /// left: each pass removes a character that is not a `*`, or shortens the text.
     pub fn redact(&self, text: &str) -> String {
-        if self.0.is_empty() {
+        if !self.is_redacted() {
             return text.to_string();
         }
         let mut redacted = text.replace(&self.0, MARKER);
-        if !MARKER.contains(self.0.as_str()) {
-            while redacted.contains(self.0.as_str()) {
-                redacted = redacted.replace(&self.0, MARKER);
-            }
+        while redacted.contains(self.0.as_str()) {
+            redacted = redacted.replace(&self.0, MARKER);
         }
         redacted
     }

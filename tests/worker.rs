@@ -7,11 +7,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blacktree::proto::job::{CancelJobRequest, JobRequest, JobResponse};
+use blacktree::proto::job::{CancelJobRequest, JobRequest, JobResponse, PingRequest, WorkerStatus};
 use blacktree::proto::job_grpc::JobServiceClient;
 use common::build_env::*;
 use common::*;
-use grpcio::{CallOption, ChannelBuilder, ClientUnaryReceiver, Environment};
+use grpcio::{CallOption, ChannelBuilder, ClientUnaryReceiver, Environment, RpcStatusCode};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -212,13 +212,28 @@ fn bad_input_is_refused_before_anything_runs() {
             answer.logs
         );
     }
-    let mut empty_id = job("", &repo, "bt/app:1");
-    empty_id.jobId = String::new();
-    let answer = run(worker.port, &empty_id);
-    assert!(
-        !answer.success && answer.error.contains("jobId"),
-        "{answer:?}"
-    );
+    // Ids that cannot name a thread or a workspace are refused before a slot is taken
+    // (a NUL used to panic grpcio's thread when the job thread was named).
+    let long = "j".repeat(256);
+    for (id, why) in [
+        ("", "empty"),
+        ("a\0b", "control"),
+        (long.as_str(), "longer"),
+    ] {
+        let mut request = job("x", &repo, "bt/app:1");
+        request.jobId = id.to_string();
+        match client(worker.port).run_job_opt(&request, CallOption::default().timeout(LONG)) {
+            Err(grpcio::Error::RpcFailure(s)) => assert!(
+                s.code() == RpcStatusCode::INVALID_ARGUMENT && s.message().contains(why),
+                "{s:?}"
+            ),
+            other => panic!("jobId {id:?} was not refused: {other:?}"),
+        }
+    }
+    let pong = client(worker.port)
+        .ping_opt(&PingRequest::default(), CallOption::default().timeout(LONG))
+        .expect("the worker still answers");
+    assert_eq!(pong.status, WorkerStatus::FREE, "its slot is free");
 }
 
 #[test]

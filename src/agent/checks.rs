@@ -3,6 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::job::MAX_JOB_ID_LEN;
 use crate::proto::job::JobRequest;
 
 /// A job whose fields passed the checks.
@@ -20,11 +21,23 @@ pub struct CheckedJob {
     pub image_name: String,
 }
 
+/// Checks a jobId before a slot is taken for it: it names a thread, a workspace and log
+/// lines, so it is 1 to 255 bytes with no control character.
+pub fn job_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        Err("jobId is empty".to_string())
+    } else if id.len() > MAX_JOB_ID_LEN {
+        Err(format!("jobId is longer than {MAX_JOB_ID_LEN} bytes"))
+    } else if id.chars().any(char::is_control) {
+        Err("jobId contains control characters".to_string())
+    } else {
+        Ok(())
+    }
+}
+
 /// Checks `job`; `git_base_url` turns `owner/name` into a clone URL.
 pub fn check(job: &JobRequest, git_base_url: &str) -> Result<CheckedJob, String> {
-    if job.jobId.trim().is_empty() {
-        return Err("jobId is empty".to_string());
-    }
+    job_id(&job.jobId)?;
     let branch = job.branch.trim();
     if !branch.is_empty() && !is_valid_branch(branch) {
         return Err("branch is not a valid git branch name".to_string());

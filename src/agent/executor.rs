@@ -211,6 +211,7 @@ impl Executor {
             }
         };
         let token = Secret::new(job.githubToken.clone());
+        token.warn_if_short("a job's githubToken");
         let mut secrets = vec![token.clone()];
         secrets.extend(
             self.registry

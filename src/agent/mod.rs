@@ -47,12 +47,20 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     let id = config.id.clone().unwrap_or_else(default_id);
     let executor = Arc::new(Executor::new(&config)?);
     let tls = Tls::load(&config.tls)?;
+    let token = read_secret_file(
+        config.registration_token_file.as_deref(),
+        "registration token",
+    )?;
+    if token.is_none() && tls.is_none() {
+        warn!("neither --registration-token-file nor TLS: anyone who reaches this worker's port can run builds on it (with its registry credentials)");
+    }
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(2).build());
     let agent = Agent {
         id: id.clone(),
         capacity: config.capacity as usize,
         running: Arc::new(Mutex::new(HashMap::new())),
         executor,
+        token: token.clone(),
     };
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
@@ -79,10 +87,6 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     let info = registration_info(&config, &id, &advertise)?;
     let orchestrator = config.orchestrator.clone();
     let interval = config.check_in_interval;
-    let token = read_secret_file(
-        config.registration_token_file.as_deref(),
-        "registration token",
-    )?;
     std::thread::Builder::new()
         .name("check-in".into())
         .spawn(move || check_in(env, &orchestrator, tls, info, token, interval))
@@ -241,6 +245,8 @@ struct Agent {
     /// Running jobs → their control (to cancel them).
     running: Arc<Mutex<HashMap<String, Arc<JobControl>>>>,
     executor: Arc<Executor>,
+    /// The registration token every call must carry, if one is configured.
+    token: Option<Secret>,
 }
 
 /// `RunJob` served as a server-streaming method that sends exactly one message: on the
@@ -284,6 +290,15 @@ fn job_service(agent: Agent) -> grpcio::Service {
         .build()
 }
 
+/// Answers a `RunJob` call with an error status: nothing was started.
+fn refuse(ctx: &RpcContext, sink: ServerStreamingSink<JobResponse>, status: RpcStatus) {
+    ctx.spawn(async move {
+        if let Err(e) = sink.fail(status).await {
+            debug!("could not answer a call: {e}");
+        }
+    });
+}
+
 /// Where a job thread leaves its answer for the call's future.
 #[derive(Default)]
 struct AnswerSlot {
@@ -292,12 +307,16 @@ struct AnswerSlot {
 }
 
 impl Agent {
-    fn run_job(
-        &self,
-        ctx: RpcContext,
-        job: JobRequest,
-        mut sink: ServerStreamingSink<JobResponse>,
-    ) {
+    fn run_job(&self, ctx: RpcContext, job: JobRequest, sink: ServerStreamingSink<JobResponse>) {
+        let refusal = match &self.token {
+            Some(token) if !grpc::authorized(&ctx, token) => Some(grpc::unauthenticated(&ctx)),
+            _ => checks::job_id(&job.jobId)
+                .err()
+                .map(|e| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, e)),
+        };
+        if let Some(status) = refusal {
+            return refuse(&ctx, sink, status);
+        }
         let control = Arc::new(JobControl::default());
         {
             let mut running = self.running.lock().expect("slots lock");
@@ -312,11 +331,11 @@ impl Agent {
                 None
             };
             if let Some((code, message)) = refusal {
-                let status = RpcStatus::with_message(code, message.to_string());
-                ctx.spawn(async move {
-                    let _ = sink.fail(status).await;
-                });
-                return;
+                return refuse(
+                    &ctx,
+                    sink,
+                    RpcStatus::with_message(code, message.to_string()),
+                );
             }
             running.insert(job.jobId.clone(), control.clone());
         }
@@ -330,8 +349,15 @@ impl Agent {
             ))
             .spawn(move || agent.run(job, thread_control, thread_slot));
         if let Err(e) = spawned {
-            warn!("could not start a job thread: {e}");
+            warn!("job {job_id}: could not start a job thread: {e}");
+            self.running.lock().expect("slots lock").remove(&job_id);
+            let status = RpcStatus::with_message(
+                RpcStatusCode::RESOURCE_EXHAUSTED,
+                "the worker could not start a job thread".to_string(),
+            );
+            return refuse(&ctx, sink, status);
         }
+        let mut sink = sink;
         // Waits on grpcio's thread (without blocking it) for the answer or the caller
         // going away, whichever comes first, then sends the one answer.
         ctx.spawn(async move {
@@ -366,6 +392,9 @@ impl Agent {
     }
 
     fn ping(&self, ctx: RpcContext, sink: UnarySink<PingResponse>) {
+        let Some(sink) = grpc::admit(&ctx, sink, self.token.as_ref()) else {
+            return;
+        };
         let busy = self.running.lock().expect("slots lock").len() >= self.capacity;
         let pong = PingResponse {
             workerId: self.id.clone(),
@@ -385,6 +414,9 @@ impl Agent {
         req: CancelJobRequest,
         sink: UnarySink<CancelJobResponse>,
     ) {
+        let Some(sink) = grpc::admit(&ctx, sink, self.token.as_ref()) else {
+            return;
+        };
         let control = self
             .running
             .lock()

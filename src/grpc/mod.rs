@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use grpcio::{
     CallOption, CertificateRequestType, Channel, ChannelBuilder, ChannelCredentialsBuilder,
-    Environment, MetadataBuilder, RpcContext, ServerCredentials, ServerCredentialsBuilder,
-    UnarySink,
+    Environment, MetadataBuilder, RpcContext, RpcStatus, RpcStatusCode, ServerCredentials,
+    ServerCredentialsBuilder, UnarySink,
 };
 use log::{debug, warn};
 
@@ -108,18 +108,65 @@ pub fn with_token(options: CallOption, token: Option<&Secret>) -> CallOption {
     }
 }
 
-/// Whether the call carries `authorization: Bearer <token>` (compared in constant time).
+/// Whether the call carries `authorization: Bearer <token>`.
 pub fn authorized(ctx: &RpcContext, token: &Secret) -> bool {
     let expected = format!("Bearer {}", token.expose());
-    ctx.request_headers().iter().any(|(key, value)| {
-        key.eq_ignore_ascii_case("authorization")
-            && value.len() == expected.len()
-            && value
-                .iter()
-                .zip(expected.as_bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    })
+    ctx.request_headers()
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case("authorization"))
+        .fold(false, |found, (_, value)| {
+            found | constant_time_eq(value, expected.as_bytes())
+        })
+}
+
+/// `sent == expected` in a time that depends on the length of `sent` only: neither the
+/// bytes nor the length of `expected` (the token) show in how long a refusal takes.
+fn constant_time_eq(sent: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(sent.len() != expected.len());
+    for (i, byte) in sent.iter().enumerate() {
+        // `expected` is never empty here: it starts with "Bearer ".
+        diff |= byte ^ expected[i % expected.len()];
+    }
+    diff == 0
+}
+
+/// Refuses a call that lacks the right token when one is configured: answers it
+/// UNAUTHENTICATED, logs the method and peer, and returns `None`; otherwise gives the
+/// sink back.
+pub fn admit<T: Send + 'static>(
+    ctx: &RpcContext,
+    sink: UnarySink<T>,
+    token: Option<&Secret>,
+) -> Option<UnarySink<T>> {
+    match token {
+        Some(token) if !authorized(ctx, token) => {
+            fail(ctx, sink, unauthenticated(ctx));
+            None
+        }
+        _ => Some(sink),
+    }
+}
+
+/// The UNAUTHENTICATED answer to a call without the right token (logged).
+pub fn unauthenticated(ctx: &RpcContext) -> RpcStatus {
+    warn!(
+        "refused a {} call from {}: missing or wrong registration token",
+        String::from_utf8_lossy(ctx.method()),
+        ctx.peer()
+    );
+    RpcStatus::with_message(
+        RpcStatusCode::UNAUTHENTICATED,
+        "missing or wrong registration token".to_string(),
+    )
+}
+
+/// Answers a unary call with an error status without blocking grpcio's thread.
+pub fn fail<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, status: RpcStatus) {
+    ctx.spawn(async move {
+        if let Err(e) = sink.fail(status).await {
+            debug!("could not answer a call: {e}");
+        }
+    });
 }
 
 /// Answers a unary call from a handler without blocking grpcio's thread. (The sink's

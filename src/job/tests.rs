@@ -100,13 +100,30 @@ fn cancel_messages_carry_a_job_id() {
 
 #[test]
 fn secrets_are_redacted() {
-    let s = Secret::new("ghp_abc".into());
+    let s = Secret::new("ghp_abc123".into());
     assert_eq!(
-        s.redact("clone https://ghp_abc@x failed"),
+        s.redact("clone https://ghp_abc123@x failed"),
         "clone https://***@x failed"
     );
     assert_eq!(format!("{s:?}"), "***");
     assert_eq!(Secret::default().redact("text"), "text");
+}
+
+#[test]
+fn secrets_too_short_to_be_real_are_left_alone() {
+    // Seen: `githubToken: "t"` turned `us-east-1` into `us-eas***-1` in an imageUrl.
+    let image = "123.dkr.ecr.us-east-1.amazonaws.com/blacktree:t1";
+    for short in ["t", "token12"] {
+        let s = Secret::new(short.into());
+        assert!(!s.is_redacted());
+        assert_eq!(s.redact(image), image);
+        assert_eq!(format!("{s:?}"), "***", "still never printed");
+    }
+    assert!(Secret::new("token123".into()).is_redacted());
+    assert_eq!(
+        Secret::new("token123".into()).redact("a token123 b"),
+        "a *** b"
+    );
 }
 
 // The tests below pin down what the fuzz targets in fuzz/ found.
@@ -147,14 +164,13 @@ fn huge_timeouts_are_lowered_to_what_the_worker_and_grpc_can_carry() {
 
 #[test]
 fn redaction_leaves_no_secret_formed_by_the_marker() {
-    let s = Secret::new("x**".into());
-    assert_eq!(s.redact("xx**"), "****");
-    let s = Secret::new("a*".into());
-    let redacted = s.redact("log aaaa* end");
-    assert!(!redacted.contains("a*"), "{redacted}");
+    // One pass leaves `x` + `***` + `****`: the secret again.
+    let s = Secret::new("x*******".into());
+    assert_eq!(s.redact("xx***********"), "***");
+    let s = Secret::new("aaaaaaa*".into());
+    let redacted = s.redact("log aaaaaaaaaaaaaa* end");
+    assert!(!redacted.contains("aaaaaaa*"), "{redacted}");
     assert!(redacted.starts_with("log ") && redacted.ends_with(" end"));
-    // Part of the marker itself: one pass, as before.
-    assert_eq!(Secret::new("*".into()).redact("a*b"), "a***b");
 }
 
 #[test]

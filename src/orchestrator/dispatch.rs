@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
-use grpcio::{CallOption, RpcStatusCode};
+use grpcio::RpcStatusCode;
 use log::{info, warn};
 
 use super::registry::{Claim, Hint, Registry, Release};
@@ -217,10 +217,11 @@ impl Dispatcher {
             timeoutSeconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
             ..JobRequest::default()
         };
+        job.github_token.warn_if_short("a job's githubToken");
         let started = SystemTime::now();
         let call = claim
             .client
-            .run_job_async_opt(&request, CallOption::default().timeout(timeout));
+            .run_job_async_opt(&request, self.links.registry.call_options(timeout));
         let (result, mut call) = match call {
             Ok(mut call) => (cancel::wait(&mut call, Some(token)), Some(call)),
             Err(e) => (Err(CallError::Grpc(e)), None),
@@ -245,7 +246,9 @@ impl Dispatcher {
                 } => {
                     let release = match then {
                         Then::Release(release) => release,
-                        Then::StopOnWorker => stop_on_worker(claim, &job.job_id),
+                        Then::StopOnWorker => {
+                            stop_on_worker(&self.links.registry, claim, &job.job_id)
+                        }
                     };
                     ended(outcome, release, error)
                 }
@@ -350,14 +353,14 @@ fn failed_call(error: &CallError, worker: &str, timeout: Duration) -> Ending {
 /// Asks the worker to stop a job whose call we gave up on; says how to release its
 /// slot: at once when the worker confirms, withheld until a Ping says FREE when it does
 /// not know `CancelJob` (older workers), unreachable when it does not answer.
-fn stop_on_worker(claim: &Claim, job_id: &str) -> Release {
+fn stop_on_worker(registry: &Registry, claim: &Claim, job_id: &str) -> Release {
     let request = CancelJobRequest {
         jobId: job_id.to_string(),
         ..CancelJobRequest::default()
     };
     let call = claim
         .client
-        .cancel_job_async_opt(&request, CallOption::default().timeout(CANCEL_TIMEOUT))
+        .cancel_job_async_opt(&request, registry.call_options(CANCEL_TIMEOUT))
         .map_err(CallError::Grpc)
         .and_then(|mut call| cancel::wait(&mut call, None));
     match call {

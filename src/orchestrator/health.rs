@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use grpcio::CallOption;
-
 use super::registry::{PingResult, PingTarget, Registry};
 use crate::grpc::cancel::{self, CallError};
 use crate::metrics::Metrics;
@@ -72,7 +70,7 @@ fn ping_all(
         .map(|target| {
             let call = target
                 .client
-                .ping_async_opt(&request, CallOption::default().timeout(timeout));
+                .ping_async_opt(&request, registry.call_options(timeout));
             (target, call)
         })
         .collect();

@@ -30,6 +30,7 @@ use crate::amqp::ledger::LedgerConfig;
 use crate::amqp::{publisher, AmqpUrl};
 use crate::config::{read_secret_file, OrchestratorConfig, StaticWorker};
 use crate::grpc::Tls;
+use crate::job::Secret;
 use crate::metrics::Metrics;
 use crate::pipeline::ConsumerMsg;
 use dispatch::{DispatchLinks, DispatchSettings};
@@ -44,6 +45,13 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     // thread fewer).
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(1).build());
     let tls = Tls::load(&config.tls)?;
+    let token = read_secret_file(
+        config.registration_token_file.as_deref(),
+        "registration token",
+    )?;
+    if token.is_none() {
+        warn!("no --registration-token-file: any client that reaches the gRPC port can register as a worker");
+    }
     let (hints_tx, hints_rx) = unbounded();
     let registry = Registry::new(
         env.clone(),
@@ -52,6 +60,8 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             unhealthy_after: config.unhealthy_after,
             forget_after: config.forget_after,
             tls: tls.clone(),
+            token: token.clone(),
+            max_workers: config.max_workers as usize,
         },
     );
     let state_file = state_file::open(config.state_file.as_deref())?;
@@ -67,7 +77,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         None => registry,
     });
     let metrics = Arc::new(Metrics::default());
-    let server = serve(&config, env, &registry, &metrics, tls.as_ref())?;
+    let server = serve(&config, env, &registry, &metrics, token, tls.as_ref())?;
     let pipeline = spawn_threads(&config, url, registry, metrics, hints_rx);
     wait_and_drain(&config, &server, pipeline)?;
     info!("orchestrator stopped");
@@ -107,16 +117,15 @@ fn serve(
     env: Arc<Environment>,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
+    token: Option<Secret>,
     tls: Option<&Tls>,
 ) -> Result<registration::OrchestratorServer, String> {
-    let token = read_secret_file(
-        config.registration_token_file.as_deref(),
-        "registration token",
-    )?;
-    if token.is_none() {
-        warn!("no --registration-token-file: any client that reaches the gRPC port can register as a worker");
-    }
-    let server = registration::serve(env, &config.grpc_listen, registry.clone(), token, tls)?;
+    let policy = registration::Policy {
+        token,
+        max_capacity: config.max_worker_capacity,
+        ping_timeout: config.health_timeout,
+    };
+    let server = registration::serve(env, &config.grpc_listen, registry.clone(), policy, tls)?;
     if !config.metrics_listen.is_empty() {
         let (port, _) = http::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;
         info!(

@@ -3,14 +3,16 @@
 //! check, and `grpc.health.v1`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use grpcio::{Environment, RpcContext, RpcStatus, RpcStatusCode, Server, ServerBuilder, UnarySink};
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{info, warn};
 
 use super::registry::{Origin, Registry};
-use crate::grpc::{authorized, reply, server_credentials, Tls};
-use crate::job::Secret;
+use crate::grpc::{admit, fail, reply, server_credentials, Tls};
+use crate::job::{Secret, MAX_JOB_ID_LEN};
+use crate::proto::job::PingRequest as JobPingRequest;
 use crate::proto::worker::{
     ListWorkersRequest, ListWorkersResponse, PingRequest, PongResponse, RegisterAck, WorkerInfo,
 };
@@ -26,19 +28,33 @@ pub struct OrchestratorServer {
     pub port: u16,
 }
 
-/// Starts the orchestrator's gRPC server on `listen`; with `token`, every WorkerService
-/// call must carry it.
+/// What a registration must satisfy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The registration token every WorkerService call must carry, if one is configured.
+    pub token: Option<Secret>,
+    /// The largest capacity a worker may announce (`--max-worker-capacity`).
+    pub max_capacity: u32,
+    /// How long the address of an id being registered elsewhere has to answer a ping.
+    pub ping_timeout: Duration,
+}
+
+/// Starts the orchestrator's gRPC server on `listen`.
 pub fn serve(
     env: Arc<Environment>,
     listen: &str,
     registry: Arc<Registry>,
-    token: Option<Secret>,
+    policy: Policy,
     tls: Option<&Tls>,
 ) -> Result<OrchestratorServer, String> {
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
+    let service = WorkerServiceImpl {
+        registry,
+        policy: Arc::new(policy),
+    };
     let mut server = ServerBuilder::new(env)
-        .register_service(create_worker_service(WorkerServiceImpl { registry, token }))
+        .register_service(create_worker_service(service))
         .register_service(create_health(health.clone()))
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
@@ -57,70 +73,111 @@ pub fn serve(
 #[derive(Clone)]
 struct WorkerServiceImpl {
     registry: Arc<Registry>,
-    /// The registration token calls must carry, if one is configured.
-    token: Option<Secret>,
+    policy: Arc<Policy>,
+}
+
+/// A registration that passed the checks.
+struct Checked {
+    id: String,
+    addr: String,
+    region: String,
+    capacity: u32,
 }
 
 impl WorkerServiceImpl {
-    /// Refuses (UNAUTHENTICATED) a call without the right token; true when it may go on.
-    fn admit<T: Send + 'static>(
-        &self,
-        ctx: &RpcContext,
-        sink: UnarySink<T>,
-    ) -> Option<UnarySink<T>> {
-        match &self.token {
-            Some(token) if !authorized(ctx, token) => {
-                warn!(
-                    "refused a {} call from {}: missing or wrong registration token",
-                    String::from_utf8_lossy(ctx.method()),
-                    ctx.peer()
-                );
-                let status = RpcStatus::with_message(
-                    RpcStatusCode::UNAUTHENTICATED,
-                    "missing or wrong registration token".to_string(),
-                );
-                ctx.spawn(async move {
-                    let _ = sink.fail(status).await;
-                });
-                None
-            }
-            _ => Some(sink),
-        }
+    /// Registers a checked worker; the answer to its call.
+    fn accept(&self, peer: &str, worker: &Checked) -> Result<RegisterAck, RpcStatus> {
+        let Checked {
+            id,
+            addr,
+            region,
+            capacity,
+        } = worker;
+        let Some(generation) =
+            self.registry
+                .register(id, addr, region, *capacity, Origin::Registered)
+        else {
+            warn!("refused a registration from {peer}: the registry is full");
+            return Err(RpcStatus::with_message(
+                RpcStatusCode::RESOURCE_EXHAUSTED,
+                "the orchestrator has as many workers as --max-workers allows".to_string(),
+            ));
+        };
+        info!(
+            "worker {id} registered at {addr} (capacity {capacity}, region {region:?}, generation {generation})"
+        );
+        Ok(RegisterAck {
+            success: true,
+            message: format!("registered {id} at {addr}"),
+            ..RegisterAck::default()
+        })
     }
 }
 
 impl WorkerService for WorkerServiceImpl {
+    /// A new id, or an id registering again from its own address, is registered at once.
+    /// An id registering from another address is refused while its current address
+    /// still answers a ping as that id (a live worker's id cannot be taken over).
     fn register(&mut self, ctx: RpcContext, info: WorkerInfo, sink: UnarySink<RegisterAck>) {
-        let Some(sink) = self.admit(&ctx, sink) else {
+        let Some(sink) = admit(&ctx, sink, self.policy.token.as_ref()) else {
             return;
         };
-        let mut ack = RegisterAck::new();
-        match checked_registration(&info) {
-            Ok((addr, capacity)) => {
-                let generation = self.registry.register(
-                    &info.id,
-                    &addr,
-                    &info.region,
-                    capacity,
-                    Origin::Registered,
-                );
-                info!(
-                    "worker {} registered at {addr} (capacity {capacity}, region {:?}, generation {generation})",
-                    info.id, info.region
-                );
-                ack.success = true;
-                ack.message = format!("registered {} at {addr}", info.id);
-            }
+        let peer = ctx.peer();
+        let worker = match checked_registration(&info, self.policy.max_capacity) {
+            Ok(worker) => worker,
             Err(reason) => {
-                warn!("refused a registration from {}: {reason}", ctx.peer());
-                ack.message = reason;
+                warn!("refused a registration from {peer}: {reason}");
+                let ack = RegisterAck {
+                    message: reason,
+                    ..RegisterAck::default()
+                };
+                return reply(&ctx, sink, ack);
             }
-        }
-        reply(&ctx, sink, ack);
+        };
+        let current = self.registry.address_of(&worker.id);
+        let ping = match current {
+            Some((old, client)) if old != worker.addr => client
+                .ping_async_opt(
+                    &JobPingRequest::default(),
+                    self.registry.call_options(self.policy.ping_timeout),
+                )
+                .ok()
+                .map(|call| (old, call)),
+            _ => None,
+        };
+        let Some((old, ping)) = ping else {
+            return answer(&ctx, sink, self.accept(&peer, &worker));
+        };
+        let this = self.clone();
+        ctx.spawn(async move {
+            let alive = matches!(ping.await, Ok(pong) if pong.workerId == worker.id);
+            let answer = if alive {
+                warn!(
+                    "refused a registration of worker {} at {} from {peer}: the worker at {old} still answers as {}",
+                    worker.id, worker.addr, worker.id
+                );
+                Err(RpcStatus::with_message(
+                    RpcStatusCode::ALREADY_EXISTS,
+                    format!(
+                        "worker id {} is in use by a live worker at {old}",
+                        worker.id
+                    ),
+                ))
+            } else {
+                this.accept(&peer, &worker)
+            };
+            let sent = match answer {
+                Ok(ack) => sink.success(ack).await,
+                Err(status) => sink.fail(status).await,
+            };
+            if let Err(e) = sent {
+                log::debug!("could not answer a registration: {e}");
+            }
+        });
     }
 
     fn ping(&mut self, ctx: RpcContext, req: PingRequest, sink: UnarySink<PongResponse>) {
-        let Some(sink) = self.admit(&ctx, sink) else {
+        let Some(sink) = admit(&ctx, sink, self.policy.token.as_ref()) else {
             return;
         };
         let mut pong = PongResponse::new();
@@ -134,7 +191,7 @@ impl WorkerService for WorkerServiceImpl {
         _req: ListWorkersRequest,
         sink: UnarySink<ListWorkersResponse>,
     ) {
-        let Some(sink) = self.admit(&ctx, sink) else {
+        let Some(sink) = admit(&ctx, sink, self.policy.token.as_ref()) else {
             return;
         };
         let workers = self
@@ -151,30 +208,80 @@ impl WorkerService for WorkerServiceImpl {
     }
 }
 
-/// Checks a registration; returns the worker's `HOST:PORT` and capacity.
-fn checked_registration(info: &WorkerInfo) -> Result<(String, u32), String> {
-    let id = info.id.as_str();
-    if id.trim().is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-        return Err("id must be 1 to 256 printable characters".to_string());
+/// Sends a registration's answer.
+fn answer(ctx: &RpcContext, sink: UnarySink<RegisterAck>, answer: Result<RegisterAck, RpcStatus>) {
+    match answer {
+        Ok(ack) => reply(ctx, sink, ack),
+        Err(status) => fail(ctx, sink, status),
     }
-    if info.ip.trim().is_empty() {
-        return Err(format!("worker {id}: ip is empty"));
+}
+
+/// The longest region a worker may announce, in characters.
+const MAX_REGION_CHARS: usize = 64;
+
+/// Checks a registration's fields. The reasons never quote a value that failed a check
+/// (it could be megabytes, or control characters meant for a terminal).
+fn checked_registration(info: &WorkerInfo, max_capacity: u32) -> Result<Checked, String> {
+    let id = info.id.as_str();
+    if id.trim().is_empty() || id.len() > MAX_JOB_ID_LEN || id.chars().any(char::is_control) {
+        return Err(format!(
+            "id must be 1 to {MAX_JOB_ID_LEN} bytes with no control characters"
+        ));
+    }
+    if !is_host(&info.ip) {
+        return Err(format!(
+            "worker {id}: ip must be an IP address or a host name"
+        ));
     }
     let port = u16::try_from(info.port)
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| format!("worker {id}: port {} is not a TCP port", info.port))?;
+    let region = info.region.as_str();
+    if region.chars().count() > MAX_REGION_CHARS || region.chars().any(char::is_control) {
+        return Err(format!(
+            "worker {id}: region must be at most {MAX_REGION_CHARS} printable characters"
+        ));
+    }
     let capacity = match info.capacity {
         0 => 1,
-        c if c > 0 => c as u32,
-        c => return Err(format!("worker {id}: capacity {c} is negative")),
+        c if c < 0 => return Err(format!("worker {id}: capacity {c} is negative")),
+        c if c as u32 > max_capacity => {
+            return Err(format!(
+                "worker {id}: capacity {c} is above --max-worker-capacity {max_capacity}"
+            ))
+        }
+        c => c as u32,
     };
-    let host = if info.ip.contains(':') && !info.ip.starts_with('[') {
+    let host = if info.ip.contains(':') {
         format!("[{}]", info.ip)
     } else {
         info.ip.clone()
     };
-    Ok((format!("{host}:{port}"), capacity))
+    Ok(Checked {
+        id: id.to_string(),
+        addr: format!("{host}:{port}"),
+        region: region.to_string(),
+        capacity,
+    })
+}
+
+/// An IP address, or a host name: at most 253 bytes of dot-separated labels of 1 to 63
+/// letters, digits, `-` and `_`, not starting or ending with `-`.
+fn is_host(text: &str) -> bool {
+    if text.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
 }
 
 #[cfg(test)]
@@ -191,20 +298,46 @@ mod tests {
         }
     }
 
+    fn checked(info: &WorkerInfo) -> Result<(String, u32), String> {
+        checked_registration(info, 64).map(|c| (c.addr, c.capacity))
+    }
+
     #[test]
     fn registrations_are_checked() {
         assert_eq!(
-            checked_registration(&info("w1", "10.0.0.2", 6000, 0)),
+            checked(&info("w1", "10.0.0.2", 6000, 0)),
             Ok(("10.0.0.2:6000".into(), 1))
         );
         assert_eq!(
-            checked_registration(&info("w1", "::1", 6000, 3)),
+            checked(&info("w1", "::1", 6000, 3)),
             Ok(("[::1]:6000".into(), 3))
         );
-        assert!(checked_registration(&info("", "10.0.0.2", 6000, 0)).is_err());
-        assert!(checked_registration(&info("w1", "", 6000, 0)).is_err());
-        assert!(checked_registration(&info("w1", "h", 70000, 0)).is_err());
-        assert!(checked_registration(&info("w1", "h", 0, 0)).is_err());
-        assert!(checked_registration(&info("w1", "h", 1, -1)).is_err());
+        assert_eq!(
+            checked(&info("w1", "build-3.eu_west.internal", 6000, 64)),
+            Ok(("build-3.eu_west.internal:6000".into(), 64))
+        );
+        assert!(checked(&info("", "10.0.0.2", 6000, 0)).is_err());
+        assert!(checked(&info(&"w".repeat(256), "10.0.0.2", 6000, 0)).is_err());
+        assert!(checked(&info("w\u{1b}[2J", "10.0.0.2", 6000, 0)).is_err());
+        assert!(checked(&info("w1", "", 6000, 0)).is_err());
+        assert!(checked(&info("w1", "h", 70000, 0)).is_err());
+        assert!(checked(&info("w1", "h", 0, 0)).is_err());
+        assert!(checked(&info("w1", "h", 1, -1)).is_err());
+        assert!(checked(&info("w1", "h", 1, 65)).is_err());
+        for ip in [
+            "a b",
+            "h\n",
+            "[::1]",
+            "-.x",
+            "x..y",
+            &"h".repeat(64),
+            "10.0.0.1:80",
+        ] {
+            assert!(checked(&info("w1", ip, 1, 1)).is_err(), "{ip:?}");
+        }
+        let mut long_region = info("w1", "h", 1, 1);
+        long_region.region = "r".repeat(65);
+        let reason = checked(&long_region).unwrap_err();
+        assert!(!reason.contains("rrrr"), "{reason}");
     }
 }

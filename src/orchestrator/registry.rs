@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use grpcio::Environment;
+use grpcio::{CallOption, Environment};
 use log::{info, warn};
 
 use super::state_file::{Remembered, StateFile};
 use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::grpc::{self, Tls};
+use crate::job::Secret;
 use crate::proto::job_grpc::JobServiceClient;
 use crate::proto::worker::WorkerState;
 
@@ -171,6 +172,11 @@ pub struct RegistrySettings {
     pub forget_after: Duration,
     /// Mutual TLS for the calls to workers, when configured.
     pub tls: Option<Tls>,
+    /// The registration token, sent on every call to workers (ours check it).
+    pub token: Option<Secret>,
+    /// The most workers `Register` may add (`--max-workers`); static and restored
+    /// workers are the operator's and always count.
+    pub max_workers: usize,
 }
 
 /// The registry of workers; shared by the gRPC server, the dispatch pool and the
@@ -251,9 +257,10 @@ impl Registry {
     }
 
     /// Adds or replaces a worker; returns its new generation once the change is in the
-    /// state file. A registered worker starts healthy (it just reached us); a static or
-    /// restored one starts unhealthy until a ping answers. Hints of an earlier
-    /// registration under the same id become stale.
+    /// state file, or `None` when a registered worker with a new id would take the
+    /// registry past `max_workers`. A registered worker starts healthy (it just reached
+    /// us); a static or restored one starts unhealthy until a ping answers. Hints of an
+    /// earlier registration under the same id become stale.
     pub fn register(
         &self,
         id: &str,
@@ -261,7 +268,7 @@ impl Registry {
         region: &str,
         capacity: u32,
         origin: Origin,
-    ) -> u64 {
+    ) -> Option<u64> {
         let is_static = origin == Origin::Static;
         let generation = self
             .next_generation
@@ -269,6 +276,12 @@ impl Registry {
         let client = grpc::job_client(self.env.clone(), addr, self.settings.tls.as_ref());
         let id: Arc<str> = id.into();
         let mut workers = self.lock();
+        if origin == Origin::Registered
+            && workers.len() >= self.settings.max_workers
+            && !workers.contains_key(&id)
+        {
+            return None;
+        }
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
         let healthy = origin == Origin::Registered && !is_static;
         let worker = workers.entry(id.clone()).insert_entry(Worker {
@@ -291,7 +304,14 @@ impl Registry {
         self.top_up(&id, worker.into_mut());
         drop(workers);
         self.remember();
-        generation
+        Some(generation)
+    }
+
+    /// Where worker `id` is registered, and a client of it.
+    pub fn address_of(&self, id: &str) -> Option<(String, JobServiceClient)> {
+        self.lock()
+            .get(id)
+            .map(|w| (w.addr.clone(), w.client.clone()))
     }
 
     /// Writes the set of workers to the state file, if there is one; never called with
@@ -316,6 +336,14 @@ impl Registry {
         if let Err(e) = file.save(snapshot) {
             warn!("{e}: the latest change of the registry is not remembered");
         }
+    }
+
+    /// Options of a call to a worker: `timeout`, and the token when there is one.
+    pub fn call_options(&self, timeout: Duration) -> CallOption {
+        grpc::with_token(
+            CallOption::default().timeout(timeout),
+            self.settings.token.as_ref(),
+        )
     }
 
     /// Sends the hints a worker's free slots are missing.

@@ -306,20 +306,14 @@ impl TestWorker {
         orchestrator_port: u16,
         token: Option<&str>,
     ) -> grpcio::Result<blacktree::proto::worker::RegisterAck> {
-        let capacity = self.behaviour.lock().unwrap().capacity as i32;
-        let ch = ChannelBuilder::new(self.env.clone())
-            .connect(&format!("127.0.0.1:{orchestrator_port}"));
-        let client = WorkerServiceClient::new(ch);
         let info = WorkerInfo {
             id: self.id.clone(),
             ip: "127.0.0.1".into(),
             port: self.port as i32,
-            capacity,
+            capacity: self.behaviour.lock().unwrap().capacity as i32,
             ..Default::default()
         };
-        let token = token.map(|t| blacktree::job::Secret::new(t.to_string()));
-        let options = blacktree::grpc::with_token(grpcio::CallOption::default(), token.as_ref());
-        client.register_opt(&info, options)
+        register_as(orchestrator_port, &info, token)
     }
 
     /// Kills the worker: its server stops, its port closes, running jobs are cut off.
@@ -347,6 +341,21 @@ impl Drop for TestWorker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Calls Register at `127.0.0.1:orchestrator_port` with `info` as it is (any fields a
+/// peer could send), with `authorization: Bearer <token>` when given.
+pub fn register_as(
+    orchestrator_port: u16,
+    info: &WorkerInfo,
+    token: Option<&str>,
+) -> grpcio::Result<blacktree::proto::worker::RegisterAck> {
+    let env = Arc::new(Environment::new(1));
+    let ch = ChannelBuilder::new(env).connect(&format!("127.0.0.1:{orchestrator_port}"));
+    let client = WorkerServiceClient::new(ch);
+    let token = token.map(|t| blacktree::job::Secret::new(t.to_string()));
+    let options = blacktree::grpc::with_token(grpcio::CallOption::default(), token.as_ref());
+    client.register_opt(info, options)
 }
 
 /// Waits for a grpcio future without an async runtime.

@@ -10,6 +10,8 @@ fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
         unhealthy_after,
         forget_after: Duration::ZERO,
         tls: None,
+        token: None,
+        max_workers: 3,
     };
     (Registry::new(env, tx, settings), rx)
 }
@@ -210,4 +212,25 @@ fn every_change_of_the_set_of_workers_reaches_the_state_file() {
     registry.record_ping(&target(&registry, "dyn"), PingResult::Failed("down".into()));
     registry.forget_expired();
     assert_eq!(remembered(), [("fixed".into(), "127.0.0.1:2".into(), true)]);
+}
+
+#[test]
+fn registrations_beyond_max_workers_are_refused_but_known_ids_and_static_ones_are_not() {
+    let (registry, _hints) = registry(1); // max_workers: 3
+    for id in ["a", "b", "c"] {
+        assert!(registry
+            .register(id, "127.0.0.1:1", "", 1, Origin::Registered)
+            .is_some());
+    }
+    assert_eq!(
+        registry.register("d", "127.0.0.1:1", "", 1, Origin::Registered),
+        None
+    );
+    assert!(registry
+        .register("a", "127.0.0.1:2", "", 1, Origin::Registered)
+        .is_some());
+    assert!(registry
+        .register("s", "127.0.0.1:3", "", 1, Origin::Static)
+        .is_some());
+    assert_eq!(registry.list().len(), 4);
 }

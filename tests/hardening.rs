@@ -1,0 +1,220 @@
+//! Hostile and careless peers (issue 13), against the real orchestrator, the real
+//! `blacktree worker` and real gRPC: calls without the token, ids taken over, absurd
+//! registrations, secrets too short to be real.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blacktree::proto::job::{CancelJobRequest, JobRequest, PingRequest};
+use blacktree::proto::job_grpc::JobServiceClient;
+use blacktree::proto::worker::WorkerInfo;
+use common::build_env::{TempDir, WorkerProcess};
+use common::*;
+use grpcio::{CallOption, ChannelBuilder, Environment, RpcStatusCode};
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// The gRPC status code of a failed call; panics when the call succeeded.
+fn code_of<T: std::fmt::Debug>(result: grpcio::Result<T>) -> RpcStatusCode {
+    match result {
+        Err(grpcio::Error::RpcFailure(status)) => status.code(),
+        other => panic!("the call was not refused: {other:?}"),
+    }
+}
+
+/// A token file in `dir`.
+fn token_file(dir: &TempDir, token: &str) -> String {
+    let path = dir.0.join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_worker_with_a_token_serves_only_calls_that_carry_it_and_the_orchestrator_sends_it() {
+    let dir = TempDir::new("worker-token");
+    let secret = "wrk-T0KEN-8812";
+    let token = token_file(&dir, secret);
+    let Setup { mq, orch, .. } =
+        Setup::with_flags("h-wtoken", &["--registration-token-file", &token]);
+    let exec = ["--executor", "exec", "--exec-command", "echo built"];
+    let worker = WorkerProcess::start(
+        "tok-w",
+        orch.grpc_port,
+        &[&exec[..], &["--registration-token-file", &token]].concat(),
+    );
+    orch.wait_for_log("worker tok-w registered", LONG);
+
+    // A plain client, with no token or a wrong one: nothing runs, nothing answers.
+    let env = Arc::new(Environment::new(1));
+    let client = JobServiceClient::new(
+        ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", worker.port)),
+    );
+    let job = JobRequest {
+        jobId: "stolen-1".into(),
+        imageName: "acme/app:prod".into(),
+        ..JobRequest::default()
+    };
+    for wrong in [
+        None,
+        Some("wrong"),
+        Some("wrk-T0KEN-881"),
+        Some("wrk-T0KEN-88123"),
+    ] {
+        let wrong = wrong.map(|t| blacktree::job::Secret::new(t.into()));
+        let options =
+            || blacktree::grpc::with_token(CallOption::default().timeout(LONG), wrong.as_ref());
+        assert_eq!(
+            code_of(client.run_job_opt(&job, options())),
+            RpcStatusCode::UNAUTHENTICATED
+        );
+        assert_eq!(
+            code_of(client.ping_opt(&PingRequest::default(), options())),
+            RpcStatusCode::UNAUTHENTICATED
+        );
+        let cancel = CancelJobRequest {
+            jobId: "stolen-1".into(),
+            ..CancelJobRequest::default()
+        };
+        assert_eq!(
+            code_of(client.cancel_job_opt(&cancel, options())),
+            RpcStatusCode::UNAUTHENTICATED
+        );
+    }
+    assert!(!worker.log().contains("job stolen-1"), "{}", worker.log());
+    assert!(worker
+        .log()
+        .contains("refused a /job.JobService/RunJob call"));
+
+    // The orchestrator's calls carry the token: pings keep it healthy, jobs run.
+    mq.publish_job("token-job-1", json!({"repoUrl": ""}));
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(status["outcome"], "succeeded", "{status}");
+    assert_eq!(status["workerId"], "tok-w");
+    for log in [orch.log(), worker.log()] {
+        assert!(!log.contains(secret), "the token leaked: {log}");
+    }
+
+    let open = WorkerProcess::start("open-w", orch.grpc_port, &exec);
+    assert!(
+        open.log()
+            .contains("neither --registration-token-file nor TLS"),
+        "{}",
+        open.log()
+    );
+}
+
+#[test]
+fn a_live_workers_id_cannot_be_taken_over_but_a_dead_ones_can() {
+    let Setup { mq, orch, .. } = Setup::new("h-takeover");
+    let mut victim = orch.worker("victim-w", Behaviour::default());
+    let thief = TestWorker::start("victim-w", 0, Behaviour::default());
+    assert_eq!(
+        code_of(thief.try_register(orch.grpc_port, None)),
+        RpcStatusCode::ALREADY_EXISTS
+    );
+    assert!(orch.log().contains("still answers as victim-w"));
+    // The worker itself registering again from its own address is always welcome.
+    assert!(victim.try_register(orch.grpc_port, None).unwrap().success);
+    mq.publish_job("takeover-1", json!({}));
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(status["outcome"], "succeeded", "{status}");
+    assert_eq!(
+        (victim.observed.job_count(), thief.observed.job_count()),
+        (1, 0)
+    );
+
+    // Once the address no longer answers, the id may move.
+    victim.kill();
+    assert!(thief.try_register(orch.grpc_port, None).unwrap().success);
+    let listed = workers_json(orch.metrics_port);
+    assert_eq!(listed[0]["address"], format!("127.0.0.1:{}", thief.port));
+    mq.publish_job("takeover-2", json!({}));
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(status["outcome"], "succeeded", "{status}");
+    assert_eq!(thief.observed.job_count(), 1);
+}
+
+#[test]
+fn absurd_capacities_oversized_fields_and_too_many_workers_are_refused() {
+    let Setup { orch, .. } = Setup::with_flags("h-bounds", &["--max-workers", "2"]);
+    let info = |id: &str, capacity: i32| WorkerInfo {
+        id: id.into(),
+        ip: "127.0.0.1".into(),
+        port: 1,
+        capacity,
+        ..WorkerInfo::default()
+    };
+    let ack = register_as(orch.grpc_port, &info("huge-w", 50_000_000), None).unwrap();
+    assert!(
+        !ack.success && ack.message.contains("--max-worker-capacity 64"),
+        "{ack:?}"
+    );
+    let region = WorkerInfo {
+        region: "r".repeat(2_000_000),
+        ..info("region-w", 1)
+    };
+    let ack = register_as(orch.grpc_port, &region, None).unwrap();
+    assert!(!ack.success && ack.message.contains("region"), "{ack:?}");
+    let hostile_ip = WorkerInfo {
+        ip: "10.0.0.1\n2026-12-02 INFO worker admin registered".into(),
+        ..info("ip-w", 1)
+    };
+    assert!(
+        !register_as(orch.grpc_port, &hostile_ip, None)
+            .unwrap()
+            .success
+    );
+    let long_id = info(&"i".repeat(256), 1);
+    assert!(!register_as(orch.grpc_port, &long_id, None).unwrap().success);
+
+    assert!(
+        register_as(orch.grpc_port, &info("one-w", 64), None)
+            .unwrap()
+            .success
+    );
+    assert!(
+        register_as(orch.grpc_port, &info("two-w", 1), None)
+            .unwrap()
+            .success
+    );
+    assert_eq!(
+        code_of(register_as(orch.grpc_port, &info("three-w", 1), None)),
+        RpcStatusCode::RESOURCE_EXHAUSTED
+    );
+    // A known id may register again when the registry is full.
+    assert!(
+        register_as(orch.grpc_port, &info("two-w", 2), None)
+            .unwrap()
+            .success
+    );
+    let ids: Vec<String> = worker_states(orch.metrics_port)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, ["one-w", "two-w"]);
+    let log = orch.log();
+    assert!(
+        !log.contains("rrrrrrrr") && !log.contains("admin registered"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_token_too_short_to_be_real_does_not_mangle_image_urls_or_logs() {
+    let Setup { mq, orch, .. } = Setup::new("h-short");
+    let worker = orch.worker("short-w", Behaviour::default());
+    mq.publish_job(
+        "short-1",
+        json!({"githubToken": "t", "imageName": "acme/test:1"}),
+    );
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(status["imageUrl"], "registry.test/acme/test:1", "{status}");
+    assert_eq!(status["logs"], "built short-1 on short-w with token t");
+    assert_eq!(worker.observed.jobs.lock().unwrap().len(), 1);
+    assert!(orch.log().contains("too short to be a real secret"));
+    assert_eq!(worker.observed.max_in_flight.load(Ordering::SeqCst), 1);
+}
