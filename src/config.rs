@@ -231,7 +231,7 @@ pub struct OrchestratorConfig {
     )]
     pub metrics_listen: String,
 
-    /// Single-instance lock file (default: `/run/lock/blacktree-orchestrator-PORT.lock`;
+    /// Single-instance lock file (default: `/run/blacktree-orchestrator-PORT.lock` as root;
     /// none when listening on port 0).
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]
     pub lock_file: Option<std::path::PathBuf>,
@@ -418,7 +418,7 @@ pub struct WorkerConfig {
     #[arg(long, env = "BLACKTREE_REGISTRATION_TOKEN_FILE")]
     pub registration_token_file: Option<std::path::PathBuf>,
 
-    /// Single-instance lock file (default: `/run/lock/blacktree-worker-PORT.lock`; none
+    /// Single-instance lock file (default: `/run/blacktree-worker-PORT.lock` as root; none
     /// when listening on port 0).
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]
     pub lock_file: Option<std::path::PathBuf>,

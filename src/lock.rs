@@ -23,8 +23,11 @@ pub enum LockError {
     Io(String),
 }
 
-/// The default lock file of a service listening on `listen`: one per role and port in
-/// `/run/lock` (or the temp directory); none for an ephemeral port (`:0`).
+/// The default lock file of a service listening on `listen`: one per role and port, in a
+/// directory only its owner can write (a world-writable one like `/run/lock` would let
+/// any local user take the lock first and keep the service from starting): `/run` for
+/// root, else `$XDG_RUNTIME_DIR`, else the temp directory. None for an ephemeral port
+/// (`:0`).
 pub fn default_path(role: &str, listen: &str) -> Option<PathBuf> {
     let port = listen
         .rsplit(':')
@@ -32,9 +35,13 @@ pub fn default_path(role: &str, listen: &str) -> Option<PathBuf> {
         .parse::<u16>()
         .ok()
         .filter(|p| *p != 0)?;
-    let dir = Path::new("/run/lock");
-    let dir = if dir.is_dir() {
-        dir.to_path_buf()
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    let dir = if root && Path::new("/run").is_dir() {
+        PathBuf::from("/run")
+    } else if let Some(dir) = runtime.filter(|d| d.is_dir()) {
+        dir
     } else {
         std::env::temp_dir()
     };
@@ -58,4 +65,23 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
         .set_len(0)
         .and_then(|()| writeln!(file, "{}", std::process::id()));
     Ok(InstanceLock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_default_lock_is_per_role_and_port_and_not_in_a_world_writable_directory() {
+        assert_eq!(default_path("worker", "127.0.0.1:0"), None);
+        let path = default_path("orchestrator", "0.0.0.0:5051").unwrap();
+        assert!(path.ends_with("blacktree-orchestrator-5051.lock"));
+        // SAFETY: as above.
+        if unsafe { libc::geteuid() } == 0 {
+            let dir = path.parent().unwrap();
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o002, 0, "{} is world-writable", dir.display());
+        }
+    }
 }

@@ -424,10 +424,15 @@ fn the_orchestrator_talks_to_rabbitmq_over_amqps() {
     let broker = common::PrivateBroker::start_with_tls(Some((pki.ca(), cert, key)));
     let names = Names::unique("amqps");
     let mq = Mq::connect(&broker.url(), &names);
+    // A bundle whose first certificate is another CA: every one of them is trusted.
+    let other = Pki::new("other");
+    let bundle = pki.dir.0.join("bundle.pem");
+    let pems = [other.ca(), pki.ca()].map(|f| std::fs::read_to_string(f).unwrap());
+    std::fs::write(&bundle, pems.concat()).unwrap();
     let amqps = format!(
         "amqps://guest:guest@127.0.0.1:{}/%2f?cacertfile={}",
         broker.tls_port,
-        pki.ca()
+        bundle.display()
     );
     poll(LONG, "the TLS listener", || {
         std::net::TcpStream::connect(("127.0.0.1", broker.tls_port)).ok()

@@ -218,3 +218,39 @@ fn a_token_too_short_to_be_real_does_not_mangle_image_urls_or_logs() {
     assert!(orch.log().contains("too short to be a real secret"));
     assert_eq!(worker.observed.max_in_flight.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_worker_that_already_runs_the_job_started_nothing_and_the_job_is_not_failed() {
+    let Setup { mq, orch, .. } = Setup::new("h-exists");
+    let exec = ["--executor", "exec", "--exec-command", "sleep 1; echo ran"];
+    let worker = WorkerProcess::start(
+        "dup-w",
+        orch.grpc_port,
+        &[&exec[..], &["--capacity", "2"]].concat(),
+    );
+    orch.wait_for_log("worker dup-w registered", LONG);
+    // Someone else's call runs dup-1 there when the orchestrator's arrives.
+    let env = Arc::new(Environment::new(1));
+    let client = JobServiceClient::new(
+        ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", worker.port)),
+    );
+    let job = JobRequest {
+        jobId: "dup-1".into(),
+        ..JobRequest::default()
+    };
+    let first = client
+        .run_job_async_opt(&job, CallOption::default().timeout(LONG))
+        .unwrap();
+    poll(LONG, "dup-1 to start", || {
+        worker.log().contains("job dup-1: started").then_some(())
+    });
+    mq.publish_job("dup-1", json!({"repoUrl": ""}));
+    orch.wait_for_log(
+        "refused the job without starting it (6-ALREADY_EXISTS",
+        LONG,
+    );
+    assert!(common::futures_block_on(first).unwrap().success);
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(status["outcome"], "succeeded", "not failed: {status}");
+    mq.assert_no_more_statuses();
+}

@@ -26,7 +26,7 @@ use std::task::{Poll, Waker};
 use futures_sink::Sink;
 use grpcio::{
     CallOption, ChannelBuilder, EnvBuilder, Marshaller, Method, MethodType, RpcContext, RpcStatus,
-    RpcStatusCode, ServerBuilder, ServerStreamingSink, ServiceBuilder, UnarySink, WriteFlags,
+    RpcStatusCode, ServerStreamingSink, ServiceBuilder, UnarySink, WriteFlags,
 };
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{debug, info, warn};
@@ -64,7 +64,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     };
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
-    let mut server = ServerBuilder::new(env.clone())
+    let mut server = grpc::server_builder(env.clone())
         .register_service(job_service(agent.clone()))
         .register_service(create_health(health.clone()))
         .build()

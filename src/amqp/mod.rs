@@ -149,15 +149,26 @@ impl AmqpUrl {
         if self.tls {
             let mut connector = native_tls::TlsConnector::builder();
             if let Some(file) = &self.ca_file {
-                let pem = std::fs::read(file)
+                let pem = std::fs::read_to_string(file)
                     .map_err(|e| format!("reading cacertfile {}: {e}", file.display()))?;
-                let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| {
-                    format!(
-                        "cacertfile {} is not a PEM certificate: {e}",
+                let blocks = pem_certificates(&pem);
+                if blocks.is_empty() {
+                    return Err(format!(
+                        "cacertfile {} holds no PEM certificate",
                         file.display()
-                    )
-                })?;
-                connector.add_root_certificate(ca);
+                    ));
+                }
+                // A bundle: every certificate in it is trusted, not only the first.
+                for (i, block) in blocks.iter().enumerate() {
+                    let ca = native_tls::Certificate::from_pem(block.as_bytes()).map_err(|e| {
+                        format!(
+                            "cacertfile {}: certificate {} is not valid: {e}",
+                            file.display(),
+                            i + 1
+                        )
+                    })?;
+                    connector.add_root_certificate(ca);
+                }
             }
             let connector = connector.build().map_err(|e| e.to_string())?;
             Connection::open_tls_stream(connector, &self.host, stream, options, tuning)
@@ -220,6 +231,23 @@ pub fn declare_durable_queue(channel: &Channel, queue: &str) -> Result<(), amiqu
     Ok(())
 }
 
+/// The PEM certificate blocks of a bundle, in order (text outside them is ignored).
+fn pem_certificates(pem: &str) -> Vec<&str> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(len) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + len + END.len();
+        blocks.push(&rest[start..end]);
+        rest = &rest[end..];
+    }
+    blocks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +286,18 @@ mod tests {
         assert!(AmqpUrl::parse("amqp://h/a/b").is_err());
         assert!(AmqpUrl::parse("amqp://h/?heartbeat=soon").is_err());
         assert!(AmqpUrl::parse("amqp://h/?frobnicate=1").is_err());
+    }
+
+    #[test]
+    fn every_certificate_of_a_bundle_is_read() {
+        let cert =
+            |n: u8| format!("-----BEGIN CERTIFICATE-----\nQ{n}==\n-----END CERTIFICATE-----");
+        let bundle = format!("# first\n{}\ntext\n{}\n", cert(1), cert(2));
+        assert_eq!(pem_certificates(&bundle), [cert(1), cert(2)]);
+        assert!(pem_certificates("no certificate").is_empty());
+        assert_eq!(
+            pem_certificates(&format!("{}\n-----BEGIN CERTIFICATE-----\nx", cert(3))),
+            [cert(3)]
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use grpcio::{
     CallOption, CertificateRequestType, Channel, ChannelBuilder, ChannelCredentialsBuilder,
-    Environment, MetadataBuilder, RpcContext, RpcStatus, RpcStatusCode, ServerCredentials,
-    ServerCredentialsBuilder, UnarySink,
+    Environment, MetadataBuilder, RpcContext, RpcStatus, RpcStatusCode, ServerBuilder,
+    ServerCredentials, ServerCredentialsBuilder, UnarySink,
 };
 use log::{debug, warn};
 
@@ -53,6 +53,21 @@ impl Tls {
             ca: read(ca, "CA certificate")?,
         }))
     }
+}
+
+/// The most concurrent calls one client connection may have open on our servers. A
+/// bound, not a fix: the gRPC core in use (1.56) predates the HTTP/2 "rapid reset"
+/// mitigations (CVE-2023-44487), so a peer that opens and resets streams quickly still
+/// costs CPU; keep the gRPC ports on a private network (README, Security).
+pub const MAX_STREAMS_PER_CONNECTION: i32 = 256;
+
+/// A server builder with the limits every Blacktree gRPC server has: concurrent streams
+/// per connection bounded, received messages at gRPC's default 4 MiB.
+pub fn server_builder(env: Arc<Environment>) -> ServerBuilder {
+    let args = ChannelBuilder::new(env.clone())
+        .max_concurrent_stream(MAX_STREAMS_PER_CONNECTION)
+        .build_args();
+    ServerBuilder::new(env).channel_args(args)
 }
 
 /// Server credentials: mutual TLS (peers must present a certificate of our CA) or

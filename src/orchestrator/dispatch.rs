@@ -4,8 +4,11 @@
 //!
 //! A job is never retried after it reached a worker: every ending (answer, lost worker,
 //! deadline, cancel, error) becomes its one status. A cancelled or timed-out call is
-//! also stopped on the worker with `CancelJob`. The only case that goes to another worker
-//! is RESOURCE_EXHAUSTED, the worker saying it started nothing because it is full.
+//! also stopped on the worker with `CancelJob`. The only cases that go to another worker
+//! are the answers that say the worker started nothing: RESOURCE_EXHAUSTED (full; a Go
+//! worker's UNKNOWN "worker is currently busy"), ALREADY_EXISTS (it already runs this
+//! jobId), UNAUTHENTICATED, PERMISSION_DENIED and UNIMPLEMENTED; that worker's slot then
+//! waits for a FREE ping.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -97,8 +100,8 @@ enum Wait {
 enum Attempt {
     /// The job ended with this status.
     Ended(Status, Release),
-    /// The worker refused it without starting it.
-    Refused,
+    /// The worker refused it without starting it (why, for the log).
+    Refused(String),
 }
 
 impl Dispatcher {
@@ -162,7 +165,7 @@ impl Dispatcher {
             let attempt = self.attempt(&job, &claim, &token);
             metrics.jobs_in_flight.dec();
             match attempt {
-                Attempt::Refused => {
+                Attempt::Refused(_) => {
                     self.links
                         .registry
                         .release(&claim, &job.job_id, Release::Withheld)
@@ -238,7 +241,7 @@ impl Dispatcher {
                 Attempt::Ended(status, Release::Done)
             }
             Err(error) => match failed_call(&error, worker, timeout) {
-                Ending::Refused => Attempt::Refused,
+                Ending::Refused(why) => Attempt::Refused(why),
                 Ending::Ended {
                     outcome,
                     then,
@@ -259,10 +262,9 @@ impl Dispatcher {
                 "job {}: {:?} on worker {worker} after {} ms",
                 job.job_id, status.outcome, status.duration_ms
             ),
-            Attempt::Refused => warn!(
-                "job {}: worker {worker} is full; trying another",
-                job.job_id
-            ),
+            Attempt::Refused(why) => {
+                warn!("job {}: worker {worker} {why}; trying another", job.job_id)
+            }
         }
         // The worker was told first (CancelJob above); now our side of the call ends,
         // if it has not (cancelling a finished call does nothing).
@@ -276,8 +278,9 @@ impl Dispatcher {
 /// How a `RunJob` call that brought no answer ended, for the job and for its slot.
 #[derive(Debug, PartialEq, Eq)]
 enum Ending {
-    /// RESOURCE_EXHAUSTED: the worker started nothing; the job goes to another worker.
-    Refused,
+    /// The worker started nothing (it is full, already runs this jobId, or does not
+    /// accept us): the job goes to another worker. Says why, for the log.
+    Refused(String),
     /// The job's one status: its outcome and error, and what becomes of the slot.
     Ended {
         outcome: Outcome,
@@ -313,9 +316,19 @@ fn failed_call(error: &CallError, worker: &str, timeout: Duration) -> Ending {
             ended(Outcome::Cancelled, Then::StopOnWorker, "cancelled".into())
         }
         CallError::Grpc(grpcio::Error::RpcFailure(status)) => match status.code() {
-            RpcStatusCode::RESOURCE_EXHAUSTED => Ending::Refused,
+            RpcStatusCode::RESOURCE_EXHAUSTED => Ending::Refused("is full".into()),
             // How the deployed Go workers say they are full: they started nothing.
-            RpcStatusCode::UNKNOWN if status.message().trim() == GO_WORKER_BUSY => Ending::Refused,
+            RpcStatusCode::UNKNOWN if status.message().trim() == GO_WORKER_BUSY => {
+                Ending::Refused("is full".into())
+            }
+            // Codes that say the worker turned the call away before starting anything.
+            code @ (RpcStatusCode::ALREADY_EXISTS
+            | RpcStatusCode::UNAUTHENTICATED
+            | RpcStatusCode::PERMISSION_DENIED
+            | RpcStatusCode::UNIMPLEMENTED) => Ending::Refused(format!(
+                "refused the job without starting it ({code} {:?})",
+                status.message().chars().take(200).collect::<String>()
+            )),
             RpcStatusCode::DEADLINE_EXCEEDED => ended(
                 Outcome::TimedOut,
                 Then::StopOnWorker,
@@ -411,140 +424,4 @@ fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use grpcio::RpcStatus;
-
-    const TIMEOUT: Duration = Duration::from_secs(90);
-
-    fn grpc(code: RpcStatusCode) -> CallError {
-        CallError::Grpc(grpcio::Error::RpcFailure(RpcStatus::with_message(
-            code,
-            "details".into(),
-        )))
-    }
-
-    fn ended(outcome: Outcome, then: Then, error: &str) -> Ending {
-        Ending::Ended {
-            outcome,
-            then,
-            error: error.to_string(),
-        }
-    }
-
-    #[test]
-    fn every_grpc_code_maps_to_one_ending() {
-        let failed = |code: &str| {
-            ended(
-                Outcome::Failed,
-                Then::Release(Release::Done),
-                &format!("worker w1 failed the call: {code} details"),
-            )
-        };
-        let lost = |code: &str| {
-            ended(
-                Outcome::WorkerLost,
-                Then::Release(Release::Unreachable),
-                &format!("lost worker w1: {code} details"),
-            )
-        };
-        let cases = [
-            (RpcStatusCode::CANCELLED, lost("1-CANCELLED")),
-            (RpcStatusCode::UNKNOWN, failed("2-UNKNOWN")),
-            (
-                RpcStatusCode::INVALID_ARGUMENT,
-                failed("3-INVALID_ARGUMENT"),
-            ),
-            (
-                RpcStatusCode::DEADLINE_EXCEEDED,
-                ended(
-                    Outcome::TimedOut,
-                    Then::StopOnWorker,
-                    "no answer from worker w1 within 1m 30s",
-                ),
-            ),
-            (RpcStatusCode::NOT_FOUND, failed("5-NOT_FOUND")),
-            (RpcStatusCode::ALREADY_EXISTS, failed("6-ALREADY_EXISTS")),
-            (
-                RpcStatusCode::PERMISSION_DENIED,
-                failed("7-PERMISSION_DENIED"),
-            ),
-            (RpcStatusCode::RESOURCE_EXHAUSTED, Ending::Refused),
-            (
-                RpcStatusCode::FAILED_PRECONDITION,
-                failed("9-FAILED_PRECONDITION"),
-            ),
-            (RpcStatusCode::ABORTED, failed("10-ABORTED")),
-            (RpcStatusCode::OUT_OF_RANGE, failed("11-OUT_OF_RANGE")),
-            (RpcStatusCode::UNIMPLEMENTED, failed("12-UNIMPLEMENTED")),
-            (RpcStatusCode::INTERNAL, failed("13-INTERNAL")),
-            (RpcStatusCode::UNAVAILABLE, lost("14-UNAVAILABLE")),
-            (RpcStatusCode::DATA_LOSS, failed("15-DATA_LOSS")),
-            (RpcStatusCode::UNAUTHENTICATED, failed("16-UNAUTHENTICATED")),
-        ];
-        for (code, ending) in cases {
-            assert_eq!(failed_call(&grpc(code), "w1", TIMEOUT), ending, "{code:?}");
-        }
-    }
-
-    #[test]
-    fn a_go_worker_that_is_busy_started_nothing_and_its_build_errors_are_failures() {
-        let unknown = |message: &str| {
-            CallError::Grpc(grpcio::Error::RpcFailure(RpcStatus::with_message(
-                RpcStatusCode::UNKNOWN,
-                message.into(),
-            )))
-        };
-        assert_eq!(
-            failed_call(&unknown("worker is currently busy"), "go", TIMEOUT),
-            Ending::Refused
-        );
-        assert_eq!(
-            failed_call(
-                &unknown("Failed to build Docker image: exit status 1"),
-                "go",
-                TIMEOUT
-            ),
-            ended(
-                Outcome::Failed,
-                Then::Release(Release::Done),
-                "worker go failed the call: 2-UNKNOWN Failed to build Docker image: exit status 1"
-            )
-        );
-    }
-
-    #[test]
-    fn our_own_cancels_and_other_errors_map_to_their_endings() {
-        assert_eq!(
-            failed_call(
-                &CallError::Cancelled(CancelReason::WorkerLost),
-                "w1",
-                TIMEOUT
-            ),
-            ended(
-                Outcome::WorkerLost,
-                Then::Release(Release::Done),
-                "worker w1 stopped answering health pings while running the job"
-            )
-        );
-        assert_eq!(
-            failed_call(
-                &CallError::Cancelled(CancelReason::Cancelled),
-                "w1",
-                TIMEOUT
-            ),
-            ended(Outcome::Cancelled, Then::StopOnWorker, "cancelled")
-        );
-        let Ending::Ended { outcome, then, .. } = failed_call(
-            &CallError::Grpc(grpcio::Error::RemoteStopped),
-            "w1",
-            TIMEOUT,
-        ) else {
-            panic!("a call that failed otherwise is not a refusal");
-        };
-        assert_eq!(
-            (outcome, then),
-            (Outcome::Failed, Then::Release(Release::Done))
-        );
-    }
-}
+mod tests;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpcio::{Environment, RpcContext, RpcStatus, RpcStatusCode, Server, ServerBuilder, UnarySink};
+use grpcio::{Environment, RpcContext, RpcStatus, RpcStatusCode, Server, UnarySink};
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{info, warn};
 
@@ -53,7 +53,7 @@ pub fn serve(
         registry,
         policy: Arc::new(policy),
     };
-    let mut server = ServerBuilder::new(env)
+    let mut server = crate::grpc::server_builder(env)
         .register_service(create_worker_service(service))
         .register_service(create_health(health.clone()))
         .build()
