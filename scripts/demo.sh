@@ -69,7 +69,7 @@ wait_for 30 "the orchestrator" "$BT" healthcheck --metrics "http://127.0.0.1:$ME
 for i in 1 2 3; do
   port=$(free_port)
   "$BT" worker --id "demo-w$i" --listen "127.0.0.1:$port" --orchestrator "127.0.0.1:$GRPC" \
-    --work-dir "$WORK/worker$i" --lock-file "$WORK/worker$i.lock" "${EXEC_ARGS[@]}" >"$WORK/worker$i.log" 2>&1 &
+    --work-dir "$WORK/worker$i" --lock-file "$WORK/worker$i.lock" --allow-local-repos "${EXEC_ARGS[@]}" >"$WORK/worker$i.log" 2>&1 &
   PIDS+=($!)
   eval "WORKER${i}_PID=$!"
 done

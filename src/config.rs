@@ -378,6 +378,11 @@ pub struct WorkerConfig {
     )]
     pub git_base_url: String,
 
+    /// Accept jobs whose `repoUrl` is a local path or a `file://` URL (off: a job could
+    /// read any repository on the worker's disk).
+    #[arg(long, env = "BLACKTREE_ALLOW_LOCAL_REPOS")]
+    pub allow_local_repos: bool,
+
     /// Registry that images are tagged for and pushed to (e.g. `registry.internal:5000`).
     #[arg(long, env = "BLACKTREE_REGISTRY")]
     pub registry: Option<String>,
@@ -422,6 +427,11 @@ pub struct WorkerConfig {
     /// when listening on port 0).
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]
     pub lock_file: Option<std::path::PathBuf>,
+
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are
+    /// stopped (nothing new starts meanwhile; a second signal stops them at once).
+    #[arg(long, env = "BLACKTREE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 
     /// How often the worker asks the orchestrator whether it still knows it.
     #[arg(long, env = "BLACKTREE_CHECK_IN_INTERVAL", default_value = "3s", value_parser = parse_duration)]

@@ -237,6 +237,98 @@ fn bad_input_is_refused_before_anything_runs() {
 }
 
 #[test]
+fn local_repositories_are_refused_unless_the_worker_allows_them() {
+    let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
+    let exec = ["--executor", "exec", "--exec-command", "true"];
+    let strict = WorkerProcess::start_refusing_local_repos("strict-w", NO_ORCHESTRATOR, &exec);
+    let path = repo.0.display().to_string();
+    for source in [path.clone(), format!("file://{path}")] {
+        let mut request = job("local-1", &repo, "");
+        request.repoUrl = source;
+        let answer = run(strict.port, &request);
+        assert!(
+            !answer.success && answer.error.contains("--allow-local-repos"),
+            "{answer:?}"
+        );
+    }
+    assert!(
+        strict.invocations().is_empty(),
+        "{:?}",
+        strict.invocations()
+    );
+    let allowed = WorkerProcess::start("allowed-w", NO_ORCHESTRATOR, &exec);
+    let answer = run(allowed.port, &job("local-2", &repo, ""));
+    assert!(answer.success, "{answer:?}");
+}
+
+#[test]
+fn sigterm_lets_running_jobs_finish_and_starts_nothing_new_a_second_signal_stops_them() {
+    let exec = |command: &'static str| ["--executor", "exec", "--exec-command", command];
+    let mut draining = WorkerProcess::start(
+        "drain-w",
+        NO_ORCHESTRATOR,
+        &[&exec("sleep 3; echo finished")[..], &["--capacity", "2"]].concat(),
+    );
+    let client = client(draining.port);
+    let request = |id: &str| JobRequest {
+        jobId: id.into(),
+        ..JobRequest::default()
+    };
+    let running = client
+        .run_job_async_opt(&request("drain-1"), CallOption::default().timeout(LONG))
+        .unwrap();
+    poll(LONG, "drain-1 to start", || {
+        draining
+            .log()
+            .contains("job drain-1: started")
+            .then_some(())
+    });
+    draining.signal("TERM");
+    draining.wait_for_log("signal received: draining", LONG);
+    let pong = client
+        .ping_opt(&PingRequest::default(), CallOption::default().timeout(LONG))
+        .unwrap();
+    assert_eq!(pong.status, WorkerStatus::BUSY, "a draining worker is busy");
+    match client.run_job_opt(&request("drain-2"), CallOption::default().timeout(LONG)) {
+        Err(grpcio::Error::RpcFailure(s)) => assert!(
+            s.code() == RpcStatusCode::RESOURCE_EXHAUSTED && s.message().contains("shutting down"),
+            "{s:?}"
+        ),
+        other => panic!("a new job was accepted while draining: {other:?}"),
+    }
+    let health = blacktree(&[
+        "healthcheck",
+        "--worker",
+        &format!("127.0.0.1:{}", draining.port),
+    ]);
+    assert_eq!(health.status.code(), Some(1), "NOT_SERVING while draining");
+    let answer = futures_block_on(running).expect("the running job answers");
+    assert!(
+        answer.success && answer.logs.contains("finished"),
+        "{answer:?}"
+    );
+    assert_eq!(draining.wait_exit(LONG), Some(0));
+
+    let mut stopped = WorkerProcess::start("stop-w", NO_ORCHESTRATOR, &exec("sleep 60"));
+    let client = self::client(stopped.port);
+    let running = client
+        .run_job_async_opt(&request("stop-1"), CallOption::default().timeout(LONG))
+        .unwrap();
+    poll(LONG, "stop-1 to start", || {
+        stopped.log().contains("job stop-1: started").then_some(())
+    });
+    stopped.signal("TERM");
+    stopped.wait_for_log("signal received: draining", LONG);
+    stopped.signal("TERM");
+    let answer = futures_block_on(running).expect("the stopped job answers");
+    assert!(
+        !answer.success && answer.error.contains("shutting down"),
+        "{answer:?}"
+    );
+    assert_eq!(stopped.wait_exit(LONG), Some(0));
+}
+
+#[test]
 fn a_cancel_during_a_long_run_step_stops_it_and_leaves_no_process_or_secret() {
     docker_ready();
     let marker = format!("sleep 3{}", std::process::id() % 10000 + 10000);

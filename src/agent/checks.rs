@@ -35,8 +35,18 @@ pub fn job_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// Checks `job`; `git_base_url` turns `owner/name` into a clone URL.
-pub fn check(job: &JobRequest, git_base_url: &str) -> Result<CheckedJob, String> {
+/// Where a worker may clone from.
+#[derive(Debug, Clone, Copy)]
+pub struct Sources<'a> {
+    /// Turns `owner/name` into a clone URL.
+    pub git_base_url: &'a str,
+    /// Local paths and `file://` URLs too (`--allow-local-repos`): off by default, as
+    /// a job could otherwise read any repository on the worker's disk.
+    pub allow_local: bool,
+}
+
+/// Checks `job` against what this worker accepts.
+pub fn check(job: &JobRequest, sources: Sources) -> Result<CheckedJob, String> {
     job_id(&job.jobId)?;
     let branch = job.branch.trim();
     if !branch.is_empty() && !is_valid_branch(branch) {
@@ -47,7 +57,7 @@ pub fn check(job: &JobRequest, git_base_url: &str) -> Result<CheckedJob, String>
         return Err("imageName is not a valid image reference (lowercase name[:tag])".to_string());
     }
     Ok(CheckedJob {
-        source: clone_source(job.repoUrl.trim(), git_base_url)?,
+        source: clone_source(job.repoUrl.trim(), sources)?,
         branch: branch.to_string(),
         context_dir: relative_inside("contextDir", &job.contextDir, ".")?,
         dockerfile: relative_inside("dockerfilePath", &job.dockerfilePath, "Dockerfile")?,
@@ -56,7 +66,7 @@ pub fn check(job: &JobRequest, git_base_url: &str) -> Result<CheckedJob, String>
 }
 
 /// `owner/name` → `<base>/owner/name.git`; URLs and absolute paths as they are.
-fn clone_source(repo: &str, git_base_url: &str) -> Result<Option<String>, String> {
+fn clone_source(repo: &str, sources: Sources) -> Result<Option<String>, String> {
     if repo.is_empty() {
         return Ok(None);
     }
@@ -72,10 +82,20 @@ fn clone_source(repo: &str, git_base_url: &str) -> Result<Option<String>, String
     let source = match repo.split_once('/') {
         Some((owner, name)) if is_name(owner) && is_name(name) && !repo.contains("://") => {
             let name = name.strip_suffix(".git").unwrap_or(name);
-            format!("{}/{owner}/{name}.git", git_base_url.trim_end_matches('/'))
+            format!(
+                "{}/{owner}/{name}.git",
+                sources.git_base_url.trim_end_matches('/')
+            )
         }
-        _ if repo.starts_with('/') => repo.to_string(),
-        _ if ["https://", "http://", "file://", "ssh://", "git://"]
+        _ if repo.starts_with('/') || repo.starts_with("file://") => {
+            if !sources.allow_local {
+                return Err("repoUrl is a local path or file:// URL, which this worker \
+                            refuses (--allow-local-repos allows them)"
+                    .to_string());
+            }
+            repo.to_string()
+        }
+        _ if ["https://", "http://", "ssh://", "git://"]
             .iter()
             .any(|s| repo.starts_with(s)) =>
         {
@@ -172,6 +192,13 @@ fn is_valid_image_reference(reference: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn strict(git_base_url: &str) -> Sources<'_> {
+        Sources {
+            git_base_url,
+            allow_local: false,
+        }
+    }
+
     fn job(repo: &str, branch: &str, context: &str, dockerfile: &str, image: &str) -> JobRequest {
         JobRequest {
             jobId: "j".into(),
@@ -194,7 +221,7 @@ mod tests {
                 "docker/Dockerfile",
                 "acme/app:1.2",
             ),
-            "https://git.example",
+            strict("https://git.example"),
         )
         .unwrap();
         assert_eq!(
@@ -203,22 +230,30 @@ mod tests {
         );
         assert_eq!(checked.context_dir, PathBuf::from("svc/api"));
         assert_eq!(checked.dockerfile, PathBuf::from("docker/Dockerfile"));
+        let local = Sources {
+            git_base_url: "x",
+            allow_local: true,
+        };
         let checked = check(
             &job("/srv/repos/app", "", "", "", "127.0.0.1:5000/app"),
-            "x",
+            local,
         )
         .unwrap();
         assert_eq!(checked.source.as_deref(), Some("/srv/repos/app"));
         assert_eq!(checked.context_dir, PathBuf::from("."));
         assert_eq!(checked.dockerfile, PathBuf::from("Dockerfile"));
-        assert!(check(&job("file:///tmp/r", "main", "./a/./b", "", ""), "x").is_ok());
+        assert!(check(&job("file:///tmp/r", "main", "./a/./b", "", ""), local).is_ok());
+        for repo in ["/srv/repos/app", "file:///tmp/r"] {
+            let err = check(&job(repo, "", "", "", ""), strict("x")).unwrap_err();
+            assert!(err.contains("--allow-local-repos"), "{err}");
+        }
     }
 
     #[test]
     fn escaping_paths_options_and_bad_references_are_refused() {
         let base = "https://github.com";
         let refused = |j: JobRequest, field: &str| {
-            let err = check(&j, base).unwrap_err();
+            let err = check(&j, strict(base)).unwrap_err();
             assert!(err.contains(field), "{err}");
         };
         refused(job("a/b", "main", "../outside", "", ""), "contextDir");

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use log::info;
-
 use super::checks::{self, CheckedJob};
+use super::workspace::{WorkDir, Workspace};
 use crate::config::{ExecutorKind, WorkerConfig};
 use crate::job::Secret;
 use crate::proto::job::{JobRequest, JobResponse};
@@ -155,21 +154,17 @@ pub struct Executor {
     kind: ExecutorKind,
     exec_command: String,
     git_base_url: String,
+    allow_local_repos: bool,
     registry: Option<RegistryLogin>,
     max_log_bytes: usize,
-    jobs_dir: PathBuf,
+    work_dir: WorkDir,
     docker: String,
-    docker_config: PathBuf,
 }
 
 impl Executor {
-    /// Prepares the work directory and reads the registry password file.
+    /// Opens the work directory and reads the registry password file.
     pub fn new(config: &WorkerConfig) -> Result<Executor, String> {
-        let jobs_dir = config.work_dir.join("jobs");
-        let docker_config = config.work_dir.join("docker-config");
-        for dir in [&jobs_dir, &docker_config] {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
+        let work_dir = WorkDir::open(&config.work_dir)?;
         let credentials = match (&config.registry_user, &config.registry_password_file) {
             (Some(user), Some(file)) => {
                 let password = std::fs::read_to_string(file).map_err(|e| {
@@ -186,14 +181,14 @@ impl Executor {
             kind: config.executor,
             exec_command: config.exec_command.clone().unwrap_or_default(),
             git_base_url: config.git_base_url.clone(),
+            allow_local_repos: config.allow_local_repos,
             registry: config
                 .registry
                 .clone()
                 .map(|host| RegistryLogin { host, credentials }),
             max_log_bytes: config.max_log_bytes,
-            jobs_dir,
+            work_dir,
             docker: config.docker.clone(),
-            docker_config,
         })
     }
 
@@ -203,7 +198,11 @@ impl Executor {
             jobId: job.jobId.clone(),
             ..JobResponse::default()
         };
-        let checked = match checks::check(job, &self.git_base_url) {
+        let sources = checks::Sources {
+            git_base_url: &self.git_base_url,
+            allow_local: self.allow_local_repos,
+        };
+        let checked = match checks::check(job, sources) {
             Ok(checked) => checked,
             Err(e) => {
                 response.error = format!("invalid job: {e}");
@@ -219,7 +218,7 @@ impl Executor {
                 .filter_map(|r| r.credentials.as_ref().map(|c| c.1.clone())),
         );
         let mut log = JobLog::new(self.max_log_bytes, secrets);
-        let workspace = match Workspace::create(&self.jobs_dir, &job.jobId) {
+        let workspace = match self.work_dir.workspace(&job.jobId) {
             Ok(w) => w,
             Err(e) => {
                 response.error = e;
@@ -251,7 +250,7 @@ impl Executor {
         log: &mut JobLog,
         control: &JobControl,
     ) -> Result<String, StepError> {
-        let checkout = workspace.path.join("src");
+        let checkout = workspace.path().join("src");
         if let Some(source) = &checked.source {
             self.clone_repo(source, &checked.branch, token, &checkout, log, control)?;
         }
@@ -260,7 +259,7 @@ impl Executor {
                 let cwd = if checked.source.is_some() {
                     &checkout
                 } else {
-                    &workspace.path
+                    workspace.path()
                 };
                 let mut cmd = Command::new("sh");
                 cmd.arg("-c").arg(&self.exec_command).current_dir(cwd);
@@ -275,7 +274,7 @@ impl Executor {
                 ] {
                     cmd.env(format!("BLACKTREE_{name}"), value);
                 }
-                cmd.env("BLACKTREE_WORKSPACE", &workspace.path);
+                cmd.env("BLACKTREE_WORKSPACE", workspace.path());
                 run_step("exec command", cmd, None, log, control)?;
                 Ok(String::new())
             }
@@ -305,14 +304,14 @@ impl Executor {
         control: &JobControl,
     ) -> Result<(), StepError> {
         let mut cmd = Command::new("git");
-        if !token.expose().is_empty() {
-            // The helper reads the token from the environment: it never is in argv, in a
-            // URL, or in the checkout's .git/config.
-            cmd.args(["-c", "credential.helper="]).args([
-                "-c",
-                "credential.helper=!f() { echo username=x-access-token; echo \"password=$BLACKTREE_GIT_TOKEN\"; }; f",
-            ]);
-            cmd.env("BLACKTREE_GIT_TOKEN", token.expose());
+        if let Some((protocol, host)) = credential_target(source) {
+            if !token.expose().is_empty() {
+                cmd.args(["-c", "credential.helper="])
+                    .args(["-c", &format!("credential.helper={CREDENTIAL_HELPER}")])
+                    .env("BLACKTREE_GIT_TOKEN", token.expose())
+                    .env("BLACKTREE_GIT_PROTOCOL", protocol)
+                    .env("BLACKTREE_GIT_HOST", host);
+            }
         }
         cmd.args(["clone", "--depth", "1", "--single-branch"]);
         if !branch.is_empty() {
@@ -380,7 +379,7 @@ impl Executor {
 
     fn docker_command(&self) -> Command {
         let mut cmd = Command::new(&self.docker);
-        cmd.env("DOCKER_CONFIG", &self.docker_config);
+        cmd.env("DOCKER_CONFIG", self.work_dir.docker_config());
         cmd
     }
 }
@@ -452,6 +451,27 @@ fn run_step(
     }
 }
 
+/// The credential helper that gives git the job's token. It answers only a `get` for
+/// the protocol and host of the job's repository, so a redirect to another host (or from
+/// https to plain http) gets nothing; it reads the token from the environment, so the
+/// token is never in argv, in a URL or in the checkout's .git/config.
+pub const CREDENTIAL_HELPER: &str = r#"!f() { [ "$1" = get ] || exit 0; p=; h=; while read -r l; do [ -z "$l" ] && break; case "$l" in protocol=*) p=${l#protocol=};; host=*) h=${l#host=};; esac; done; [ "$p" = "$BLACKTREE_GIT_PROTOCOL" ] && [ "$h" = "$BLACKTREE_GIT_HOST" ] || exit 0; echo username=x-access-token; echo "password=$BLACKTREE_GIT_TOKEN"; }; f"#;
+
+/// The protocol and host (with its port, as git names it) a token may be given to: those
+/// of an `https://` or `http://` repository URL; none for other sources.
+fn credential_target(source: &str) -> Option<(String, String)> {
+    let url = url::Url::parse(source).ok()?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return None;
+    }
+    let host = url.host_str()?;
+    let host = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    Some((url.scheme().to_string(), host))
+}
+
 /// Makes the step's process get SIGKILL when the agent dies: a SIGKILLed agent cannot
 /// stop its steps itself, and a restarted one would otherwise run beside them. Only the
 /// step's own process gets the signal: `git` and the `docker` client (whose build the
@@ -472,42 +492,6 @@ fn die_with_agent(cmd: &mut Command) {
             }
             Ok(())
         });
-    }
-}
-
-/// A job's own directory, removed when the job ends.
-struct Workspace {
-    path: PathBuf,
-}
-
-impl Workspace {
-    fn create(jobs_dir: &Path, job_id: &str) -> Result<Workspace, String> {
-        let safe: String = job_id
-            .chars()
-            .take(64)
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = jobs_dir.join(format!("{safe}-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&path)
-            .map_err(|e| format!("creating the workspace {}: {e}", path.display()))?;
-        Ok(Workspace { path })
-    }
-}
-
-impl Drop for Workspace {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            info!(
-                "could not remove the workspace {}: {e}",
-                self.path.display()
-            );
-        }
     }
 }
 

@@ -12,11 +12,13 @@
 
 pub mod checks;
 pub mod executor;
+pub mod workspace;
 
 use std::collections::HashMap;
 use std::net::{ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
 use std::future::poll_fn;
@@ -61,6 +63,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         running: Arc::new(Mutex::new(HashMap::new())),
         executor,
         token: token.clone(),
+        draining: Arc::default(),
     };
     let health = HealthService::default();
     health.set_serving_status("", ServingStatus::Serving);
@@ -92,7 +95,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         .spawn(move || check_in(env, &orchestrator, tls, info, token, interval))
         .map_err(|e| format!("spawning the check-in thread: {e}"))?;
 
-    wait_and_stop(&agent, &health)
+    wait_and_stop(&agent, &health, config.drain_timeout)
 }
 
 /// What the worker tells the orchestrator at registration.
@@ -120,16 +123,36 @@ fn registration_info(
     })
 }
 
-/// Waits for SIGTERM/SIGINT, then stops the running jobs (their callers get their
-/// answers) and gives the job threads a moment to send them.
-fn wait_and_stop(agent: &Agent, health: &HealthService) -> Result<(), String> {
-    let (signal_tx, signal_rx) = bounded(1);
+/// Waits for SIGTERM/SIGINT, then drains: grpc.health.v1 says NOT_SERVING, Ping answers
+/// BUSY and RunJob RESOURCE_EXHAUSTED (nothing new starts), and the running jobs get up
+/// to `drain_timeout` to finish. What still runs then, or at a second signal, is
+/// stopped; the job threads get a moment to answer their calls before the process ends.
+fn wait_and_stop(
+    agent: &Agent,
+    health: &HealthService,
+    drain_timeout: Duration,
+) -> Result<(), String> {
+    let (signal_tx, signal_rx) = bounded(2);
     ctrlc::set_handler(move || {
         let _ = signal_tx.try_send(());
     })
     .map_err(|e| format!("installing the signal handler: {e}"))?;
     let _ = signal_rx.recv();
+    agent.draining.store(true, Ordering::SeqCst);
     health.set_serving_status("", ServingStatus::NotServing);
+    info!(
+        "signal received: draining, {} running job(s) get up to {} to finish (a second signal stops them)",
+        agent.running_count(),
+        humantime::format_duration(drain_timeout)
+    );
+    let deadline = Instant::now() + drain_timeout;
+    let mut reason = "the drain timeout passed";
+    while agent.running_count() > 0 && Instant::now() < deadline {
+        if signal_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+            reason = "a second signal";
+            break;
+        }
+    }
     let running: Vec<Arc<JobControl>> = agent
         .running
         .lock()
@@ -137,17 +160,17 @@ fn wait_and_stop(agent: &Agent, health: &HealthService) -> Result<(), String> {
         .values()
         .cloned()
         .collect();
-    info!("signal received: stopping {} running jobs", running.len());
+    if !running.is_empty() {
+        warn!("{reason}: stopping {} running job(s)", running.len());
+    }
     for control in &running {
         control.cancel("cancelled: the worker is shutting down");
     }
-    // Give the job threads a moment to answer their calls before the process ends.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !agent.running.lock().expect("slots lock").is_empty()
-        && std::time::Instant::now() < deadline
-    {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agent.running_count() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+    info!("worker stopped");
     Ok(())
 }
 
@@ -247,6 +270,8 @@ struct Agent {
     executor: Arc<Executor>,
     /// The registration token every call must carry, if one is configured.
     token: Option<Secret>,
+    /// Set at SIGTERM: nothing new starts.
+    draining: Arc<AtomicBool>,
 }
 
 /// `RunJob` served as a server-streaming method that sends exactly one message: on the
@@ -307,6 +332,11 @@ struct AnswerSlot {
 }
 
 impl Agent {
+    /// Jobs running now.
+    fn running_count(&self) -> usize {
+        self.running.lock().expect("slots lock").len()
+    }
+
     fn run_job(&self, ctx: RpcContext, job: JobRequest, sink: ServerStreamingSink<JobResponse>) {
         let refusal = match &self.token {
             Some(token) if !grpc::authorized(&ctx, token) => Some(grpc::unauthenticated(&ctx)),
@@ -320,7 +350,12 @@ impl Agent {
         let control = Arc::new(JobControl::default());
         {
             let mut running = self.running.lock().expect("slots lock");
-            let refusal = if running.len() >= self.capacity {
+            let refusal = if self.draining.load(Ordering::SeqCst) {
+                Some((
+                    RpcStatusCode::RESOURCE_EXHAUSTED,
+                    "the worker is shutting down",
+                ))
+            } else if running.len() >= self.capacity {
                 Some((RpcStatusCode::RESOURCE_EXHAUSTED, "no free slot"))
             } else if running.contains_key(&job.jobId) {
                 Some((
@@ -395,7 +430,7 @@ impl Agent {
         let Some(sink) = grpc::admit(&ctx, sink, self.token.as_ref()) else {
             return;
         };
-        let busy = self.running.lock().expect("slots lock").len() >= self.capacity;
+        let busy = self.draining.load(Ordering::SeqCst) || self.running_count() >= self.capacity;
         let pong = PingResponse {
             workerId: self.id.clone(),
             status: if busy {

@@ -190,8 +190,26 @@ impl WorkerProcess {
     /// Starts a worker with `args` (executor, registry…) that registers with the
     /// orchestrator at `127.0.0.1:orchestrator_port`. Its `git` and `docker` are PATH
     /// shims that record their argv (see [`WorkerProcess::invocations`]) and `exec` the
-    /// real program, so the process a step starts is still `git` or `docker` itself.
+    /// real program, so the process a step starts is still `git` or `docker` itself. The
+    /// tests' repositories are local: it accepts those (`--allow-local-repos`).
     pub fn start(id: &str, orchestrator_port: u16, args: &[&str]) -> WorkerProcess {
+        Self::spawn(
+            id,
+            orchestrator_port,
+            &[&["--allow-local-repos"], args].concat(),
+        )
+    }
+
+    /// [`WorkerProcess::start`] as deployed: local repositories refused.
+    pub fn start_refusing_local_repos(
+        id: &str,
+        orchestrator_port: u16,
+        args: &[&str],
+    ) -> WorkerProcess {
+        Self::spawn(id, orchestrator_port, args)
+    }
+
+    fn spawn(id: &str, orchestrator_port: u16, args: &[&str]) -> WorkerProcess {
         let work_dir = TempDir::new("worker");
         let mut all: Vec<String> = [
             "worker",
@@ -251,6 +269,16 @@ impl WorkerProcess {
     /// Sends a signal to the worker agent.
     pub fn signal(&self, signal: &str) {
         self.process.signal(signal)
+    }
+
+    /// Waits until its log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        self.process.wait_for_log(text, timeout)
+    }
+
+    /// Waits for the worker agent to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        self.process.wait_exit(timeout)
     }
 
     /// Command lines of the processes this worker started (and their children), also

@@ -71,3 +71,58 @@ fn running(cmdline: &str) -> bool {
         .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
         .any(|c| c == wanted.as_bytes())
 }
+
+#[test]
+fn the_token_is_offered_only_for_the_repositorys_protocol_and_host() {
+    assert_eq!(
+        credential_target("https://git.example:8443/acme/app.git"),
+        Some(("https".into(), "git.example:8443".into()))
+    );
+    assert_eq!(
+        credential_target("http://127.0.0.1/a.git"),
+        Some(("http".into(), "127.0.0.1".into()))
+    );
+    for source in [
+        "ssh://git@h/a.git",
+        "file:///srv/a.git",
+        "/srv/a.git",
+        "git://h/a",
+    ] {
+        assert_eq!(credential_target(source), None, "{source}");
+    }
+    // The real git asks the helper as it would during a clone (or after a redirect).
+    let fill = |request: &str| {
+        let mut child = Command::new("git")
+            .args(["-c", "credential.helper="])
+            .args(["-c", &format!("credential.helper={CREDENTIAL_HELPER}")])
+            .args(["credential", "fill"])
+            .env("BLACKTREE_GIT_TOKEN", "ghp_HELPERTOKEN42")
+            .env("BLACKTREE_GIT_PROTOCOL", "https")
+            .env("BLACKTREE_GIT_HOST", "git.example:8443")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let own = fill("protocol=https\nhost=git.example:8443\n\n");
+    assert!(own.contains("password=ghp_HELPERTOKEN42"), "{own}");
+    for other in [
+        "protocol=https\nhost=evil.example\n\n",
+        "protocol=http\nhost=git.example:8443\n\n",
+        "protocol=https\nhost=git.example\n\n",
+    ] {
+        let answer = fill(other);
+        assert!(!answer.contains("HELPERTOKEN"), "{other:?} got {answer}");
+    }
+}
