@@ -236,6 +236,12 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]
     pub lock_file: Option<std::path::PathBuf>,
 
+    /// The largest status published: a larger one loses the start of its logs (a line
+    /// says how much). Keep it below the broker's `max_message_size`.
+    #[arg(long, env = "BLACKTREE_MAX_STATUS_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(4096..))]
+    pub max_status_bytes: usize,
+
     /// The largest capacity a worker may register with; larger ones are refused.
     #[arg(long, env = "BLACKTREE_MAX_WORKER_CAPACITY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -281,7 +287,8 @@ impl fmt::Display for OrchestratorConfig {
              events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
              drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
-             derived-image-prefix={} max-worker-capacity={} max-workers={} state-file={} \
+             derived-image-prefix={} max-status-bytes={} max-worker-capacity={} max-workers={} \
+             state-file={} \
              workers=[{}]",
             mask_url(&self.broker.amqp_url),
             t.exchange,
@@ -307,6 +314,7 @@ impl fmt::Display for OrchestratorConfig {
             d(self.cancel_ttl),
             self.max_message_bytes,
             self.derived_image_prefix,
+            self.max_status_bytes,
             self.max_worker_capacity,
             self.max_workers,
             self.state_file

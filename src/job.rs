@@ -515,5 +515,7 @@ impl Status {
     }
 }
 
+mod fit;
+
 #[cfg(test)]
 mod tests;

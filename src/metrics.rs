@@ -32,6 +32,10 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     /// 1 while connected to the broker.
     pub broker_connected: IntGauge,
+    /// Statuses the broker returned as unroutable (each is published again).
+    pub statuses_unroutable: IntCounter,
+    /// Statuses the broker refused as they were, sent without their logs.
+    pub statuses_shrunk: IntCounter,
     workers: IntGaugeVec,
 }
 
@@ -85,6 +89,14 @@ impl Default for Metrics {
                 "1 while connected to the broker.",
             )
             .expect("valid metric"),
+            statuses_unroutable: counter(
+                "blacktree_statuses_unroutable_total",
+                "Statuses the broker returned as unroutable (published again with backoff).",
+            ),
+            statuses_shrunk: counter(
+                "blacktree_statuses_shrunk_total",
+                "Statuses the broker refused as they were, sent again without their logs.",
+            ),
             workers: IntGaugeVec::new(
                 Opts::new("blacktree_workers", "Workers by state."),
                 &["state"],
@@ -103,6 +115,8 @@ impl Default for Metrics {
             Box::new(metrics.health_round.clone()),
             Box::new(metrics.broker_reconnects.clone()),
             Box::new(metrics.broker_connected.clone()),
+            Box::new(metrics.statuses_unroutable.clone()),
+            Box::new(metrics.statuses_shrunk.clone()),
             Box::new(metrics.workers.clone()),
         ];
         for collector in collectors {

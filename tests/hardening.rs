@@ -254,3 +254,75 @@ fn a_worker_that_already_runs_the_job_started_nothing_and_the_job_is_not_failed(
     assert_eq!(status["outcome"], "succeeded", "not failed: {status}");
     mq.assert_no_more_statuses();
 }
+
+/// A worker whose every answer carries `bytes` of logs ending in `THE END`.
+fn verbose(bytes: usize) -> Behaviour {
+    Behaviour {
+        log_bytes: bytes,
+        ..Behaviour::default()
+    }
+}
+
+#[test]
+fn a_status_too_large_for_the_broker_is_cut_or_sent_without_logs_and_others_keep_flowing() {
+    let broker = PrivateBroker::start_with_conf("max_message_size = 1048576");
+    // At the default --max-status-bytes (1 MiB) the logs lose their start.
+    let Setup { mq, orch, .. } = Setup::on(&broker, "h-cap", &[]);
+    let _w = orch.worker("cap-w", verbose(1_500_000));
+    mq.publish_job("cap-1", json!({}));
+    let status = &mq.statuses(1, LONG)[0];
+    let logs = status["logs"].as_str().unwrap();
+    assert!(
+        logs.starts_with("[... ") && logs.ends_with("THE END") && logs.len() < 1_048_576,
+        "{:.200}",
+        logs
+    );
+    assert_eq!(status["outcome"], "succeeded");
+    mq.assert_no_more_statuses();
+    drop(orch);
+
+    // Set above what the broker takes: it refuses the status (closing the channel) until
+    // the status goes without its logs; the statuses after it are not held up.
+    let Setup { mq, orch, .. } =
+        Setup::on(&broker, "h-refused", &["--max-status-bytes", "4000000"]);
+    let worker = orch.worker("big-w", verbose(1_500_000));
+    mq.publish_job("big-1", json!({}));
+    orch.wait_for_log("sending it without its logs", LONG);
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(
+        (status["jobId"].as_str(), status["logs"].as_str()),
+        (Some("big-1"), Some("")),
+        "{status}"
+    );
+    assert!(
+        status["error"].as_str().unwrap().contains("refused"),
+        "{status}"
+    );
+    worker.behaviour.lock().unwrap().log_bytes = 0;
+    mq.publish_job("big-2", json!({}));
+    assert_eq!(mq.statuses(1, LONG)[0]["jobId"], "big-2");
+    mq.assert_no_more_statuses();
+    let metrics = http(orch.metrics_port, "/metrics").1;
+    assert_eq!(sample(&metrics, "blacktree_statuses_shrunk_total"), 1.0);
+}
+
+#[test]
+fn a_status_with_nowhere_to_go_keeps_its_job_unacked_until_it_can_be_routed() {
+    let Setup { names, mq, orch } = Setup::new("h-mandatory");
+    let _w = orch.worker("route-w", Behaviour::default());
+    mq.bind_status_queue(false);
+    mq.publish_job("route-1", json!({}));
+    orch.wait_for_log("returned it as unroutable", LONG);
+    let metrics = http(orch.metrics_port, "/metrics").1;
+    assert!(sample(&metrics, "blacktree_statuses_unroutable_total") >= 1.0);
+    assert_eq!(
+        mq.counts(&names.execute),
+        (0, 1),
+        "the job is still unacked"
+    );
+    mq.bind_status_queue(true);
+    let status = &mq.statuses(1, LONG)[0];
+    assert_eq!(status["jobId"], "route-1");
+    mq.wait_all_acked(&names.execute);
+    mq.assert_no_more_statuses();
+}

@@ -8,13 +8,23 @@
 //! broker confirms many messages at once under load). When the channel is lost, every
 //! unconfirmed publication is kept and published again on the next channel: a status
 //! may be published twice, never lost.
+//!
+//! Statuses are published `mandatory` and cut to `--max-status-bytes` (their logs keep
+//! the tail). A status the broker returns (no queue is bound to the status key) or a
+//! message it nacks is published again after a backoff, and its job stays unacked until
+//! a publication is confirmed. A status whose channel was lost [`LOSSES_BEFORE_SHRINKING`]
+//! times while it was unconfirmed (a broker refusing it, say for its size, closes the
+//! channel) is sent without its logs from then on: it never blocks the others forever.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, FieldTable, Publish};
-use crossbeam_channel::{never, select, Receiver, Sender};
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, FieldTable, Publish, Return,
+};
+use crossbeam_channel::{at, never, select, Receiver, Sender};
 use log::{debug, warn};
 
 use crate::config::Topology;
@@ -25,12 +35,26 @@ use crate::pipeline::{AckKey, Connected, ConsumerMsg, Publication};
 /// Header of a message moved to the rejected queue that says why it was rejected.
 pub const REJECT_REASON_HEADER: &str = "x-blacktree-reject-reason";
 
+/// Channel losses while a publication was unconfirmed after which its statuses are sent
+/// without their logs.
+pub const LOSSES_BEFORE_SHRINKING: u32 = 3;
+
+/// The first wait before a returned or nacked message is published again; it doubles
+/// with each attempt, up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+
 /// One message to publish.
 struct Message {
     exchange: String,
     routing_key: String,
     body: Vec<u8>,
     properties: AmqpProperties,
+    /// Published `mandatory` (statuses): returned when no queue is bound to its key.
+    mandatory: bool,
+    /// A smaller body (a status without logs) to send instead when the broker keeps
+    /// refusing this one.
+    smaller: Option<Vec<u8>>,
 }
 
 /// The messages of one publication, and how many the broker has yet to confirm.
@@ -39,6 +63,10 @@ struct Entry {
     key: Option<AckKey>,
     messages: Vec<Message>,
     unconfirmed: usize,
+    /// Channels lost while it was unconfirmed.
+    losses: u32,
+    /// Returns and nacks so far (for the backoff).
+    retries: u32,
 }
 
 struct Link {
@@ -49,11 +77,16 @@ struct Link {
     next_tag: u64,
     /// Confirm tag → (entry id, message index).
     tags: HashMap<u64, (u64, usize)>,
+    /// Messages the broker returned as unroutable.
+    returns: Receiver<Return>,
+    /// Tags of returned messages whose confirm has not come yet.
+    returned: HashSet<u64>,
 }
 
 /// Starts the publisher thread. It ends when both input channels are closed.
 pub fn spawn(
     topology: Topology,
+    max_status_bytes: usize,
     publications: Receiver<Publication>,
     connections: Receiver<Connected>,
     consumer: Sender<ConsumerMsg>,
@@ -61,6 +94,8 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let publisher = Publisher {
         topology,
+        max_status_bytes,
+        retries: Vec::new(),
         consumer,
         metrics,
         entries: HashMap::new(),
@@ -76,6 +111,9 @@ pub fn spawn(
 
 struct Publisher {
     topology: Topology,
+    max_status_bytes: usize,
+    /// Messages to publish again, and when.
+    retries: Vec<(Instant, u64, usize)>,
     consumer: Sender<ConsumerMsg>,
     metrics: Arc<Metrics>,
     entries: HashMap<u64, Entry>,
@@ -90,6 +128,11 @@ impl Publisher {
         let (mut publications, mut connections) = (Some(publications), Some(connections));
         while publications.is_some() || connections.is_some() {
             let confirms = self.link.as_ref().map(|l| l.confirms.clone());
+            let returns = self.link.as_ref().map(|l| l.returns.clone());
+            let retry = match self.retries.iter().map(|r| r.0).min() {
+                Some(due) => at(due),
+                None => never(),
+            };
             select! {
                 recv(publications.as_ref().unwrap_or(&never())) -> msg => match msg {
                     Ok(publication) => self.add(publication),
@@ -103,6 +146,12 @@ impl Publisher {
                     Ok(confirm) => self.confirm(confirm),
                     Err(_) => self.lose_link("the confirm stream closed"),
                 },
+                recv(returns.as_ref().unwrap_or(&never())) -> msg => {
+                    if let Ok(returned) = msg {
+                        self.returned(&returned);
+                    }
+                },
+                recv(retry) -> _ => self.retry_due(),
             }
         }
     }
@@ -141,6 +190,8 @@ impl Publisher {
                     routing_key: self.topology.rejected_queue.clone(),
                     body,
                     properties,
+                    mandatory: false,
+                    smaller: None,
                 }];
                 messages.extend(status.map(|s| self.status_message(&s)));
                 (Some(AckKey::Rejected(id)), messages)
@@ -155,6 +206,8 @@ impl Publisher {
                 key,
                 messages,
                 unconfirmed,
+                losses: 0,
+                retries: 0,
             },
         );
         if self.link.is_some() && self.waiting.is_empty() {
@@ -188,14 +241,17 @@ impl Publisher {
     }
 
     fn status_message(&self, status: &Status) -> Message {
+        let why = "the broker refused this status as it was (too large?); its logs were dropped";
         Message {
             exchange: self.topology.exchange.clone(),
             routing_key: self.topology.status_key.clone(),
-            body: status.to_json(),
+            body: status.to_json_within(self.max_status_bytes),
             properties: AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(status.job_id.clone()),
+            mandatory: true,
+            smaller: Some(status.without_logs(why).to_json()),
         }
     }
 
@@ -209,6 +265,8 @@ impl Publisher {
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(event.job_id.clone()),
+            mandatory: false,
+            smaller: None,
         }
     }
 
@@ -220,6 +278,13 @@ impl Publisher {
             );
             self.lose_link_quietly();
         }
+        let returns = match connected.channel.listen_for_returns() {
+            Ok(returns) => returns,
+            Err(e) => {
+                warn!("publisher: cannot listen for returned messages: {e}");
+                never()
+            }
+        };
         self.link = Some(Link {
             channel: connected.channel,
             confirms: connected.confirms,
@@ -227,6 +292,8 @@ impl Publisher {
             smoother: ConfirmSmoother::new(),
             next_tag: 1,
             tags: HashMap::new(),
+            returns,
+            returned: HashSet::new(),
         });
         while self.link.is_some() {
             let Some(id) = self.waiting.pop_front() else {
@@ -251,11 +318,12 @@ impl Publisher {
             return false;
         };
         let message = &entry.messages[index];
-        let publish = Publish::with_properties(
+        let mut publish = Publish::with_properties(
             &message.body,
             message.routing_key.as_str(),
             message.properties.clone(),
         );
+        publish.mandatory = message.mandatory;
         match link
             .channel
             .basic_publish(message.exchange.as_str(), publish)
@@ -273,6 +341,16 @@ impl Publisher {
     }
 
     fn confirm(&mut self, raw: Confirm) {
+        // The broker sends a message's return before its confirm: take the returns that
+        // are waiting first, so the confirm below knows.
+        let waiting: Vec<Return> = self
+            .link
+            .as_ref()
+            .map(|l| l.returns.try_iter().collect())
+            .unwrap_or_default();
+        for returned in &waiting {
+            self.returned(returned);
+        }
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -283,12 +361,23 @@ impl Publisher {
                 Confirm::Ack(p) => (p.delivery_tag, true),
                 Confirm::Nack(p) => (p.delivery_tag, false),
             };
-            let Some((id, index)) = self.link.as_mut().and_then(|l| l.tags.remove(&tag)) else {
+            let Some(link) = self.link.as_mut() else {
                 continue;
             };
+            let Some((id, index)) = link.tags.remove(&tag) else {
+                continue;
+            };
+            if link.returned.remove(&tag) {
+                self.metrics.statuses_unroutable.inc();
+                self.schedule_retry(
+                    id,
+                    index,
+                    "returned it as unroutable (no queue is bound to the status key)",
+                );
+                continue;
+            }
             if !acked {
-                warn!("broker refused a message (nack); publishing it again");
-                self.publish_message(id, index);
+                self.schedule_retry(id, index, "refused it (nack)");
                 continue;
             }
             let Some(entry) = self.entries.get_mut(&id) else {
@@ -317,13 +406,89 @@ impl Publisher {
 
     fn lose_link_quietly(&mut self) -> Option<u64> {
         let link = self.link.take()?;
+        let in_flight: HashSet<u64> = link.tags.values().map(|(id, _)| *id).collect();
         let mut ids: Vec<u64> = self.entries.keys().copied().collect();
         ids.sort_unstable();
         for id in &ids {
             let entry = self.entries.get_mut(id).expect("listed entry");
             entry.unconfirmed = entry.messages.len();
+            if in_flight.contains(id) {
+                entry.losses += 1;
+                if entry.losses == LOSSES_BEFORE_SHRINKING {
+                    shrink(entry, &self.metrics);
+                }
+            }
         }
+        // Everything unconfirmed goes out again on the next channel.
+        self.retries.clear();
         self.waiting = ids.into();
         Some(link.generation)
+    }
+
+    /// Notes a message the broker returned; its confirm follows.
+    fn returned(&mut self, returned: &Return) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let job_id = returned.properties.message_id().as_deref();
+        let tag = link.tags.iter().find_map(|(tag, (id, index))| {
+            let message = &self.entries.get(id)?.messages[*index];
+            let same = message.routing_key == returned.routing_key
+                && message.properties.message_id().as_deref() == job_id
+                && !link.returned.contains(tag);
+            same.then_some(*tag)
+        });
+        if let Some(tag) = tag {
+            link.returned.insert(tag);
+        }
+    }
+
+    /// Publishes a message again after a backoff that doubles with each attempt.
+    fn schedule_retry(&mut self, id: u64, index: usize, what: &str) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let delay = FIRST_RETRY_DELAY
+            .saturating_mul(1 << entry.retries.min(16))
+            .min(MAX_RETRY_DELAY);
+        entry.retries += 1;
+        let job = entry.messages[index]
+            .properties
+            .message_id()
+            .clone()
+            .unwrap_or_default();
+        warn!(
+            "the broker {what}: message of job {job} published again in {}",
+            humantime::format_duration(delay)
+        );
+        self.retries.push((Instant::now() + delay, id, index));
+    }
+
+    /// Publishes the messages whose retry is due.
+    fn retry_due(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.retries.drain(..).partition(|r| r.0 <= now);
+        self.retries = later;
+        for (_, id, index) in due {
+            if self.link.is_some() {
+                self.publish_message(id, index);
+            }
+        }
+    }
+}
+
+/// Replaces the statuses of a publication the broker keeps refusing by their versions
+/// without logs.
+fn shrink(entry: &mut Entry, metrics: &Metrics) {
+    for message in &mut entry.messages {
+        if let Some(smaller) = message.smaller.take() {
+            let job = message.properties.message_id().clone().unwrap_or_default();
+            warn!(
+                "the status of job {job} ({} bytes) was unconfirmed through {LOSSES_BEFORE_SHRINKING} lost channels: sending it without its logs",
+                message.body.len()
+            );
+            message.body = smaller;
+            metrics.statuses_shrunk.inc();
+        }
     }
 }

@@ -170,6 +170,7 @@ fn spawn_threads(
 
     publisher::spawn(
         config.topology.clone(),
+        config.max_status_bytes,
         publications_rx,
         connections_rx,
         inbox_tx.clone(),

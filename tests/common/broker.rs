@@ -158,6 +158,20 @@ impl Mq {
         self.publish_raw(&serde_json::to_vec(&job).unwrap());
     }
 
+    /// Unbinds (`bound: false`) or binds again the status queue: without a binding, the
+    /// broker has nowhere to route a status.
+    pub fn bind_status_queue(&self, bound: bool) {
+        let (queue, exchange) = (self.names.status.as_str(), self.names.exchange.as_str());
+        let done = if bound {
+            self.channel
+                .queue_bind(queue, exchange, "api.result", FieldTable::new())
+        } else {
+            self.channel
+                .queue_unbind(queue, exchange, "api.result", FieldTable::new())
+        };
+        done.unwrap();
+    }
+
     /// Declares the deployed control plane's own result queue (`{status}.api`, bound
     /// with `api.result` like the status queue) and returns its name.
     pub fn api_result_queue(&self) -> String {
@@ -392,12 +406,22 @@ impl PrivateBroker {
         Self::start_with_tls(None)
     }
 
+    /// A node whose rabbitmq.conf also has `conf` (lines such as
+    /// `max_message_size = 1048576`).
+    pub fn start_with_conf(conf: &str) -> PrivateBroker {
+        Self::start_with(None, conf)
+    }
+
     /// With `tls = Some((ca, cert, key))` PEM files, also listens for `amqps://` on
     /// `tls_port`. A node that does not come up (several starting at once on a loaded
     /// machine can time out, or lose a port to another process) is stopped, its log
     /// printed, and one more is started on fresh ports.
     pub fn start_with_tls(tls: Option<(String, String, String)>) -> PrivateBroker {
-        match Self::try_start(tls.as_ref()) {
+        Self::start_with(tls, "")
+    }
+
+    fn start_with(tls: Option<(String, String, String)>, conf: &str) -> PrivateBroker {
+        match Self::try_start(tls.as_ref(), conf) {
             Ok(broker) => broker,
             Err(failed) => {
                 eprintln!(
@@ -406,7 +430,7 @@ impl PrivateBroker {
                     failed.log()
                 );
                 drop(failed);
-                Self::try_start(tls.as_ref()).unwrap_or_else(|failed| {
+                Self::try_start(tls.as_ref(), conf).unwrap_or_else(|failed| {
                     panic!(
                         "private broker {} did not start either. Its log:\n{}",
                         failed.node,
@@ -428,7 +452,10 @@ impl PrivateBroker {
     }
 
     /// Starts a node and waits until it accepts AMQP; the node that did not is `Err`.
-    fn try_start(tls: Option<&(String, String, String)>) -> Result<PrivateBroker, PrivateBroker> {
+    fn try_start(
+        tls: Option<&(String, String, String)>,
+        extra_conf: &str,
+    ) -> Result<PrivateBroker, PrivateBroker> {
         let port = free_port();
         let tls_port = free_port();
         let dist_port = free_port();
@@ -439,7 +466,7 @@ impl PrivateBroker {
         }
         // Our own config file: the machine's may pin the listener to 5672.
         let config = dir.join("rabbitmq.conf");
-        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n{extra_conf}\n");
         if let Some((ca, cert, key)) = tls {
             for (name, file) in [("ca.pem", ca), ("server.pem", cert), ("server.key", key)] {
                 std::fs::copy(file, dir.join(name)).unwrap();

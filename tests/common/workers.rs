@@ -41,6 +41,8 @@ pub struct Behaviour {
     pub refuse: bool,
     /// Fails every job with UNKNOWN and this message, as a Go worker's failed build.
     pub fail_with: Option<String>,
+    /// Answers with this many bytes of logs (0: one short line), ending in `THE END`.
+    pub log_bytes: usize,
 }
 
 impl Default for Behaviour {
@@ -54,6 +56,7 @@ impl Default for Behaviour {
             go: false,
             refuse: false,
             fail_with: None,
+            log_bytes: 0,
         }
     }
 }
@@ -129,8 +132,12 @@ impl JobService for TestJobService {
             return;
         }
         let id = self.id.clone();
+        let log_bytes = behaviour.log_bytes;
         let answer = move |req: JobRequest| JobResponse {
-            logs: format!("built {} on {id} with token {}", req.jobId, req.githubToken),
+            logs: match log_bytes {
+                0 => format!("built {} on {id} with token {}", req.jobId, req.githubToken),
+                n => format!("{}THE END", "L".repeat(n.saturating_sub(7))),
+            },
             imageUrl: format!("registry.test/{}", req.imageName),
             jobId: req.jobId,
             success: true,
