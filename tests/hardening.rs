@@ -326,3 +326,40 @@ fn a_status_with_nowhere_to_go_keeps_its_job_unacked_until_it_can_be_routed() {
     mq.wait_all_acked(&names.execute);
     mq.assert_no_more_statuses();
 }
+
+#[test]
+fn jobs_interleaved_with_unknown_and_malformed_cancels_each_end_once_without_channel_errors() {
+    // Answers at once, so statuses and rejected copies are confirmed in the same
+    // batches while deliveries of both queues are still arriving.
+    let Setup { names, mq, orch } = Setup::new("h-interleave");
+    let worker = Behaviour {
+        capacity: 16,
+        run_time: Duration::ZERO,
+        ..Behaviour::default()
+    };
+    let _w = orch.worker("mix-w", worker);
+    let ids: Vec<String> = (0..300).map(|i| format!("mix-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        mq.publish_job(id, json!({}));
+        mq.publish_cancel(&format!("unknown-{i}"));
+        mq.publish_raw_cancel(b"{not json");
+    }
+    let statuses = mq.statuses(ids.len(), LONG);
+    let mut seen: Vec<&str> = statuses
+        .iter()
+        .map(|s| s["jobId"].as_str().unwrap())
+        .collect();
+    seen.sort_unstable();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(seen, expected, "one status per job");
+    assert!(statuses.iter().all(|s| s["outcome"] == "succeeded"));
+    mq.assert_no_more_statuses();
+    mq.wait_all_acked(&names.cancel);
+    let log = orch.log();
+    assert!(!log.contains("connection 1 lost"), "{log}");
+    assert!(
+        log.contains("broker: connected") && !log.contains("connection 2)"),
+        "{log}"
+    );
+}

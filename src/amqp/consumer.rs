@@ -18,6 +18,12 @@
 //!
 //! The ledger's [`Action`]s are carried out here: acks (a run of the oldest unacked
 //! deliveries as one multiple ack), nacks and publications.
+//!
+//! Jobs and cancels are consumed on channels of their own. A multiple ack covers every
+//! delivery of its channel up to its tag, so the channel it goes to must carry nothing
+//! this thread has not read yet: on the jobs channel, deliveries come in tag order from
+//! one consumer. Cancel deliveries are acked one by one; the ledger tells their tags
+//! apart by [`CANCEL_TAG`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +34,7 @@ use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, info, warn};
 
-use super::ledger::{Action, Ledger, LedgerConfig, Stats};
+use super::ledger::{Action, Ledger, LedgerConfig, Stats, CANCEL_TAG};
 use super::{declare_topology, AmqpUrl};
 use crate::config::Topology;
 use crate::metrics::Metrics;
@@ -39,6 +45,23 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A connection that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
+
+/// The consuming channels of one connection.
+struct Channels {
+    jobs: Channel,
+    cancels: Channel,
+}
+
+impl Channels {
+    /// The channel a delivery with this (ledger) tag came on.
+    fn of(&self, tag: u64) -> &Channel {
+        if tag & CANCEL_TAG != 0 {
+            &self.cancels
+        } else {
+            &self.jobs
+        }
+    }
+}
 
 /// Settings of the consumer thread.
 #[derive(Debug, Clone)]
@@ -90,8 +113,8 @@ struct Consumer {
     ledger: Ledger,
     /// Incremented on each connection; the publisher tags its channel with it.
     generation: u64,
-    /// The live channel's deliveries not acked or nacked yet, by tag (amiquip acks a
-    /// `Delivery`, not a tag).
+    /// The live channels' deliveries not acked or nacked yet, by ledger tag (amiquip
+    /// acks a `Delivery`, not a tag).
     deliveries: HashMap<u64, Delivery>,
 }
 
@@ -134,10 +157,10 @@ impl Consumer {
         let mut backoff = BACKOFF_MIN;
         while !self.ledger.drain_finished() {
             match self.connect() {
-                Ok((connection, channel)) => {
+                Ok((connection, channels)) => {
                     let started = Instant::now();
-                    let result = self.consume(&channel);
-                    drop(channel);
+                    let result = self.consume(&channels);
+                    drop(channels);
                     self.end_session(connection, result);
                     if started.elapsed() >= STABLE_SESSION {
                         backoff = BACKOFF_MIN;
@@ -167,20 +190,22 @@ impl Consumer {
         );
     }
 
-    fn connect(&mut self) -> Result<(Connection, Channel), String> {
+    fn connect(&mut self) -> Result<(Connection, Channels), String> {
         let mut connection = self.config.url.connect()?;
         let mut setup =
-            || -> Result<(Channel, Channel, Receiver<amiquip::Confirm>), amiquip::Error> {
-                let channel = connection.open_channel(None)?;
-                declare_topology(&channel, &self.config.topology)?;
-                channel.qos(0, self.config.prefetch, false)?;
+            || -> Result<(Channels, Channel, Receiver<amiquip::Confirm>), amiquip::Error> {
+                let jobs = connection.open_channel(None)?;
+                declare_topology(&jobs, &self.config.topology)?;
+                jobs.qos(0, self.config.prefetch, false)?;
+                let cancels = connection.open_channel(None)?;
+                cancels.qos(0, self.config.prefetch, false)?;
                 let publish = connection.open_channel(None)?;
                 let confirms = publish.listen_for_publisher_confirms()?;
                 publish.enable_publisher_confirms()?;
-                Ok((channel, publish, confirms))
+                Ok((Channels { jobs, cancels }, publish, confirms))
             };
         match setup() {
-            Ok((channel, publish, confirms)) => {
+            Ok((channels, publish, confirms)) => {
                 self.generation += 1;
                 if self.generation > 1 {
                     self.links.metrics.broker_reconnects.inc();
@@ -200,7 +225,7 @@ impl Consumer {
                     .connections
                     .send(connected)
                     .map_err(|_| "the status publisher has stopped".to_string())?;
-                Ok((connection, channel))
+                Ok((connection, channels))
             }
             Err(e) => {
                 let _ = connection.close();
@@ -210,12 +235,12 @@ impl Consumer {
     }
 
     /// Consumes until the connection fails (`Err`) or the drain finished (`Ok`).
-    fn consume(&mut self, channel: &Channel) -> Result<(), String> {
+    fn consume(&mut self, channels: &Channels) -> Result<(), String> {
         let topology = &self.config.topology;
         let mut consumers = Vec::new();
-        for (source, queue) in [
-            (Source::Jobs, &topology.execute_queue),
-            (Source::Cancels, &topology.cancel_queue),
+        for (source, queue, channel) in [
+            (Source::Jobs, &topology.execute_queue, &channels.jobs),
+            (Source::Cancels, &topology.cancel_queue, &channels.cancels),
         ] {
             let consumer = channel
                 .basic_consume(queue.as_str(), ConsumerOptions::default())
@@ -227,7 +252,7 @@ impl Consumer {
         }
         while !self.ledger.drain_finished() {
             let event = self.next_event(&consumers)?;
-            self.handle_event(channel, &mut consumers, event)?;
+            self.handle_event(channels, &mut consumers, event)?;
         }
         Ok(())
     }
@@ -276,20 +301,24 @@ impl Consumer {
 
     fn handle_event(
         &mut self,
-        channel: &Channel,
+        channels: &Channels,
         consumers: &mut Consumers<'_>,
         event: Input,
     ) -> Result<(), String> {
         match event {
             Input::Delivery(i, Ok(ConsumerMessage::Delivery(mut delivery))) => {
-                let tag = delivery.delivery_tag();
+                let source = consumers[i].0;
+                let tag = match source {
+                    Source::Jobs => delivery.delivery_tag(),
+                    Source::Cancels => delivery.delivery_tag() | CANCEL_TAG,
+                };
                 let body = std::mem::take(&mut delivery.body);
                 self.deliveries.insert(tag, delivery);
-                let actions = match consumers[i].0 {
+                let actions = match source {
                     Source::Jobs => self.ledger.job_delivery(tag, body),
                     Source::Cancels => self.ledger.cancel_delivery(tag, body),
                 };
-                self.apply(Some(channel), actions)
+                self.apply(Some(channels), actions)
             }
             Input::Delivery(i, Ok(ConsumerMessage::ClientCancelled)) => {
                 consumers[i].2 = false;
@@ -306,7 +335,7 @@ impl Consumer {
                 if matches!(msg, ConsumerMsg::Drain) {
                     stop_consuming(consumers)?;
                 }
-                self.inbox(msg, Some(channel))
+                self.inbox(msg, Some(channels))
             }
             Input::Sent | Input::Tick => Ok(()),
         }
@@ -327,8 +356,8 @@ impl Consumer {
         }
     }
 
-    /// Handles an inbox message; `channel` is `None` while disconnected.
-    fn inbox(&mut self, msg: ConsumerMsg, channel: Option<&Channel>) -> Result<(), String> {
+    /// Handles an inbox message; `channels` is `None` while disconnected.
+    fn inbox(&mut self, msg: ConsumerMsg, channels: Option<&Channels>) -> Result<(), String> {
         let actions = match msg {
             ConsumerMsg::Confirmed(keys) => self.ledger.confirmed(keys),
             ConsumerMsg::Requeue(job_id) => self.ledger.requeue(&job_id),
@@ -341,12 +370,12 @@ impl Consumer {
                 Vec::new()
             }
         };
-        self.apply(channel, actions)
+        self.apply(channels, actions)
     }
 
-    /// Carries out the ledger's actions. Without a channel there is nothing to ack:
-    /// the ledger forgot the dead connection's deliveries.
-    fn apply(&mut self, channel: Option<&Channel>, actions: Vec<Action>) -> Result<(), String> {
+    /// Carries out the ledger's actions. Without channels there is nothing to ack: the
+    /// ledger forgot the dead connection's deliveries.
+    fn apply(&mut self, channels: Option<&Channels>, actions: Vec<Action>) -> Result<(), String> {
         let amqp = |e: amiquip::Error| e.to_string();
         for action in actions {
             match action {
@@ -355,24 +384,26 @@ impl Consumer {
                     let _ = self.links.publications.send(publication);
                 }
                 Action::Nack(tag) => {
-                    if let (Some(channel), Some(delivery)) = (channel, self.deliveries.remove(&tag))
+                    if let (Some(channels), Some(delivery)) =
+                        (channels, self.deliveries.remove(&tag))
                     {
-                        delivery.nack(channel, true).map_err(amqp)?;
+                        delivery.nack(channels.of(tag), true).map_err(amqp)?;
                     }
                 }
                 Action::Ack { run, single } => {
-                    let Some(channel) = channel else { continue };
+                    let Some(channels) = channels else { continue };
+                    // A run is jobs only: the ledger never counts cancels in one.
                     if let Some((last, older)) = run.split_last() {
                         for tag in older {
                             self.deliveries.remove(tag);
                         }
                         if let Some(delivery) = self.deliveries.remove(last) {
-                            delivery.ack_multiple(channel).map_err(amqp)?;
+                            delivery.ack_multiple(&channels.jobs).map_err(amqp)?;
                         }
                     }
                     for tag in single {
                         if let Some(delivery) = self.deliveries.remove(&tag) {
-                            delivery.ack(channel).map_err(amqp)?;
+                            delivery.ack(channels.of(tag)).map_err(amqp)?;
                         }
                     }
                 }

@@ -206,10 +206,15 @@ impl Mq {
     /// Publishes a cancel request for `job_id`.
     pub fn publish_cancel(&self, job_id: &str) {
         let body = serde_json::to_vec(&serde_json::json!({ "jobId": job_id })).unwrap();
+        self.publish_raw_cancel(&body);
+    }
+
+    /// Publishes `body` as it is on the cancel routing key.
+    pub fn publish_raw_cancel(&self, body: &[u8]) {
         self.channel
             .basic_publish(
                 self.names.exchange.as_str(),
-                Publish::new(&body, "worker.cancel"),
+                Publish::new(body, "worker.cancel"),
             )
             .unwrap();
     }

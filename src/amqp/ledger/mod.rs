@@ -79,6 +79,11 @@ pub struct Stats {
     pub duplicates: u64,
 }
 
+/// Added to the delivery tags of the cancels channel before they reach the ledger: the
+/// consumer reads jobs and cancels on channels of their own, which count tags
+/// separately (a channel's tags never reach 2^63). Such tags never join a multiple ack.
+pub const CANCEL_TAG: u64 = 1 << 63;
+
 /// The consumer's state; see the module documentation.
 pub struct Ledger {
     config: LedgerConfig,
@@ -174,8 +179,9 @@ impl Ledger {
     }
 
     /// A message on the cancel queue: acked once applied (malformed: rejected).
+    /// Its tag is never part of a multiple ack: cancels come on a channel of their own,
+    /// and are acked one by one.
     pub fn cancel_delivery(&mut self, tag: u64, body: Vec<u8>) -> Vec<Action> {
-        self.unacked.insert(tag);
         match decode_cancel(&body) {
             Ok(job_id) => {
                 let mut actions = self.cancel(job_id);

@@ -266,3 +266,31 @@ fn bad_messages_are_rejected_and_acked_once_their_copy_is_confirmed() {
     );
     assert_eq!(ledger.metrics.jobs_rejected.get(), 1);
 }
+
+#[test]
+fn cancels_never_join_a_multiple_ack() {
+    // Cancels come on a channel of their own: a multiple ack on the jobs channel must
+    // not name them, and they must not make a run of jobs look broken.
+    let mut ledger = fresh();
+    let cancel_tag = CANCEL_TAG | 1;
+    ledger.job_delivery(1, job("a"));
+    ledger.job_delivery(2, job("b"));
+    dispatch_all(&mut ledger);
+    let rejected = match &ledger.cancel_delivery(cancel_tag, b"{not json".to_vec())[..] {
+        [Action::Publish(Publication::Rejected { id, .. })] => *id,
+        other => panic!("a malformed cancel is rejected: {other:?}"),
+    };
+    let keys = vec![
+        AckKey::Job("a".into()),
+        AckKey::Rejected(rejected),
+        AckKey::Job("b".into()),
+    ];
+    assert_eq!(
+        acked(&ledger.confirmed(keys)),
+        (vec![1, 2], vec![cancel_tag])
+    );
+    assert_eq!(
+        acked(&ledger.cancel_delivery(cancel_tag + 1, cancel("c"))),
+        (vec![], vec![cancel_tag + 1])
+    );
+}
