@@ -363,3 +363,55 @@ fn jobs_interleaved_with_unknown_and_malformed_cancels_each_end_once_without_cha
         "{log}"
     );
 }
+
+#[test]
+fn a_job_cancelled_while_it_waits_for_a_dispatch_thread_ends_cancelled_on_a_drain() {
+    let (release, gate) = crossbeam_channel::bounded::<()>(0);
+    let Setup {
+        names,
+        mq,
+        mut orch,
+    } = Setup::with_flags(
+        "h-cancel-drain",
+        &["--dispatch-threads", "1", "--prefetch", "4"],
+    );
+    let held = Behaviour {
+        gate: Some(gate),
+        ..Behaviour::default()
+    };
+    let worker = orch.worker("held-w", held);
+    mq.publish_job("held-1", json!({}));
+    poll(LONG, "held-1 to run", || {
+        (worker.observed.job_count() == 1).then_some(())
+    });
+    // The one dispatch thread is busy: waiting-1 waits in the jobs channel.
+    mq.publish_job("waiting-1", json!({}));
+    orch.wait_for_log("job waiting-1: received", LONG);
+    mq.publish_cancel("waiting-1");
+    orch.wait_for_log("job waiting-1: cancel requested", LONG);
+    orch.signal("TERM");
+    orch.wait_for_log("draining:", LONG);
+    drop(release);
+    let statuses = mq.statuses(2, LONG);
+    let outcome = |id: &str| {
+        let status = statuses.iter().find(|s| s["jobId"] == id);
+        status.map(|s| s["outcome"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        outcome("waiting-1").as_deref(),
+        Some("cancelled"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        outcome("held-1").as_deref(),
+        Some("succeeded"),
+        "{statuses:?}"
+    );
+    assert_eq!(orch.wait_exit(LONG), Some(0));
+    assert_eq!(
+        mq.counts(&names.execute),
+        (0, 0),
+        "nothing went back to the queue"
+    );
+    assert_eq!(worker.observed.job_count(), 1, "waiting-1 never ran");
+}

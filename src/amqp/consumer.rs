@@ -421,6 +421,8 @@ impl Consumer {
         // Deliveries of a dead connection cannot be acked; the broker redelivers them.
         self.deliveries.clear();
         let unstarted = self.links.unstarted.try_iter().collect();
-        self.ledger.connection_lost(unstarted);
+        let actions = self.ledger.connection_lost(unstarted);
+        // Publications only: there is no channel to ack on.
+        let _ = self.apply(None, actions);
     }
 }

@@ -287,11 +287,14 @@ impl Ledger {
             return Vec::new();
         }
         self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
-        let waiting = self.with_backlog(unstarted);
-        let actions = waiting
-            .iter()
-            .flat_map(|a| self.requeue(&a.job.job_id))
-            .collect();
+        let (cancelled, waiting): (Vec<_>, Vec<_>) = self
+            .with_backlog(unstarted)
+            .into_iter()
+            .partition(was_cancelled);
+        // A job whose cancel was taken ends cancelled (acked with its status), instead of
+        // going back to the queue to run later.
+        let mut actions: Vec<Action> = cancelled.iter().map(|a| self::cancelled(&a.job)).collect();
+        actions.extend(waiting.iter().flat_map(|a| self.requeue(&a.job.job_id)));
         info!(
             "draining: {} jobs returned to the queue, {} still running (up to {})",
             waiting.len(),
@@ -304,16 +307,23 @@ impl Ledger {
     /// The connection died: its deliveries are forgotten (the broker redelivers them),
     /// and so are the jobs not started yet (`unstarted`, taken back from the `jobs`
     /// channel, and the backlog), which come back with those redeliveries. Jobs running
-    /// keep their entry, so their redeliveries are not run again.
-    pub fn connection_lost(&mut self, unstarted: Vec<Assignment>) {
+    /// keep their entry, so their redeliveries are not run again; so do jobs cancelled
+    /// while they waited, whose `cancelled` status is published now.
+    pub fn connection_lost(&mut self, unstarted: Vec<Assignment>) -> Vec<Action> {
         for pending in self.pending.values_mut() {
             pending.tags.clear();
         }
         self.rejected.clear();
         self.unacked.clear();
+        let mut actions = Vec::new();
         for assignment in self.with_backlog(unstarted) {
-            self.pending.remove(&assignment.job.job_id);
+            if was_cancelled(&assignment) {
+                actions.push(cancelled(&assignment.job));
+            } else {
+                self.pending.remove(&assignment.job.job_id);
+            }
         }
+        actions
     }
 
     /// Whether a job waits to be handed to dispatch.
@@ -370,6 +380,11 @@ impl Ledger {
         let single = tags.split_off(if oldest > 1 { oldest } else { 0 });
         Action::Ack { run: tags, single }
     }
+}
+
+/// Whether a job not started yet was cancelled while it waited (in the `jobs` channel).
+fn was_cancelled(assignment: &Assignment) -> bool {
+    assignment.token.reason() == Some(CancelReason::Cancelled)
 }
 
 /// The `cancelled` status of a job that never reached a worker.

@@ -225,7 +225,7 @@ fn a_drain_requeues_what_did_not_start_and_ends_when_running_jobs_are_confirmed(
 #[test]
 fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_ones() {
     let (mut ledger, _running, in_channel) = three_jobs();
-    ledger.connection_lost(vec![in_channel]);
+    assert!(ledger.connection_lost(vec![in_channel]).is_empty());
     assert!(!ledger.has_backlog());
     assert!(
         confirmed(&mut ledger, &["running"]).is_empty(),
@@ -236,7 +236,7 @@ fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_one
     ledger.job_delivery(1, job("running"));
     ledger.job_delivery(2, job("waiting"));
     let _running = ledger.next_job().unwrap();
-    ledger.connection_lost(Vec::new());
+    assert!(ledger.connection_lost(Vec::new()).is_empty());
     // Redelivered on the new connection (tags start again).
     assert!(ledger.job_delivery(1, job("running")).is_empty());
     assert!(ledger.job_delivery(2, job("waiting")).is_empty());
@@ -292,5 +292,45 @@ fn cancels_never_join_a_multiple_ack() {
     assert_eq!(
         acked(&ledger.cancel_delivery(cancel_tag + 1, cancel("c"))),
         (vec![], vec![cancel_tag + 1])
+    );
+}
+
+#[test]
+fn a_job_cancelled_while_it_waited_for_dispatch_ends_cancelled_on_drain_or_connection_loss() {
+    // Drain: not sent back to the queue to run later, but ended with its status.
+    let (mut ledger, _running, in_channel) = three_jobs();
+    ledger.cancel_delivery(CANCEL_TAG | 1, cancel("in-channel"));
+    let actions = ledger.start_drain(vec![in_channel]);
+    assert_eq!(
+        statuses(&actions),
+        [("in-channel".to_string(), Outcome::Cancelled)]
+    );
+    assert!(
+        actions.iter().all(|a| !matches!(a, Action::Nack(2))),
+        "not requeued: {actions:?}"
+    );
+    assert_eq!(
+        acked(&confirmed(&mut ledger, &["in-channel"])),
+        (vec![], vec![2])
+    );
+
+    // Connection lost: its status now, and its redelivery is not run.
+    let (mut ledger, _running, in_channel) = three_jobs();
+    ledger.cancel_delivery(CANCEL_TAG | 1, cancel("in-channel"));
+    let actions = ledger.connection_lost(vec![in_channel]);
+    assert_eq!(
+        statuses(&actions),
+        [("in-channel".to_string(), Outcome::Cancelled)]
+    );
+    assert!(ledger.job_delivery(7, job("in-channel")).is_empty());
+    assert!(
+        dispatch_all(&mut ledger)
+            .iter()
+            .all(|a| a.job.job_id != "in-channel"),
+        "the redelivery is not run"
+    );
+    assert_eq!(
+        acked(&confirmed(&mut ledger, &["in-channel"])),
+        (vec![], vec![7])
     );
 }
