@@ -32,6 +32,8 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     /// 1 while connected to the broker.
     pub broker_connected: IntGauge,
+    /// 1 while the broker blocks our publishing connection (a memory or disk alarm).
+    pub broker_blocked: IntGauge,
     /// Statuses the broker returned as unroutable (each is published again).
     pub statuses_unroutable: IntCounter,
     /// Statuses the broker refused as they were, sent without their logs.
@@ -89,6 +91,11 @@ impl Default for Metrics {
                 "1 while connected to the broker.",
             )
             .expect("valid metric"),
+            broker_blocked: IntGauge::new(
+                "blacktree_broker_blocked",
+                "1 while the broker blocks publishing (memory or disk alarm).",
+            )
+            .expect("valid metric"),
             statuses_unroutable: counter(
                 "blacktree_statuses_unroutable_total",
                 "Statuses the broker returned as unroutable (published again with backoff).",
@@ -115,6 +122,7 @@ impl Default for Metrics {
             Box::new(metrics.health_round.clone()),
             Box::new(metrics.broker_reconnects.clone()),
             Box::new(metrics.broker_connected.clone()),
+            Box::new(metrics.broker_blocked.clone()),
             Box::new(metrics.statuses_unroutable.clone()),
             Box::new(metrics.statuses_shrunk.clone()),
             Box::new(metrics.workers.clone()),

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use amiquip::{Channel, Confirm};
+use amiquip::{Channel, Confirm, Connection, ConnectionBlockedNotification};
 use crossbeam_channel::Receiver;
 
 use crate::grpc::cancel::CancelToken;
@@ -69,8 +69,13 @@ pub enum Publication {
 
 /// A fresh publishing channel, handed over by the consumer thread after each (re)connect.
 pub struct Connected {
-    /// The channel, with publisher confirms enabled.
+    /// The publishing connection, of its own: under a memory or disk alarm the broker
+    /// blocks connections that publish, and the consuming one (acks) must not be.
+    pub connection: Connection,
+    /// Its channel, with publisher confirms enabled.
     pub channel: Channel,
+    /// The broker's `connection.blocked` / `unblocked` notifications.
+    pub blocked: Receiver<ConnectionBlockedNotification>,
     /// Its confirms.
     pub confirms: Receiver<Confirm>,
     /// The connection generation the channel belongs to.

@@ -415,3 +415,52 @@ fn a_job_cancelled_while_it_waits_for_a_dispatch_thread_ends_cancelled_on_a_drai
     );
     assert_eq!(worker.observed.job_count(), 1, "waiting-1 never ran");
 }
+
+#[test]
+fn under_a_broker_alarm_the_orchestrator_says_so_drains_on_time_and_loses_nothing() {
+    let broker = PrivateBroker::start();
+    let (release, gate) = crossbeam_channel::bounded::<()>(0);
+    let Setup {
+        names,
+        mq,
+        mut orch,
+    } = Setup::on(&broker, "h-alarm", &["--drain-timeout", "3s"]);
+    let held = Behaviour {
+        gate: Some(gate),
+        ..Behaviour::default()
+    };
+    let worker = orch.worker("alarm-w", held);
+    mq.publish_job("alarm-1", json!({}));
+    poll(LONG, "alarm-1 to run", || {
+        (worker.observed.job_count() == 1).then_some(())
+    });
+    // A disk alarm blocks every connection that publishes: the status waits.
+    broker.ctl(&["set_disk_free_limit", "1000GB"]);
+    drop(release);
+    let port = orch.metrics_port;
+    poll(LONG, "/healthz to say the broker blocks us", || {
+        let (code, body) = http(port, "/healthz");
+        (code == "503" && body.contains("blocks publishing")).then_some(())
+    });
+    let metrics = http(port, "/metrics").1;
+    assert_eq!(sample(&metrics, "blacktree_broker_blocked"), 1.0);
+    // The drain cannot confirm the status; it gives up at --drain-timeout.
+    orch.signal("TERM");
+    assert_eq!(
+        orch.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        orch.log()
+    );
+    broker.ctl(&["set_disk_free_limit", "50MB"]);
+    // Nothing lost: the job is still on the queue for the next orchestrator.
+    let next = Orchestrator::start(&broker.url(), &names, &[]);
+    let _w = next.worker("alarm-w2", Behaviour::default());
+    let statuses = mq.statuses_until(LONG, |s| s.iter().any(|s| s["jobId"] == "alarm-1"));
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s["jobId"] == "alarm-1" && s["outcome"] == "succeeded"),
+        "{statuses:?}"
+    );
+}

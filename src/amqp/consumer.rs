@@ -190,22 +190,32 @@ impl Consumer {
         );
     }
 
+    /// Opens the consuming connection (jobs and cancels) and the publishing one, whose
+    /// channel goes to the publisher thread.
     fn connect(&mut self) -> Result<(Connection, Channels), String> {
         let mut connection = self.config.url.connect()?;
+        let mut publishing = match self.config.url.connect() {
+            Ok(publishing) => publishing,
+            Err(e) => {
+                let _ = connection.close();
+                return Err(e);
+            }
+        };
         let mut setup =
-            || -> Result<(Channels, Channel, Receiver<amiquip::Confirm>), amiquip::Error> {
+            || -> Result<(Channels, Channel, Receiver<amiquip::Confirm>, _), amiquip::Error> {
                 let jobs = connection.open_channel(None)?;
                 declare_topology(&jobs, &self.config.topology)?;
                 jobs.qos(0, self.config.prefetch, false)?;
                 let cancels = connection.open_channel(None)?;
                 cancels.qos(0, self.config.prefetch, false)?;
-                let publish = connection.open_channel(None)?;
+                let blocked = publishing.listen_for_connection_blocked()?;
+                let publish = publishing.open_channel(None)?;
                 let confirms = publish.listen_for_publisher_confirms()?;
                 publish.enable_publisher_confirms()?;
-                Ok((Channels { jobs, cancels }, publish, confirms))
+                Ok((Channels { jobs, cancels }, publish, confirms, blocked))
             };
         match setup() {
-            Ok((channels, publish, confirms)) => {
+            Ok((channels, publish, confirms, blocked)) => {
                 self.generation += 1;
                 if self.generation > 1 {
                     self.links.metrics.broker_reconnects.inc();
@@ -217,7 +227,9 @@ impl Consumer {
                     self.generation
                 );
                 let connected = Connected {
+                    connection: publishing,
                     channel: publish,
+                    blocked,
                     confirms,
                     generation: self.generation,
                 };
@@ -229,6 +241,7 @@ impl Consumer {
             }
             Err(e) => {
                 let _ = connection.close();
+                let _ = publishing.close();
                 Err(format!("setting up {}: {e}", self.config.url.masked()))
             }
         }

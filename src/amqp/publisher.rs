@@ -22,10 +22,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, FieldTable, Publish, Return,
+    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, Connection,
+    ConnectionBlockedNotification, FieldTable, Publish, Return,
 };
 use crossbeam_channel::{at, never, select, Receiver, Sender};
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::config::Topology;
 use crate::job::{Event, EventKind, Status};
@@ -71,6 +72,10 @@ struct Entry {
 
 struct Link {
     channel: Channel,
+    /// Its connection (the publishing one); dropped after the channel.
+    _connection: Connection,
+    /// `connection.blocked` notifications of that connection.
+    blocked: Receiver<ConnectionBlockedNotification>,
     confirms: Receiver<Confirm>,
     generation: u64,
     smoother: ConfirmSmoother,
@@ -129,6 +134,7 @@ impl Publisher {
         while publications.is_some() || connections.is_some() {
             let confirms = self.link.as_ref().map(|l| l.confirms.clone());
             let returns = self.link.as_ref().map(|l| l.returns.clone());
+            let blocked = self.link.as_ref().map(|l| l.blocked.clone());
             let retry = match self.retries.iter().map(|r| r.0).min() {
                 Some(due) => at(due),
                 None => never(),
@@ -152,6 +158,11 @@ impl Publisher {
                     }
                 },
                 recv(retry) -> _ => self.retry_due(),
+                recv(blocked.as_ref().unwrap_or(&never())) -> msg => {
+                    if let Ok(notification) = msg {
+                        self.blocked(notification);
+                    }
+                },
             }
         }
     }
@@ -285,8 +296,11 @@ impl Publisher {
                 never()
             }
         };
+        self.metrics.broker_blocked.set(0);
         self.link = Some(Link {
             channel: connected.channel,
+            _connection: connected.connection,
+            blocked: connected.blocked,
             confirms: connected.confirms,
             generation: connected.generation,
             smoother: ConfirmSmoother::new(),
@@ -423,6 +437,22 @@ impl Publisher {
         self.retries.clear();
         self.waiting = ids.into();
         Some(link.generation)
+    }
+
+    /// The broker blocked (memory or disk alarm) or unblocked the publishing connection.
+    fn blocked(&mut self, notification: ConnectionBlockedNotification) {
+        match notification {
+            ConnectionBlockedNotification::Blocked(reason) => {
+                warn!(
+                    "the broker blocks publishing ({reason}): statuses wait, and so do their acks"
+                );
+                self.metrics.broker_blocked.set(1);
+            }
+            ConnectionBlockedNotification::Unblocked => {
+                info!("the broker unblocked publishing");
+                self.metrics.broker_blocked.set(0);
+            }
+        }
     }
 
     /// Notes a message the broker returned; its confirm follows.

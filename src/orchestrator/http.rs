@@ -1,6 +1,7 @@
 //! The orchestrator's small HTTP endpoint (`tiny_http`, one thread): `/metrics`
-//! (Prometheus text), `/healthz` (200 only while the broker is connected; the gRPC
-//! server is up whenever the process serves this), `/workers` (JSON).
+//! (Prometheus text), `/healthz` (200 only while the broker is connected and does not
+//! block our publishing; the gRPC server is up whenever the process serves this),
+//! `/workers` (JSON).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,14 +30,17 @@ pub fn serve(
                         let states = workers.iter().map(|w| w.state.as_str());
                         (200, "text/plain; version=0.0.4", metrics.render(states))
                     }
-                    "/healthz" if metrics.broker_connected.get() == 1 => {
-                        (200, "text/plain", "ok\n".to_string())
-                    }
-                    "/healthz" => (
+                    "/healthz" if metrics.broker_connected.get() != 1 => (
                         503,
                         "text/plain",
                         "not connected to the broker\n".to_string(),
                     ),
+                    "/healthz" if metrics.broker_blocked.get() == 1 => (
+                        503,
+                        "text/plain",
+                        "the broker blocks publishing (memory or disk alarm)\n".to_string(),
+                    ),
+                    "/healthz" => (200, "text/plain", "ok\n".to_string()),
                     "/workers" => {
                         let list: Vec<Value> = workers.list().iter().map(|w| w.to_json()).collect();
                         (200, "application/json", Value::Array(list).to_string())
