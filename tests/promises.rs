@@ -462,7 +462,8 @@ fn a_worker_with_the_registration_token_checks_in_and_registers_again_one_withou
             token_file,
         ],
     );
-    first.wait_for_log("worker ptok-w registered", LONG);
+    // The worker's own word that it got the answer, not only the orchestrator's log line.
+    worker.wait_for_log("registered with the orchestrator", LONG);
     first.signal("KILL");
     first.wait_exit(LONG);
 

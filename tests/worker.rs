@@ -485,7 +485,9 @@ fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
             "echo ran $BLACKTREE_JOB_ID",
         ],
     );
-    first.wait_for_log("worker rejoin-w registered", LONG);
+    // The worker's own word: it got the answer (killing the orchestrator between its log
+    // line and its answer would leave the worker registering for the first time).
+    worker.wait_for_log("registered with the orchestrator", LONG);
     first.signal("KILL");
     first.wait_exit(LONG);
 
