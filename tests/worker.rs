@@ -577,11 +577,7 @@ fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
         (client.ping(&ping).unwrap().status == blacktree::proto::job::WorkerStatus::FREE)
             .then_some(())
     });
-    assert!(
-        worker.log().contains("the caller cancelled the call"),
-        "{}",
-        worker.log()
-    );
+    worker.wait_for_log("the caller cancelled the call", LONG);
 }
 
 #[test]
