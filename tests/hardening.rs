@@ -5,15 +5,13 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use blacktree::proto::job::{CancelJobRequest, JobRequest, PingRequest};
-use blacktree::proto::job_grpc::JobServiceClient;
 use blacktree::proto::worker::WorkerInfo;
 use common::build_env::{TempDir, WorkerProcess};
 use common::*;
-use grpcio::{CallOption, ChannelBuilder, Environment, RpcStatusCode};
+use grpcio::{CallOption, RpcStatusCode};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -49,10 +47,7 @@ fn a_worker_with_a_token_serves_only_calls_that_carry_it_and_the_orchestrator_se
     orch.wait_for_log("worker tok-w registered", LONG);
 
     // A plain client, with no token or a wrong one: nothing runs, nothing answers.
-    let env = Arc::new(Environment::new(1));
-    let client = JobServiceClient::new(
-        ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", worker.port)),
-    );
+    let client = job_client(worker.port);
     let job = JobRequest {
         jobId: "stolen-1".into(),
         imageName: "acme/app:prod".into(),
@@ -235,10 +230,7 @@ fn a_worker_that_already_runs_the_job_started_nothing_and_the_job_is_not_failed(
     );
     orch.wait_for_log("worker dup-w registered", LONG);
     // Someone else's call runs dup-1 there when the orchestrator's arrives.
-    let env = Arc::new(Environment::new(1));
-    let client = JobServiceClient::new(
-        ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", worker.port)),
-    );
+    let client = job_client(worker.port);
     let job = JobRequest {
         jobId: "dup-1".into(),
         ..JobRequest::default()

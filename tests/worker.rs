@@ -4,22 +4,16 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blacktree::proto::job::{CancelJobRequest, JobRequest, JobResponse, PingRequest, WorkerStatus};
 use blacktree::proto::job_grpc::JobServiceClient;
 use common::build_env::*;
 use common::*;
-use grpcio::{CallOption, ChannelBuilder, ClientUnaryReceiver, Environment, RpcStatusCode};
+use grpcio::{CallOption, ClientUnaryReceiver, RpcStatusCode};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
-
-fn client(port: u16) -> JobServiceClient {
-    let env = Arc::new(Environment::new(1));
-    JobServiceClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{port}")))
-}
 
 fn job(id: &str, repo: &TempDir, image: &str) -> JobRequest {
     JobRequest {
@@ -35,7 +29,7 @@ fn job(id: &str, repo: &TempDir, image: &str) -> JobRequest {
 }
 
 fn run(port: u16, request: &JobRequest) -> JobResponse {
-    client(port)
+    job_client(port)
         .run_job_opt(request, CallOption::default().timeout(LONG))
         .expect("RunJob call")
 }
@@ -222,7 +216,7 @@ fn bad_input_is_refused_before_anything_runs() {
     ] {
         let mut request = job("x", &repo, "bt/app:1");
         request.jobId = id.to_string();
-        match client(worker.port).run_job_opt(&request, CallOption::default().timeout(LONG)) {
+        match job_client(worker.port).run_job_opt(&request, CallOption::default().timeout(LONG)) {
             Err(grpcio::Error::RpcFailure(s)) => assert!(
                 s.code() == RpcStatusCode::INVALID_ARGUMENT && s.message().contains(why),
                 "{s:?}"
@@ -230,7 +224,7 @@ fn bad_input_is_refused_before_anything_runs() {
             other => panic!("jobId {id:?} was not refused: {other:?}"),
         }
     }
-    let pong = client(worker.port)
+    let pong = job_client(worker.port)
         .ping_opt(&PingRequest::default(), CallOption::default().timeout(LONG))
         .expect("the worker still answers");
     assert_eq!(pong.status, WorkerStatus::FREE, "its slot is free");
@@ -269,7 +263,7 @@ fn sigterm_lets_running_jobs_finish_and_starts_nothing_new_a_second_signal_stops
         NO_ORCHESTRATOR,
         &[&exec("sleep 3; echo finished")[..], &["--capacity", "2"]].concat(),
     );
-    let client = client(draining.port);
+    let client = job_client(draining.port);
     let request = |id: &str| JobRequest {
         jobId: id.into(),
         ..JobRequest::default()
@@ -310,7 +304,7 @@ fn sigterm_lets_running_jobs_finish_and_starts_nothing_new_a_second_signal_stops
     assert_eq!(draining.wait_exit(LONG), Some(0));
 
     let mut stopped = WorkerProcess::start("stop-w", NO_ORCHESTRATOR, &exec("sleep 60"));
-    let client = self::client(stopped.port);
+    let client = job_client(stopped.port);
     let running = client
         .run_job_async_opt(&request("stop-1"), CallOption::default().timeout(LONG))
         .unwrap();
@@ -334,7 +328,7 @@ fn a_cancel_during_a_long_run_step_stops_it_and_leaves_no_process_or_secret() {
     let marker = format!("sleep 3{}", std::process::id() % 10000 + 10000);
     let repo = git_repo(&[("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"))]);
     let worker = WorkerProcess::start("cancel-w", NO_ORCHESTRATOR, &[]);
-    let client = client(worker.port);
+    let client = job_client(worker.port);
     let call = client
         .run_job_async_opt(
             &job("cancel-1", &repo, "bt/cancel:1"),
@@ -444,7 +438,7 @@ fn a_full_worker_reports_busy_and_refuses_more_jobs_at_once() {
             "1",
         ],
     );
-    let client = client(worker.port);
+    let client = job_client(worker.port);
     let ping = blacktree::proto::job::PingRequest::default();
     let pong = client.ping(&ping).unwrap();
     assert_eq!(pong.status, blacktree::proto::job::WorkerStatus::FREE);
@@ -527,7 +521,7 @@ fn sleeping_job(id: &str, base: u32, prefix: &str) -> SleepingJob {
     let repo = git_repo(&[("Dockerfile", "FROM scratch\n")]);
     let args = ["--executor", "exec", "--exec-command", command.as_str()];
     let worker = WorkerProcess::start(id, NO_ORCHESTRATOR, &args);
-    let client = client(worker.port);
+    let client = job_client(worker.port);
     let call = client
         .run_job_async_opt(
             &job(&format!("{id}-job"), &repo, ""),
@@ -636,7 +630,7 @@ fn a_killed_worker_takes_its_git_client_with_it() {
         NO_ORCHESTRATOR,
         &["--executor", "exec", "--exec-command", "true"],
     );
-    let client = client(worker.port);
+    let client = job_client(worker.port);
     let mut request = job("killed-git-1", &TempDir::new("unused"), "");
     request.repoUrl = url.clone();
     let _call = client
@@ -660,7 +654,7 @@ fn a_killed_worker_takes_its_docker_client_and_so_its_build_with_it() {
     let marker = format!("sleep 4{}", std::process::id() % 10000 + 10000);
     let repo = git_repo(&[("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"))]);
     let worker = WorkerProcess::start("killed-docker-w", NO_ORCHESTRATOR, &[]);
-    let client = client(worker.port);
+    let client = job_client(worker.port);
     let _call = client
         .run_job_async_opt(
             &job("killed-docker-1", &repo, "bt/killed:1"),

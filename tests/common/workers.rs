@@ -350,6 +350,13 @@ impl Drop for TestWorker {
     }
 }
 
+/// A plain client (no token, no TLS) of the JobService at `127.0.0.1:port`.
+pub fn job_client(port: u16) -> blacktree::proto::job_grpc::JobServiceClient {
+    let env = Arc::new(Environment::new(1));
+    let channel = ChannelBuilder::new(env).connect(&format!("127.0.0.1:{port}"));
+    blacktree::proto::job_grpc::JobServiceClient::new(channel)
+}
+
 /// Calls Register at `127.0.0.1:orchestrator_port` with `info` as it is (any fields a
 /// peer could send), with `authorization: Bearer <token>` when given.
 pub fn register_as(
