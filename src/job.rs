@@ -517,5 +517,7 @@ impl Status {
 
 mod fit;
 
+pub use fit::status_without_logs;
+
 #[cfg(test)]
 mod tests;

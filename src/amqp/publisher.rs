@@ -29,7 +29,7 @@ use crossbeam_channel::{at, never, select, Receiver, Sender};
 use log::{debug, info, warn};
 
 use crate::config::Topology;
-use crate::job::{Event, EventKind, Status};
+use crate::job::{status_without_logs, Event, EventKind, Status};
 use crate::metrics::Metrics;
 use crate::pipeline::{AckKey, Connected, ConsumerMsg, Publication};
 
@@ -51,11 +51,9 @@ struct Message {
     routing_key: String,
     body: Vec<u8>,
     properties: AmqpProperties,
-    /// Published `mandatory` (statuses): returned when no queue is bound to its key.
-    mandatory: bool,
-    /// A smaller body (a status without logs) to send instead when the broker keeps
-    /// refusing this one.
-    smaller: Option<Vec<u8>>,
+    /// A status: published `mandatory` (returned when no queue is bound to its key), and
+    /// sent without its logs when the broker keeps refusing it.
+    status: bool,
 }
 
 /// The messages of one publication, and how many the broker has yet to confirm.
@@ -201,8 +199,7 @@ impl Publisher {
                     routing_key: self.topology.rejected_queue.clone(),
                     body,
                     properties,
-                    mandatory: false,
-                    smaller: None,
+                    status: false,
                 }];
                 messages.extend(status.map(|s| self.status_message(&s)));
                 (Some(AckKey::Rejected(id)), messages)
@@ -252,7 +249,6 @@ impl Publisher {
     }
 
     fn status_message(&self, status: &Status) -> Message {
-        let why = "the broker refused this status as it was (too large?); its logs were dropped";
         Message {
             exchange: self.topology.exchange.clone(),
             routing_key: self.topology.status_key.clone(),
@@ -261,8 +257,7 @@ impl Publisher {
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(status.job_id.clone()),
-            mandatory: true,
-            smaller: Some(status.without_logs(why).to_json()),
+            status: true,
         }
     }
 
@@ -276,8 +271,7 @@ impl Publisher {
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(event.job_id.clone()),
-            mandatory: false,
-            smaller: None,
+            status: false,
         }
     }
 
@@ -337,7 +331,7 @@ impl Publisher {
             message.routing_key.as_str(),
             message.properties.clone(),
         );
-        publish.mandatory = message.mandatory;
+        publish.mandatory = message.status;
         match link
             .channel
             .basic_publish(message.exchange.as_str(), publish)
@@ -510,8 +504,9 @@ impl Publisher {
 /// Replaces the statuses of a publication the broker keeps refusing by their versions
 /// without logs.
 fn shrink(entry: &mut Entry, metrics: &Metrics) {
-    for message in &mut entry.messages {
-        if let Some(smaller) = message.smaller.take() {
+    let why = "the broker refused this status as it was (too large?); its logs were dropped";
+    for message in entry.messages.iter_mut().filter(|m| m.status) {
+        if let Some(smaller) = status_without_logs(&message.body, why) {
             let job = message.properties.message_id().clone().unwrap_or_default();
             warn!(
                 "the status of job {job} ({} bytes) was unconfirmed through {LOSSES_BEFORE_SHRINKING} lost channels: sending it without its logs",
