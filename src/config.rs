@@ -197,6 +197,12 @@ pub struct OrchestratorConfig {
     #[arg(long, env = "BLACKTREE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How long a redelivered job waits for a worker to report it (a build that outlived
+    /// the orchestrator that started it) before it is dispatched afresh; twice the
+    /// workers' default `--check-in-interval`. First deliveries never wait.
+    #[arg(long, env = "BLACKTREE_ADOPT_WAIT", default_value = "6s", value_parser = parse_duration)]
+    pub adopt_wait: Duration,
+
     /// A job whose status was confirmed this recently is not run again when redelivered.
     #[arg(long, env = "BLACKTREE_DEDUPE_WINDOW", default_value = "10m", value_parser = parse_duration)]
     pub dedupe_window: Duration,
@@ -286,7 +292,7 @@ impl fmt::Display for OrchestratorConfig {
              status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} \
              events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
-             drain-timeout={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
+             drain-timeout={} adopt-wait={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
              derived-image-prefix={} max-status-bytes={} max-worker-capacity={} max-workers={} \
              state-file={} \
              workers=[{}]",
@@ -310,6 +316,7 @@ impl fmt::Display for OrchestratorConfig {
             self.unhealthy_after,
             d(self.forget_after),
             d(self.drain_timeout),
+            d(self.adopt_wait),
             d(self.dedupe_window),
             d(self.cancel_ttl),
             self.max_message_bytes,
@@ -444,6 +451,11 @@ pub struct WorkerConfig {
     /// How often the worker asks the orchestrator whether it still knows it.
     #[arg(long, env = "BLACKTREE_CHECK_IN_INTERVAL", default_value = "3s", value_parser = parse_duration)]
     pub check_in_interval: Duration,
+
+    /// How long the answer of a job whose caller went away (an orchestrator restart) is
+    /// kept for the next `RunJob` of that jobId (at most 1000 answers, 256 MiB).
+    #[arg(long, env = "BLACKTREE_HOLD_RESULTS", default_value = "1h", value_parser = parse_duration)]
+    pub hold_results: Duration,
 }
 
 #[cfg(test)]

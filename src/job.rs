@@ -17,6 +17,12 @@ use serde_json::Value;
 /// byte and corrupt the message's header frame.
 pub const MAX_JOB_ID_LEN: usize = 255;
 
+/// Whether `id` can name a job or a worker everywhere (threads, workspaces, log lines,
+/// message ids): 1 to [`MAX_JOB_ID_LEN`] bytes, not blank, no control characters.
+pub fn is_plain_id(id: &str) -> bool {
+    !id.trim().is_empty() && id.len() <= MAX_JOB_ID_LEN && !id.chars().any(char::is_control)
+}
+
 /// The most `timeoutSeconds` means; a larger value is lowered to it (it is 136 years
 /// either way). The worker's `timeoutSeconds` is a uint32, and grpcio turns a deadline's
 /// seconds into an `i64`: from 2^63 seconds on, the deadline would wrap into the past and
@@ -384,6 +390,8 @@ pub enum EventKind {
     Received,
     /// The job was sent to a worker.
     Dispatched,
+    /// The job, redelivered, was taken over from the worker that already ran it.
+    Adopted,
     /// The job ended; its status follows.
     Finished,
 }

@@ -14,6 +14,10 @@ pub struct Metrics {
     pub jobs_received: IntCounter,
     /// Jobs sent to a worker.
     pub jobs_dispatched: IntCounter,
+    /// Redelivered jobs taken over from the worker that runs them (or holds their answer).
+    pub jobs_adopted: IntCounter,
+    /// Redelivered jobs no worker reported within `--adopt-wait`, dispatched afresh.
+    pub jobs_redispatched: IntCounter,
     /// Statuses published, by outcome.
     pub jobs_finished: IntCounterVec,
     /// Messages moved to the rejected queue.
@@ -52,6 +56,14 @@ impl Default for Metrics {
             registry: prometheus::Registry::new(),
             jobs_received: counter("blacktree_jobs_received_total", "Job messages consumed."),
             jobs_dispatched: counter("blacktree_jobs_dispatched_total", "Jobs sent to a worker."),
+            jobs_adopted: counter(
+                "blacktree_jobs_adopted_total",
+                "Redelivered jobs taken over from the worker that runs them or holds their answer.",
+            ),
+            jobs_redispatched: counter(
+                "blacktree_jobs_redispatched_total",
+                "Redelivered jobs no worker reported within --adopt-wait, dispatched afresh.",
+            ),
             jobs_finished: IntCounterVec::new(
                 Opts::new(
                     "blacktree_jobs_finished_total",
@@ -113,6 +125,8 @@ impl Default for Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.jobs_received.clone()),
             Box::new(metrics.jobs_dispatched.clone()),
+            Box::new(metrics.jobs_adopted.clone()),
+            Box::new(metrics.jobs_redispatched.clone()),
             Box::new(metrics.jobs_finished.clone()),
             Box::new(metrics.jobs_rejected.clone()),
             Box::new(metrics.jobs_in_flight.clone()),

@@ -20,6 +20,9 @@ pub struct Assignment {
     pub token: CancelToken,
     /// When the consumer took it in.
     pub received: Instant,
+    /// The broker delivered it before (AMQP `redelivered`): a worker may already run it
+    /// for an orchestrator that is gone.
+    pub redelivered: bool,
 }
 
 /// What a delivery waits for before it is acked.

@@ -60,6 +60,55 @@ fn a_cancel_that_arrives_before_its_job_means_the_job_never_runs() {
 }
 
 #[test]
+fn an_acked_early_cancel_survives_graceful_and_hard_orchestrator_restarts() {
+    let (
+        Setup {
+            names,
+            mq,
+            mut orch,
+        },
+        state,
+    ) = Setup::remembering("early-restart", &[]);
+    let cancelled = ["early-r-term", "early-r-kill"];
+    for (signal, job) in ["TERM", "KILL"].into_iter().zip(cancelled) {
+        mq.publish_cancel(job);
+        orch.wait_for_log(
+            &format!("job {job}: cancel requested before it arrived"),
+            LONG,
+        );
+        // Acked: the broker will never deliver it again; only the state file has it.
+        mq.wait_all_acked(&names.cancel);
+        orch.signal(signal);
+        orch.wait_exit(LONG);
+        orch = orch.restart();
+    }
+    assert!(orch.log().contains("2 early cancel(s)"), "{}", orch.log());
+    let w = orch.worker("early-r-w", Behaviour::default());
+    for job in cancelled.iter().chain(&["early-r-other"]) {
+        mq.publish_job(job, json!({}));
+    }
+    let statuses = mq.statuses(3, LONG);
+    for job in cancelled {
+        let status = the_status(&statuses, job);
+        assert_eq!(status["outcome"], "cancelled", "{status}");
+        assert_eq!(status["startedAt"], Value::Null, "{status}");
+    }
+    assert_eq!(
+        the_status(&statuses, "early-r-other")["outcome"],
+        "succeeded"
+    );
+    assert_eq!(
+        *w.observed.jobs.lock().unwrap(),
+        vec!["early-r-other".to_string()]
+    );
+    mq.assert_no_more_statuses();
+    poll(LONG, "the used cancels forgotten by the state file", || {
+        let json: Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+        json.get("cancels").is_none().then_some(())
+    });
+}
+
+#[test]
 fn a_job_cancelled_while_it_waits_for_a_worker_is_dropped() {
     let Setup { mq, orch, .. } = Setup::new("queued");
     let hold = Behaviour {

@@ -194,13 +194,14 @@ fn remembered_ids(path: &str) -> Vec<String> {
 
 #[test]
 fn go_workers_that_registered_once_get_jobs_after_a_graceful_or_hard_restart() {
-    let state = own_state_file();
-    let flags = ["--state-file", state.as_str()];
-    let Setup {
-        names,
-        mq,
-        mut orch,
-    } = Setup::with_flags("dep-restart", &flags);
+    let (
+        Setup {
+            names,
+            mq,
+            mut orch,
+        },
+        state,
+    ) = Setup::remembering("dep-restart", &[]);
     let api = mq.api_result_queue();
     // Go workers register once, at their own start, and never again.
     let a = orch.worker("go-a", go_worker(Duration::from_millis(100)));
@@ -216,7 +217,7 @@ fn go_workers_that_registered_once_get_jobs_after_a_graceful_or_hard_restart() {
         orch.signal(signal);
         orch.wait_exit(LONG);
         let before = [a.observed.job_count(), b.observed.job_count()];
-        orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
+        orch = orch.restart();
         let ran = run_deployments(&mq, &api, &format!("dep-after-{signal}"), 8);
         for (worker, was) in [(&a, before[0]), (&b, before[1])] {
             assert!(
@@ -242,7 +243,7 @@ fn go_workers_that_registered_once_get_jobs_after_a_graceful_or_hard_restart() {
     orch.wait_exit(LONG);
     b.kill();
     let b_jobs = b.observed.job_count();
-    orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
+    orch = orch.restart();
     let ran = run_deployments(&mq, &api, "dep-dead", 6);
     assert!(ran.iter().all(|w| w == "go-a"), "{ran:?}");
     assert_eq!(b.observed.job_count(), b_jobs);

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -220,7 +222,7 @@ fn a_token_too_short_to_be_real_does_not_mangle_image_urls_or_logs() {
 }
 
 #[test]
-fn a_worker_that_already_runs_the_job_started_nothing_and_the_job_is_not_failed() {
+fn a_job_the_worker_already_runs_is_attached_to_not_failed_or_run_twice() {
     let Setup { mq, orch, .. } = Setup::new("h-exists");
     let exec = ["--executor", "exec", "--exec-command", "sleep 1; echo ran"];
     let worker = WorkerProcess::start(
@@ -242,14 +244,17 @@ fn a_worker_that_already_runs_the_job_started_nothing_and_the_job_is_not_failed(
         worker.log().contains("job dup-1: started").then_some(())
     });
     mq.publish_job("dup-1", json!({"repoUrl": ""}));
-    orch.wait_for_log(
-        "refused the job without starting it (6-ALREADY_EXISTS",
-        LONG,
-    );
+    worker.wait_for_log("job dup-1: a call attached to the running job", LONG);
     assert!(common::futures_block_on(first).unwrap().success);
     let status = &mq.statuses(1, LONG)[0];
     assert_eq!(status["outcome"], "succeeded", "not failed: {status}");
     mq.assert_no_more_statuses();
+    assert_eq!(
+        worker.log().matches("job dup-1: started").count(),
+        1,
+        "run once: {}",
+        worker.log()
+    );
 }
 
 /// A worker whose every answer carries `bytes` of logs ending in `THE END`.
@@ -460,4 +465,47 @@ fn under_a_broker_alarm_the_orchestrator_says_so_drains_on_time_and_loses_nothin
             .any(|s| s["jobId"] == "alarm-1" && s["outcome"] == "succeeded"),
         "{statuses:?}"
     );
+}
+
+/// The SETTINGS_MAX_CONCURRENT_STREAMS (0x3) a plaintext HTTP/2 server on
+/// `127.0.0.1:port` advertises in its first SETTINGS frame, if any: the client preface
+/// and an empty SETTINGS frame are sent, frames are read until the server's SETTINGS.
+fn advertised_max_streams(port: u16) -> Option<u32> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(LONG)).unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
+    // length 0, type SETTINGS (4), no flags, stream 0.
+    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    loop {
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).unwrap();
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0; length];
+        stream.read_exact(&mut payload).unwrap();
+        let (kind, ack) = (header[3], header[4] & 1 == 1);
+        if kind == 4 && !ack {
+            return payload
+                .chunks_exact(6)
+                .find(|s| u16::from_be_bytes([s[0], s[1]]) == 3)
+                .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+        }
+    }
+}
+
+#[test]
+fn both_grpc_servers_bound_the_concurrent_streams_of_a_connection() {
+    // HTTP/2 rapid reset (CVE-2023-44487) costs the server per stream a peer opens: each
+    // server advertises (and the gRPC core enforces) at most 256 at once per connection.
+    let Setup { orch, .. } = Setup::new("streams");
+    let worker = WorkerProcess::start("streams-w", orch.grpc_port, &[]);
+    orch.wait_for_log("worker streams-w registered", LONG);
+    for (server, port) in [("orchestrator", orch.grpc_port), ("worker", worker.port)] {
+        assert_eq!(
+            advertised_max_streams(port),
+            Some(256),
+            "the {server}'s gRPC server does not bound concurrent streams"
+        );
+    }
 }

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use blacktree::proto::job::{CancelJobRequest, JobRequest, JobResponse, PingRequest, WorkerStatus};
-use blacktree::proto::job_grpc::JobServiceClient;
 use common::build_env::*;
 use common::*;
 use grpcio::{CallOption, ClientUnaryReceiver, RpcStatusCode};
@@ -505,8 +504,7 @@ fn a_worker_registers_again_with_a_restarted_orchestrator_and_gets_jobs() {
 /// A job whose step sleeps a long time, running on a worker of its own.
 struct SleepingJob {
     worker: WorkerProcess,
-    client: JobServiceClient,
-    call: ClientUnaryReceiver<JobResponse>,
+    _call: ClientUnaryReceiver<JobResponse>,
     /// The step's command line (`sleep NNNNN`), unlike any other process's.
     marker: String,
     _repo: TempDir,
@@ -533,8 +531,7 @@ fn sleeping_job(id: &str, base: u32, prefix: &str) -> SleepingJob {
     });
     SleepingJob {
         worker,
-        client,
-        call,
+        _call: call,
         marker,
         _repo: repo,
     }
@@ -551,27 +548,6 @@ fn a_killed_worker_takes_its_running_step_with_it() {
         "the step to die with its worker",
         || (!job.worker.runs(&job.marker)).then_some(()),
     );
-}
-
-#[test]
-fn a_call_cancelled_by_the_caller_stops_its_job_and_frees_the_slot() {
-    let SleepingJob {
-        worker,
-        client,
-        mut call,
-        marker,
-        _repo,
-    } = sleeping_job("gone-w", 40000, "");
-    call.cancel();
-    poll(Duration::from_secs(10), "the command to be killed", || {
-        (!worker.runs(&marker)).then_some(())
-    });
-    let ping = blacktree::proto::job::PingRequest::default();
-    poll(Duration::from_secs(10), "the slot to be free", || {
-        (client.ping(&ping).unwrap().status == blacktree::proto::job::WorkerStatus::FREE)
-            .then_some(())
-    });
-    worker.wait_for_log("the caller cancelled the call", LONG);
 }
 
 #[test]

@@ -38,6 +38,7 @@ use super::ledger::{Action, Ledger, LedgerConfig, Stats, CANCEL_TAG};
 use super::{declare_topology, AmqpUrl};
 use crate::config::Topology;
 use crate::metrics::Metrics;
+use crate::orchestrator::state_file::{EarlyCancel, StateFile};
 use crate::pipeline::{Assignment, Connected, ConsumerMsg, Publication};
 
 /// First and longest pause between two connection attempts.
@@ -74,6 +75,8 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
     /// The ledger's settings.
     pub ledger: LedgerConfig,
+    /// Early cancels the state file remembered at start.
+    pub remembered_cancels: Vec<EarlyCancel>,
 }
 
 /// The channels the consumer thread talks through.
@@ -90,12 +93,18 @@ pub struct ConsumerLinks {
     pub connections: Sender<Connected>,
     /// Counters it keeps.
     pub metrics: Arc<Metrics>,
+    /// Where early cancels are remembered, if anywhere.
+    pub state_file: Option<Arc<StateFile>>,
 }
 
 /// Starts the consumer thread; it returns when a drain has finished.
 pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
     let consumer = Consumer {
-        ledger: Ledger::new(config.ledger.clone(), links.metrics.clone()),
+        ledger: Ledger::new(
+            config.ledger.clone(),
+            links.metrics.clone(),
+            config.remembered_cancels.clone(),
+        ),
         config,
         links,
         generation: 0,
@@ -188,6 +197,13 @@ impl Consumer {
              {duplicates} duplicates not run again, {} jobs left unfinished",
             self.ledger.unfinished()
         );
+        if self.ledger.unfinished() > 0 {
+            info!(
+                "handing over {} running job(s): the broker redelivers them to the next \
+                 orchestrator, which adopts the builds our workers keep running",
+                self.ledger.unfinished()
+            );
+        }
     }
 
     /// Opens the consuming connection (jobs and cancels) and the publishing one, whose
@@ -321,6 +337,7 @@ impl Consumer {
         match event {
             Input::Delivery(i, Ok(ConsumerMessage::Delivery(mut delivery))) => {
                 let source = consumers[i].0;
+                let redelivered = delivery.redelivered;
                 let tag = match source {
                     Source::Jobs => delivery.delivery_tag(),
                     Source::Cancels => delivery.delivery_tag() | CANCEL_TAG,
@@ -328,7 +345,7 @@ impl Consumer {
                 let body = std::mem::take(&mut delivery.body);
                 self.deliveries.insert(tag, delivery);
                 let actions = match source {
-                    Source::Jobs => self.ledger.job_delivery(tag, body),
+                    Source::Jobs => self.ledger.job_delivery(tag, body, redelivered),
                     Source::Cancels => self.ledger.cancel_delivery(tag, body),
                 };
                 self.apply(Some(channels), actions)
@@ -395,6 +412,13 @@ impl Consumer {
                 Action::Publish(publication) => {
                     // The publisher outlives the consumer thread.
                     let _ = self.links.publications.send(publication);
+                }
+                Action::Remember(cancels) => {
+                    if let Some(file) = &self.links.state_file {
+                        if let Err(e) = file.save_cancels(cancels) {
+                            warn!("{e}: the latest early cancel is remembered in memory only");
+                        }
+                    }
                 }
                 Action::Nack(tag) => {
                     if let (Some(channels), Some(delivery)) =

@@ -2,6 +2,11 @@
 //! worker slot, make one blocking `RunJob` call with the job's deadline, release the
 //! slot and hand the job's status to the publisher.
 //!
+//! A redelivered job may still run (or have its answer held) on a worker whose
+//! orchestrator is gone: it goes to the worker that reports it, whose `RunJob` attaches
+//! to the running build (adoption). One that no worker reports within `--adopt-wait` is
+//! dispatched afresh; first deliveries never wait.
+//!
 //! A job is never retried after it reached a worker: every ending (answer, lost worker,
 //! deadline, cancel, error) becomes its one status. A cancelled or timed-out call is
 //! also stopped on the worker with `CancelJob`. The only cases that go to another worker
@@ -12,7 +17,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use grpcio::RpcStatusCode;
@@ -31,6 +36,9 @@ const GO_WORKER_BUSY: &str = "worker is currently busy";
 
 /// How long a worker may take to answer `CancelJob`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a redelivered job looks for a worker that reports it.
+const ADOPT_POLL: Duration = Duration::from_millis(50);
 
 /// The channels and shared state the dispatch threads use.
 #[derive(Clone)]
@@ -58,6 +66,8 @@ pub struct DispatchSettings {
     pub threads: u16,
     /// Deadline of a job without `timeoutSeconds`.
     pub job_timeout: Duration,
+    /// How long a redelivered job waits for a worker to report it.
+    pub adopt_wait: Duration,
     /// Whether lifecycle events are published (`--events-key` set).
     pub events: bool,
 }
@@ -68,8 +78,7 @@ pub fn spawn_pool(settings: DispatchSettings, links: DispatchLinks) -> Vec<JoinH
         .map(|i| {
             let dispatcher = Dispatcher {
                 links: links.clone(),
-                job_timeout: settings.job_timeout,
-                events: settings.events,
+                settings,
             };
             std::thread::Builder::new()
                 .name(format!("dispatch-{i}"))
@@ -81,8 +90,7 @@ pub fn spawn_pool(settings: DispatchSettings, links: DispatchLinks) -> Vec<JoinH
 
 struct Dispatcher {
     links: DispatchLinks,
-    job_timeout: Duration,
-    events: bool,
+    settings: DispatchSettings,
 }
 
 /// How waiting for a free slot ended.
@@ -124,41 +132,43 @@ impl Dispatcher {
             job,
             token,
             received,
+            redelivered,
         }: Assignment,
     ) {
+        let mut adopted = if redelivered {
+            match self.wait_for_report(&job, &token) {
+                Some(Wait::Claimed(claim)) => Some(claim),
+                Some(ending) => return self.unstarted(job, ending),
+                None => None,
+            }
+        } else {
+            None
+        };
         loop {
-            let claim = match self.claim(&job, &token) {
-                Wait::Claimed(claim) => claim,
-                Wait::Draining => {
-                    // The job never started; the consumer requeues it.
-                    let _ = self.links.consumer.send(ConsumerMsg::Requeue(job.job_id));
-                    return;
-                }
-                Wait::Cancelled => {
-                    info!("job {}: cancelled while waiting for a worker", job.job_id);
-                    let status = Status::without_answer(
-                        &job.job_id,
-                        Outcome::Cancelled,
-                        "",
-                        "cancelled".into(),
-                    )
-                    .in_dialect(job.dialect);
-                    self.publish(Publication::Status(status));
-                    return;
-                }
+            let (claim, kind) = match adopted.take() {
+                Some(claim) => (claim, EventKind::Adopted),
+                None => match self.claim(&job, &token) {
+                    Wait::Claimed(claim) => (claim, EventKind::Dispatched),
+                    ending => return self.unstarted(job, ending),
+                },
             };
-            info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
             let metrics = &self.links.metrics;
-            metrics.jobs_dispatched.inc();
+            if kind == EventKind::Adopted {
+                info!("job {}: adopted from worker {}", job.job_id, claim.worker);
+                metrics.jobs_adopted.inc();
+            } else {
+                info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
+                metrics.jobs_dispatched.inc();
+            }
             metrics
                 .dispatch_latency
                 .observe(received.elapsed().as_secs_f64());
             metrics.jobs_in_flight.inc();
-            if self.events {
+            if self.settings.events {
                 // Skipped when off: no wake-up of the publisher for nothing.
                 self.publish(Publication::Event(Event::now(
                     &job.job_id,
-                    EventKind::Dispatched,
+                    kind,
                     &claim.worker,
                 )));
             }
@@ -175,6 +185,51 @@ impl Dispatcher {
                     self.publish(Publication::Status(status));
                     return;
                 }
+            }
+        }
+    }
+
+    /// A job that never started: given back to the consumer (drain), or ended with its
+    /// `cancelled` status.
+    fn unstarted(&self, job: Job, ending: Wait) {
+        if let Wait::Cancelled = ending {
+            info!("job {}: cancelled while waiting for a worker", job.job_id);
+            let status =
+                Status::without_answer(&job.job_id, Outcome::Cancelled, "", "cancelled".into())
+                    .in_dialect(job.dialect);
+            self.publish(Publication::Status(status));
+        } else {
+            // The consumer requeues it.
+            let _ = self.links.consumer.send(ConsumerMsg::Requeue(job.job_id));
+        }
+    }
+
+    /// Waits up to `--adopt-wait` for a worker to report the redelivered `job` (a
+    /// build that outlived the orchestrator that started it); `None`: none did, it is
+    /// dispatched afresh.
+    fn wait_for_report(&self, job: &Job, token: &CancelToken) -> Option<Wait> {
+        let deadline = Instant::now() + self.settings.adopt_wait;
+        loop {
+            if token.reason().is_some() {
+                return Some(Wait::Cancelled);
+            }
+            if let Some(claim) = self.links.registry.adopt(&job.job_id, token) {
+                return Some(Wait::Claimed(claim));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                info!(
+                    "job {}: redelivered, and no worker reported it within {}: dispatched afresh",
+                    job.job_id,
+                    humantime::format_duration(self.settings.adopt_wait)
+                );
+                self.links.metrics.jobs_redispatched.inc();
+                return None;
+            }
+            select! {
+                recv(token.fired()) -> _ => return Some(Wait::Cancelled),
+                recv(self.links.shutdown) -> _ => return Some(Wait::Draining),
+                default(ADOPT_POLL.min(deadline - now)) => {}
             }
         }
     }
@@ -208,7 +263,7 @@ impl Dispatcher {
     fn attempt(&self, job: &Job, claim: &Claim, token: &CancelToken) -> Attempt {
         let timeout = job
             .timeout_seconds
-            .map_or(self.job_timeout, Duration::from_secs);
+            .map_or(self.settings.job_timeout, Duration::from_secs);
         let request = JobRequest {
             jobId: job.job_id.clone(),
             repoUrl: job.repo_url.clone(),

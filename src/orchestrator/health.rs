@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::registry::{PingResult, PingTarget, Registry};
+use super::registry::{PingResult, PingTarget, Registry, Reported};
 use crate::grpc::cancel::{self, CallError};
 use crate::metrics::Metrics;
 use crate::proto::job::{PingRequest, WorkerStatus};
@@ -84,8 +84,20 @@ fn ping_all(
                 let other: String = pong.workerId.chars().take(64).collect();
                 PingResult::Failed(format!("its address answers as worker {other:?}"))
             }
-            Ok(pong) if pong.status == WorkerStatus::BUSY => PingResult::Busy,
-            Ok(_) => PingResult::Free,
+            Ok(pong) => {
+                // What it runs and holds counts before it can look free.
+                match Reported::checked(&pong.jobIds, &pong.heldJobIds, target.capacity) {
+                    Ok(reported) => registry.report(&target.worker, reported),
+                    Err(reason) => {
+                        log::warn!("worker {}: ping report ignored: {reason}", target.worker)
+                    }
+                }
+                if pong.status == WorkerStatus::BUSY {
+                    PingResult::Busy
+                } else {
+                    PingResult::Free
+                }
+            }
             Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),
             Err(CallError::Cancelled(reason)) => PingResult::Failed(format!("{reason:?}")),
         };

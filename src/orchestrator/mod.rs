@@ -35,7 +35,13 @@ use crate::metrics::Metrics;
 use crate::pipeline::ConsumerMsg;
 use dispatch::{DispatchLinks, DispatchSettings};
 use registry::{Hint, Origin, Registry, RegistrySettings};
-use state_file::Remembered;
+use state_file::{EarlyCancel, Remembered, Remembrance, StateFile};
+
+/// The state file, if any, and the early cancels it remembered at start.
+struct Memory {
+    file: Option<Arc<StateFile>>,
+    cancels: Vec<EarlyCancel>,
+}
 
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
@@ -64,21 +70,26 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
             max_workers: config.max_workers as usize,
         },
     );
-    let state_file = state_file::open(config.state_file.as_deref())?;
-    if let Some((_, remembered)) = &state_file {
-        restore(&registry, remembered, &config.workers);
-    }
+    let (state_file, remembered) = match state_file::open(config.state_file.as_deref())? {
+        Some((file, remembered)) => (Some(Arc::new(file)), remembered),
+        None => (None, Remembrance::default()),
+    };
+    restore(&registry, &remembered.workers, &config.workers);
     for worker in &config.workers {
         registry.register(&worker.id, &worker.addr, "", 1, Origin::Static);
     }
     // Attached once the start's registrations are in: one write for all of them.
-    let registry = Arc::new(match state_file {
-        Some((file, _)) => registry.remembered_in(file),
+    let registry = Arc::new(match &state_file {
+        Some(file) => registry.remembered_in(file.clone()),
         None => registry,
     });
     let metrics = Arc::new(Metrics::default());
     let server = serve(&config, env, &registry, &metrics, token, tls.as_ref())?;
-    let pipeline = spawn_threads(&config, url, registry, metrics, hints_rx);
+    let memory = Memory {
+        file: state_file,
+        cancels: remembered.cancels,
+    };
+    let pipeline = spawn_threads(&config, url, registry, metrics, hints_rx, memory);
     wait_and_drain(&config, &server, pipeline)?;
     info!("orchestrator stopped");
     Ok(())
@@ -158,6 +169,7 @@ fn spawn_threads(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     hints: Receiver<Hint>,
+    memory: Memory,
 ) -> Pipeline {
     let events = config.topology.events_on();
     let (inbox_tx, inbox_rx) = unbounded();
@@ -189,6 +201,7 @@ fn spawn_threads(
                 events,
                 derived_image_prefix: config.derived_image_prefix.clone(),
             },
+            remembered_cancels: memory.cancels,
         },
         ConsumerLinks {
             inbox: inbox_rx,
@@ -197,12 +210,14 @@ fn spawn_threads(
             publications: publications_tx.clone(),
             connections: connections_tx,
             metrics: metrics.clone(),
+            state_file: memory.file,
         },
     );
     dispatch::spawn_pool(
         DispatchSettings {
             threads: config.dispatch_threads,
             job_timeout: config.job_timeout,
+            adopt_wait: config.adopt_wait,
             events,
         },
         DispatchLinks {

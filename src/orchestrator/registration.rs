@@ -9,9 +9,9 @@ use grpcio::{Environment, RpcContext, RpcStatus, RpcStatusCode, Server, UnarySin
 use grpcio_health::{create_health, HealthService, ServingStatus};
 use log::{info, warn};
 
-use super::registry::{Origin, Registry};
+use super::registry::{Origin, Registry, Reported};
 use crate::grpc::{admit, fail, reply, server_credentials, Tls};
-use crate::job::{Secret, MAX_JOB_ID_LEN};
+use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
 use crate::proto::job::PingRequest as JobPingRequest;
 use crate::proto::worker::{
     ListWorkersRequest, ListWorkersResponse, PingRequest, PongResponse, RegisterAck, WorkerInfo,
@@ -82,6 +82,7 @@ struct Checked {
     addr: String,
     region: String,
     capacity: u32,
+    reported: Reported,
 }
 
 impl WorkerServiceImpl {
@@ -92,6 +93,7 @@ impl WorkerServiceImpl {
             addr,
             region,
             capacity,
+            reported,
         } = worker;
         let Some(generation) =
             self.registry
@@ -103,8 +105,10 @@ impl WorkerServiceImpl {
                 "the orchestrator has as many workers as --max-workers allows".to_string(),
             ));
         };
+        self.registry.report(id, reported.clone());
         info!(
-            "worker {id} registered at {addr} (capacity {capacity}, region {region:?}, generation {generation})"
+            "worker {id} registered at {addr} (capacity {capacity}, region {region:?}, generation {generation}{})",
+            describe(reported)
         );
         Ok(RegisterAck {
             success: true,
@@ -182,6 +186,12 @@ impl WorkerService for WorkerServiceImpl {
         };
         let mut pong = PongResponse::new();
         pong.healthy = self.registry.is_registered(&req.id);
+        if pong.healthy {
+            match Reported::checked(&req.jobIds, &req.heldJobIds, self.policy.max_capacity) {
+                Ok(reported) => self.registry.report(&req.id, reported),
+                Err(reason) => warn!("worker {}: check-in report ignored: {reason}", req.id),
+            }
+        }
         reply(&ctx, sink, pong);
     }
 
@@ -223,7 +233,7 @@ const MAX_REGION_CHARS: usize = 64;
 /// (it could be megabytes, or control characters meant for a terminal).
 fn checked_registration(info: &WorkerInfo, max_capacity: u32) -> Result<Checked, String> {
     let id = info.id.as_str();
-    if id.trim().is_empty() || id.len() > MAX_JOB_ID_LEN || id.chars().any(char::is_control) {
+    if !is_plain_id(id) {
         return Err(format!(
             "id must be 1 to {MAX_JOB_ID_LEN} bytes with no control characters"
         ));
@@ -258,12 +268,31 @@ fn checked_registration(info: &WorkerInfo, max_capacity: u32) -> Result<Checked,
     } else {
         info.ip.clone()
     };
+    let reported = Reported::checked(&info.jobIds, &info.heldJobIds, capacity)
+        .map_err(|reason| format!("worker {id}: {reason}"))?;
     Ok(Checked {
         id: id.to_string(),
         addr: format!("{host}:{port}"),
         region: region.to_string(),
         capacity,
+        reported,
     })
+}
+
+/// `, running […], holding […]` for a registration's log line, when it reports jobs
+/// (their ids when there are a few, else how many).
+fn describe(reported: &Reported) -> String {
+    let mut text = String::new();
+    for (what, ids) in [("running", &reported.running), ("holding", &reported.held)] {
+        if ids.len() > 10 {
+            text.push_str(&format!(", {what} {} jobs", ids.len()));
+        } else if !ids.is_empty() {
+            let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            ids.sort_unstable();
+            text.push_str(&format!(", {what} {}", ids.join(" ")));
+        }
+    }
+    text
 }
 
 /// An IP address, or a host name: at most 253 bytes of dot-separated labels of 1 to 63

@@ -18,7 +18,7 @@
 //! forgotten) is written to it before the change is acknowledged; at start the
 //! remembered workers come back as [`Origin::Restored`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,11 +27,16 @@ use grpcio::{CallOption, Environment};
 use log::{info, warn};
 
 use super::state_file::{Remembered, StateFile};
+use crate::agent::jobs::MAX_HELD;
 use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::grpc::{self, Tls};
-use crate::job::Secret;
+use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
 use crate::proto::job_grpc::JobServiceClient;
-use crate::proto::worker::WorkerState;
+pub use liveness::{PingResult, PingTarget};
+pub use view::WorkerView;
+
+mod liveness;
+mod view;
 
 /// A hint that a worker may have a free slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +58,42 @@ pub struct Claim {
     pub client: JobServiceClient,
 }
 
+/// The jobIds a worker says (at registration and every check-in) it runs, and those
+/// whose answer it holds: builds that may have outlived the orchestrator that started
+/// them. Older workers report nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Running there: each takes a slot.
+    pub running: HashSet<String>,
+    /// Finished there, the answer held for the next `RunJob` of that jobId.
+    pub held: HashSet<String>,
+}
+
+impl Reported {
+    /// Checks what a worker reports: at most `capacity` running and [`MAX_HELD`] held
+    /// jobIds, each a plain id. The reasons never quote an id.
+    pub fn checked(running: &[String], held: &[String], capacity: u32) -> Result<Reported, String> {
+        if running.len() > capacity as usize || held.len() > MAX_HELD {
+            return Err(format!(
+                "it reports more running jobs than its capacity or more than {MAX_HELD} held answers"
+            ));
+        }
+        if !running.iter().chain(held).all(|id| is_plain_id(id)) {
+            return Err(format!(
+                "reported jobIds must be 1 to {MAX_JOB_ID_LEN} bytes with no control characters"
+            ));
+        }
+        Ok(Reported {
+            running: running.iter().cloned().collect(),
+            held: held.iter().cloned().collect(),
+        })
+    }
+
+    fn contains(&self, job_id: &str) -> bool {
+        self.running.contains(job_id) || self.held.contains(job_id)
+    }
+}
+
 /// How a job ended on a worker, as far as the worker's state is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
@@ -63,30 +104,6 @@ pub enum Release {
     /// The worker refused the job (no free slot of its own), or may still be running a
     /// job it could not be asked to stop: treat it as busy until a ping says FREE.
     Withheld,
-}
-
-/// What a ping found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PingResult {
-    /// The worker answered FREE (or an older worker's UNKNOWN).
-    Free,
-    /// The worker answered BUSY.
-    Busy,
-    /// No answer, or an error.
-    Failed(String),
-}
-
-/// A worker to ping, as the health ticker sees it.
-pub struct PingTarget {
-    /// The worker's id.
-    pub worker: Arc<str>,
-    /// Client of its `JobService`.
-    pub client: JobServiceClient,
-    generation: u64,
-    /// Jobs ever started on it when the ping was sent, to tell whether a BUSY answer is
-    /// explained by our own jobs.
-    started: u64,
-    in_flight: u32,
 }
 
 /// How the orchestrator came to know a worker.
@@ -100,67 +117,6 @@ pub enum Origin {
     /// Read from the state file at start: it gets no job until it answers a ping, and is
     /// forgotten like a registered worker if it never does.
     Restored,
-}
-
-/// A worker as `blacktree workers` and `/workers` show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerView {
-    /// Its id.
-    pub id: String,
-    /// `HOST:PORT` of its JobService.
-    pub addr: String,
-    /// Region it reported.
-    pub region: String,
-    /// `free`, `busy` or `unhealthy`.
-    pub state: String,
-    /// Jobs it runs at once.
-    pub capacity: u32,
-    /// Jobs of ours running on it.
-    pub in_flight: u32,
-    /// Time since it last answered a ping.
-    pub last_ping: Option<Duration>,
-}
-
-impl WorkerView {
-    /// As `ListWorkers` sends it (`lastPingMsAgo` -1: never answered).
-    pub fn to_proto(&self) -> WorkerState {
-        WorkerState {
-            id: self.id.clone(),
-            address: self.addr.clone(),
-            state: self.state.clone(),
-            capacity: i32::try_from(self.capacity).unwrap_or(i32::MAX),
-            inFlight: i32::try_from(self.in_flight).unwrap_or(i32::MAX),
-            lastPingMsAgo: self
-                .last_ping
-                .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            region: self.region.clone(),
-            ..WorkerState::default()
-        }
-    }
-
-    /// As `blacktree workers` reads it from `ListWorkers`.
-    pub fn from_proto(state: &WorkerState) -> WorkerView {
-        WorkerView {
-            id: state.id.clone(),
-            addr: state.address.clone(),
-            region: state.region.clone(),
-            state: state.state.clone(),
-            capacity: u32::try_from(state.capacity).unwrap_or(0),
-            in_flight: u32::try_from(state.inFlight).unwrap_or(0),
-            last_ping: u64::try_from(state.lastPingMsAgo)
-                .ok()
-                .map(Duration::from_millis),
-        }
-    }
-
-    /// The JSON of `blacktree workers --json` and `/workers`.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id, "address": self.addr, "state": self.state, "capacity": self.capacity,
-            "inFlight": self.in_flight, "region": self.region,
-            "lastPingMsAgo": self.last_ping.map(|d| d.as_millis() as u64),
-        })
-    }
 }
 
 /// Settings of the registry.
@@ -188,7 +144,7 @@ pub struct Registry {
     env: Arc<Environment>,
     settings: RegistrySettings,
     /// Where the set of workers is remembered, if anywhere.
-    state_file: Option<StateFile>,
+    state_file: Option<Arc<StateFile>>,
 }
 
 struct Worker {
@@ -210,13 +166,22 @@ struct Worker {
     client: JobServiceClient,
     /// Jobs of ours running on it → the token that cancels their call.
     running: HashMap<String, CancelToken>,
+    /// What it last reported.
+    reported: Reported,
     started: u64,
 }
 
 impl Worker {
-    /// Jobs of ours running on it.
+    /// Jobs running on it: ours, and those it reports (builds started by an earlier
+    /// orchestrator).
     fn in_flight(&self) -> u32 {
-        u32::try_from(self.running.len()).unwrap_or(u32::MAX)
+        let others = self
+            .reported
+            .running
+            .iter()
+            .filter(|job_id| !self.running.contains_key(job_id.as_str()))
+            .count();
+        u32::try_from(self.running.len() + others).unwrap_or(u32::MAX)
     }
 
     fn free_slots(&self) -> u32 {
@@ -243,7 +208,7 @@ impl Registry {
 
     /// The same registry, remembering its workers in `file` from now on (written at
     /// once).
-    pub fn remembered_in(self, file: StateFile) -> Registry {
+    pub fn remembered_in(self, file: Arc<StateFile>) -> Registry {
         let registry = Registry {
             state_file: Some(file),
             ..self
@@ -299,6 +264,7 @@ impl Registry {
             is_static,
             client,
             running: HashMap::new(),
+            reported: Reported::default(),
             started: 0,
         });
         self.top_up(&id, worker.into_mut());
@@ -384,7 +350,37 @@ impl Registry {
         })
     }
 
-    /// Gives a claimed slot back.
+    /// Records what worker `id` reports (see [`Reported`]); its free slots follow.
+    pub fn report(&self, id: &str, reported: Reported) {
+        let mut workers = self.lock();
+        let Some(id) = workers.get_key_value(id).map(|(id, _)| id.clone()) else {
+            return;
+        };
+        let worker = workers.get_mut(&id).expect("found above");
+        if worker.reported != reported {
+            worker.reported = reported;
+            self.top_up(&id, worker);
+        }
+    }
+
+    /// Takes the job `job_id` over on a healthy worker that reports it (running, or its
+    /// answer held): a `RunJob` there attaches to it. Its slot is already taken.
+    pub fn adopt(&self, job_id: &str, token: &CancelToken) -> Option<Claim> {
+        let mut workers = self.lock();
+        let (id, worker) = workers
+            .iter_mut()
+            .find(|(_, w)| w.healthy && w.reported.contains(job_id))?;
+        worker.started += 1;
+        worker.running.insert(job_id.to_string(), token.clone());
+        Some(Claim {
+            worker: id.clone(),
+            generation: worker.generation,
+            client: worker.client.clone(),
+        })
+    }
+
+    /// Gives a claimed slot back. The job is no longer the worker's, whatever its last
+    /// report said.
     pub fn release(&self, claim: &Claim, job_id: &str, how: Release) {
         let mut workers = self.lock();
         let Some(worker) = workers.get_mut(&claim.worker) else {
@@ -394,6 +390,8 @@ impl Registry {
             return;
         }
         worker.running.remove(job_id);
+        worker.reported.running.remove(job_id);
+        worker.reported.held.remove(job_id);
         match how {
             Release::Done => {}
             Release::Unreachable => {
@@ -422,73 +420,6 @@ impl Registry {
         }
     }
 
-    /// The workers to ping in a health round.
-    pub fn ping_targets(&self) -> Vec<PingTarget> {
-        self.lock()
-            .iter()
-            .map(|(id, w)| PingTarget {
-                worker: id.clone(),
-                client: w.client.clone(),
-                generation: w.generation,
-                started: w.started,
-                in_flight: w.in_flight(),
-            })
-            .collect()
-    }
-
-    /// Records a ping's result: `unhealthy_after` failures in a row make a worker
-    /// unhealthy (and cancel the calls running on it), one answer makes it healthy.
-    /// Returns whether the worker is suspect: its ping failed and it is still healthy.
-    pub fn record_ping(&self, target: &PingTarget, result: PingResult) -> bool {
-        let mut workers = self.lock();
-        let Some(worker) = workers.get_mut(&target.worker) else {
-            return false;
-        };
-        if worker.generation != target.generation {
-            return false;
-        }
-        let mut suspect = false;
-        match result {
-            PingResult::Free | PingResult::Busy => {
-                if !worker.healthy {
-                    info!(
-                        "worker {} ({}) answers pings: healthy",
-                        target.worker, worker.addr
-                    );
-                }
-                worker.healthy = true;
-                worker.failures = 0;
-                worker.last_seen = Some(Instant::now());
-                worker.unhealthy_since = None;
-                // BUSY while our own jobs ran (or started) since the ping left is ours.
-                let ours = target.in_flight > 0
-                    || worker.in_flight() > 0
-                    || worker.started != target.started;
-                worker.busy = result == PingResult::Busy && !ours;
-            }
-            PingResult::Failed(error) => {
-                worker.failures += 1;
-                if worker.last_seen.is_none() && worker.failures == 1 {
-                    // A static or restored worker that has not answered yet: said once.
-                    info!(
-                        "worker {} ({}) does not answer yet: {error}",
-                        target.worker, worker.addr
-                    );
-                }
-                if worker.healthy && worker.failures >= self.settings.unhealthy_after {
-                    warn!(
-                        "worker {} ({}) failed {} pings in a row ({error}): unhealthy",
-                        target.worker, worker.addr, worker.failures
-                    );
-                    self.mark_unhealthy(worker);
-                }
-                suspect = worker.healthy;
-            }
-        }
-        self.top_up(&target.worker, worker);
-        suspect
-    }
-
     /// What the registry knows of each worker, sorted by id.
     pub fn list(&self) -> Vec<WorkerView> {
         let mut list: Vec<WorkerView> = self
@@ -513,29 +444,6 @@ impl Registry {
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
         list
-    }
-
-    /// Forgets registered workers unhealthy for longer than `forget_after`.
-    pub fn forget_expired(&self) {
-        let forget_after = self.settings.forget_after;
-        let mut forgotten = false;
-        self.lock().retain(|id, w| {
-            let expired = !w.is_static
-                && w.unhealthy_since
-                    .is_some_and(|t| t.elapsed() >= forget_after);
-            if expired {
-                info!(
-                    "worker {id} ({}) forgotten after {} unhealthy",
-                    w.addr,
-                    humantime::format_duration(forget_after)
-                );
-            }
-            forgotten |= expired;
-            !expired
-        });
-        if forgotten {
-            self.remember();
-        }
     }
 }
 

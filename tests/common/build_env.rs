@@ -211,18 +211,13 @@ impl WorkerProcess {
 
     fn spawn(id: &str, orchestrator_port: u16, args: &[&str]) -> WorkerProcess {
         let work_dir = TempDir::new("worker");
-        let mut all: Vec<String> = [
-            "worker",
-            "--id",
-            id,
-            "--listen",
-            "127.0.0.1:0",
-            "--check-in-interval",
-            "500ms",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut all: Vec<String> = ["worker", "--id", id, "--listen", "127.0.0.1:0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if !args.contains(&"--check-in-interval") {
+            all.extend(["--check-in-interval".to_string(), "500ms".to_string()]);
+        }
         all.extend([
             "--orchestrator".to_string(),
             format!("127.0.0.1:{orchestrator_port}"),

@@ -25,6 +25,14 @@ impl Setup {
         Setup { orch, mq, names }
     }
 
+    /// On the shared broker, with `extra` flags and a state file of its own that
+    /// [`Orchestrator::restart`] keeps; returns the state file's path too.
+    pub fn remembering(test: &str, extra: &[&str]) -> (Setup, String) {
+        let state = super::own_state_file();
+        let flags = [&["--state-file", state.as_str()], extra].concat();
+        (Self::with_flags(test, &flags), state)
+    }
+
     /// On a private broker node, with `extra` orchestrator flags.
     pub fn on(broker: &PrivateBroker, test: &str, extra: &[&str]) -> Setup {
         let names = Names::unique(test);

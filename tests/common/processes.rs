@@ -145,6 +145,8 @@ pub struct Orchestrator {
     pub process: LoggedChild,
     pub grpc_port: u16,
     pub metrics_port: u16,
+    /// Its command line, for [`Orchestrator::restart`].
+    args: Vec<String>,
 }
 
 impl Orchestrator {
@@ -167,6 +169,17 @@ impl Orchestrator {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(args)
+    }
+
+    /// A new orchestrator with the same command line, to start once this one exited. A
+    /// `--state-file` among its flags is kept; without one, it gets a fresh state file
+    /// (it knows no worker).
+    pub fn restart(&self) -> Orchestrator {
+        Self::spawn(self.args.clone())
+    }
+
+    fn spawn(args: Vec<String>) -> Orchestrator {
         let announces = [
             "gRPC server listening on port ",
             "metrics listening on port ",
@@ -176,6 +189,7 @@ impl Orchestrator {
             process,
             grpc_port: ports[0],
             metrics_port: ports[1],
+            args,
         };
         orchestrator.wait_for_log("broker: connected", Duration::from_secs(30));
         orchestrator

@@ -15,7 +15,7 @@
 //! * deliveries belong to one connection: when it dies they are forgotten (the broker
 //!   redelivers them), never acked on the next connection.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,10 +24,18 @@ use log::{info, warn};
 use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::job::{self, decode_cancel, EventKind, Job, Outcome, Rejection, Status};
 use crate::metrics::Metrics;
+use crate::orchestrator::state_file::EarlyCancel;
 use crate::pipeline::{AckKey, Assignment, Publication};
+use early_cancels::EarlyCancels;
 
-/// How many jobIds the de-duplication window (and the early cancels) remember at most.
+mod early_cancels;
+
+/// How many jobIds the de-duplication window remembers at most.
 const RECENT_JOBS_CAPACITY: usize = 100_000;
+
+/// How long a job dropped unstarted on a lost connection is known as such: its
+/// redelivery comes as soon as the consumer is back.
+const RELEASED_WINDOW: Duration = Duration::from_secs(60);
 
 /// Settings of the ledger.
 #[derive(Debug, Clone)]
@@ -60,6 +68,9 @@ pub enum Action {
     Nack(u64),
     /// Hand this to the status publisher.
     Publish(Publication),
+    /// Write these (every early cancel) to the state file; it comes before the ack of
+    /// the cancel that changed them, so an acked cancel survives a restart.
+    Remember(Vec<EarlyCancel>),
 }
 
 /// A job consumed and not yet confirmed.
@@ -100,17 +111,25 @@ pub struct Ledger {
     /// Jobs consumed and not yet taken by a dispatch thread, oldest first.
     backlog: VecDeque<Assignment>,
     /// Cancels of jobs not consumed yet.
-    early_cancels: RecentJobs,
+    early_cancels: EarlyCancels,
+    /// Jobs this orchestrator consumed and dropped unstarted when their connection died:
+    /// their redeliveries need not wait for a worker to report them.
+    released: RecentJobs,
     drain_deadline: Option<Instant>,
     stats: Stats,
 }
 
 impl Ledger {
-    /// An empty ledger.
-    pub fn new(config: LedgerConfig, metrics: Arc<Metrics>) -> Ledger {
+    /// A ledger with no jobs, holding the early cancels a state file remembered.
+    pub fn new(
+        config: LedgerConfig,
+        metrics: Arc<Metrics>,
+        remembered_cancels: Vec<EarlyCancel>,
+    ) -> Ledger {
         Ledger {
             recent: RecentJobs::new(config.dedupe_window, RECENT_JOBS_CAPACITY),
-            early_cancels: RecentJobs::new(config.cancel_ttl, RECENT_JOBS_CAPACITY),
+            early_cancels: EarlyCancels::new(config.cancel_ttl, remembered_cancels),
+            released: RecentJobs::new(RELEASED_WINDOW, RECENT_JOBS_CAPACITY),
             config,
             metrics,
             pending: HashMap::new(),
@@ -123,8 +142,9 @@ impl Ledger {
         }
     }
 
-    /// A message on the execute queue, with its delivery tag.
-    pub fn job_delivery(&mut self, tag: u64, body: Vec<u8>) -> Vec<Action> {
+    /// A message on the execute queue, with its delivery tag and whether the broker
+    /// delivered it before.
+    pub fn job_delivery(&mut self, tag: u64, body: Vec<u8>, redelivered: bool) -> Vec<Action> {
         self.unacked.insert(tag);
         self.stats.received += 1;
         if self.drain_deadline.is_some() {
@@ -154,6 +174,8 @@ impl Ledger {
         }
         self.metrics.jobs_received.inc();
         info!("job {}: received", job.job_id);
+        // Dropped here unstarted when the connection died: no worker can run it.
+        let redelivered = !self.released.remove(&job.job_id) && redelivered;
         let token = CancelToken::default();
         let pending = Pending {
             tags: vec![tag],
@@ -165,14 +187,16 @@ impl Ledger {
             let event = job::Event::now(&job.job_id, EventKind::Received, "");
             actions.push(Action::Publish(Publication::Event(event)));
         }
-        if self.early_cancels.remove(&job.job_id) {
+        if self.early_cancels.take(&job.job_id) {
             info!("job {}: cancelled before it arrived; not run", job.job_id);
             actions.push(cancelled(&job));
+            actions.push(Action::Remember(self.early_cancels.snapshot()));
         } else {
             self.backlog.push_back(Assignment {
                 job,
                 token,
                 received: Instant::now(),
+                redelivered,
             });
         }
         actions
@@ -215,6 +239,7 @@ impl Ledger {
                 humantime::format_duration(self.config.cancel_ttl)
             );
             self.early_cancels.insert(job_id);
+            return vec![Action::Remember(self.early_cancels.snapshot())];
         }
         Vec::new()
     }
@@ -308,7 +333,9 @@ impl Ledger {
     /// and so are the jobs not started yet (`unstarted`, taken back from the `jobs`
     /// channel, and the backlog), which come back with those redeliveries. Jobs running
     /// keep their entry, so their redeliveries are not run again; so do jobs cancelled
-    /// while they waited, whose `cancelled` status is published now.
+    /// while they waited, whose `cancelled` status is published now. The jobs dropped
+    /// unstarted are known as such for a while: their redeliveries are not `redelivered`
+    /// for dispatch (no worker can be running them, so they need not wait for a report).
     pub fn connection_lost(&mut self, unstarted: Vec<Assignment>) -> Vec<Action> {
         for pending in self.pending.values_mut() {
             pending.tags.clear();
@@ -321,6 +348,7 @@ impl Ledger {
                 actions.push(cancelled(&assignment.job));
             } else {
                 self.pending.remove(&assignment.job.job_id);
+                self.released.insert(assignment.job.job_id);
             }
         }
         actions
@@ -409,8 +437,10 @@ fn oldest_run(unacked: &BTreeSet<u64>, tags: &[u64]) -> usize {
 struct RecentJobs {
     window: Duration,
     capacity: usize,
+    /// Insertions, oldest first; an entry whose id was removed (or inserted again since)
+    /// no longer matches `ids` and is skipped.
     order: VecDeque<(Instant, String)>,
-    ids: HashSet<String>,
+    ids: HashMap<String, Instant>,
 }
 
 impl RecentJobs {
@@ -419,31 +449,32 @@ impl RecentJobs {
             window,
             capacity,
             order: VecDeque::new(),
-            ids: HashSet::new(),
+            ids: HashMap::new(),
         }
     }
 
     fn insert(&mut self, job_id: String) {
         self.expire();
-        if self.ids.insert(job_id.clone()) {
-            self.order.push_back((Instant::now(), job_id));
+        if self.ids.contains_key(&job_id) {
+            return;
         }
-        while self.order.len() > self.capacity {
-            let (_, old) = self.order.pop_front().expect("over capacity");
-            self.ids.remove(&old);
+        let now = Instant::now();
+        self.ids.insert(job_id.clone(), now);
+        self.order.push_back((now, job_id));
+        while self.ids.len() > self.capacity {
+            self.pop_oldest();
         }
+    }
+
+    fn contains(&mut self, job_id: &str) -> bool {
+        self.expire();
+        self.ids.contains_key(job_id)
     }
 
     /// Removes `job_id`; returns whether it was there.
     fn remove(&mut self, job_id: &str) -> bool {
         self.expire();
-        // Its entry in `order` goes when it expires or is pushed out.
-        self.ids.remove(job_id)
-    }
-
-    fn contains(&mut self, job_id: &str) -> bool {
-        self.expire();
-        self.ids.contains(job_id)
+        self.ids.remove(job_id).is_some()
     }
 
     fn expire(&mut self) {
@@ -451,8 +482,16 @@ impl RecentJobs {
             if at.elapsed() < self.window {
                 break;
             }
-            let (_, old) = self.order.pop_front().expect("front exists");
-            self.ids.remove(&old);
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        let Some((at, id)) = self.order.pop_front() else {
+            return;
+        };
+        if self.ids.get(&id) == Some(&at) {
+            self.ids.remove(&id);
         }
     }
 }

@@ -15,7 +15,7 @@ fn ledger_with(dedupe_window: Duration) -> Ledger {
         events: false,
         derived_image_prefix: "blacktree/".into(),
     };
-    Ledger::new(config, Arc::new(Metrics::default()))
+    Ledger::new(config, Arc::new(Metrics::default()), Vec::new())
 }
 
 fn job(id: &str) -> Vec<u8> {
@@ -45,6 +45,18 @@ fn statuses(actions: &[Action]) -> Vec<(String, Outcome)> {
         .collect()
 }
 
+/// The actions after a leading `Remember`, and the jobIds it remembers (sorted).
+fn after_remember(actions: &[Action]) -> (Vec<String>, &[Action]) {
+    match actions {
+        [Action::Remember(cancels), rest @ ..] => {
+            let mut ids: Vec<_> = cancels.iter().map(|c| c.job_id.clone()).collect();
+            ids.sort();
+            (ids, rest)
+        }
+        other => panic!("expected the early cancels to be remembered first, got {other:?}"),
+    }
+}
+
 fn confirmed(ledger: &mut Ledger, ids: &[&str]) -> Vec<Action> {
     ledger.confirmed(ids.iter().map(|id| AckKey::Job(id.to_string())).collect())
 }
@@ -56,7 +68,7 @@ fn dispatch_all(ledger: &mut Ledger) -> Vec<Assignment> {
 #[test]
 fn a_job_is_acked_only_once_its_status_is_confirmed() {
     let mut ledger = fresh();
-    assert!(ledger.job_delivery(1, job("a")).is_empty());
+    assert!(ledger.job_delivery(1, job("a"), false).is_empty());
     let jobs = dispatch_all(&mut ledger);
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].job.job_id, "a");
@@ -69,7 +81,7 @@ fn a_job_is_acked_only_once_its_status_is_confirmed() {
 fn a_run_of_the_oldest_deliveries_is_one_multiple_ack() {
     let mut ledger = fresh();
     for (tag, id) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
-        ledger.job_delivery(tag, job(id));
+        ledger.job_delivery(tag, job(id), false);
     }
     // c is not the oldest: a and b are still unacked.
     assert_eq!(acked(&confirmed(&mut ledger, &["c"])), (vec![], vec![3]));
@@ -80,7 +92,7 @@ fn a_run_of_the_oldest_deliveries_is_one_multiple_ack() {
     );
     let mut ledger = fresh();
     for (tag, id) in [(1, "a"), (2, "b"), (3, "c")] {
-        ledger.job_delivery(tag, job(id));
+        ledger.job_delivery(tag, job(id), false);
     }
     assert_eq!(
         acked(&confirmed(&mut ledger, &["c", "b"])),
@@ -97,9 +109,9 @@ fn a_run_of_the_oldest_deliveries_is_one_multiple_ack() {
 #[test]
 fn a_redelivery_of_a_job_in_flight_joins_it_and_is_acked_with_it() {
     let mut ledger = fresh();
-    ledger.job_delivery(1, job("a"));
+    ledger.job_delivery(1, job("a"), false);
     assert_eq!(dispatch_all(&mut ledger).len(), 1);
-    assert!(ledger.job_delivery(2, job("a")).is_empty());
+    assert!(ledger.job_delivery(2, job("a"), false).is_empty());
     assert!(dispatch_all(&mut ledger).is_empty(), "not run twice");
     assert_eq!(acked(&confirmed(&mut ledger, &["a"])), (vec![1, 2], vec![]));
     assert_eq!(ledger.stats().duplicates, 1);
@@ -108,17 +120,20 @@ fn a_redelivery_of_a_job_in_flight_joins_it_and_is_acked_with_it() {
 #[test]
 fn a_job_confirmed_within_the_window_is_acked_at_once_and_not_run_again() {
     let mut ledger = fresh();
-    ledger.job_delivery(1, job("a"));
+    ledger.job_delivery(1, job("a"), false);
     dispatch_all(&mut ledger);
     confirmed(&mut ledger, &["a"]);
-    assert_eq!(acked(&ledger.job_delivery(2, job("a"))), (vec![], vec![2]));
+    assert_eq!(
+        acked(&ledger.job_delivery(2, job("a"), false)),
+        (vec![], vec![2])
+    );
     assert!(dispatch_all(&mut ledger).is_empty());
 
     let mut ledger = ledger_with(Duration::ZERO);
-    ledger.job_delivery(1, job("a"));
+    ledger.job_delivery(1, job("a"), false);
     dispatch_all(&mut ledger);
     confirmed(&mut ledger, &["a"]);
-    assert!(ledger.job_delivery(2, job("a")).is_empty());
+    assert!(ledger.job_delivery(2, job("a"), false).is_empty());
     assert_eq!(
         dispatch_all(&mut ledger).len(),
         1,
@@ -155,22 +170,37 @@ fn recent_jobs_forget_by_age_and_by_count() {
 #[test]
 fn a_cancel_before_its_job_means_the_job_is_cancelled_on_arrival() {
     let mut ledger = fresh();
-    assert_eq!(
-        acked(&ledger.cancel_delivery(1, cancel("a"))),
-        (vec![], vec![1])
-    );
-    let actions = ledger.job_delivery(2, job("a"));
+    let actions = ledger.cancel_delivery(1, cancel("a"));
+    let (remembered, rest) = after_remember(&actions);
+    assert_eq!(remembered, ["a"], "remembered before the cancel is acked");
+    assert_eq!(acked(rest), (vec![], vec![1]));
+    let actions = ledger.job_delivery(2, job("a"), false);
     assert_eq!(statuses(&actions), [("a".to_string(), Outcome::Cancelled)]);
+    assert!(
+        matches!(actions.last(), Some(Action::Remember(c)) if c.is_empty()),
+        "the state file forgets the cancel once it is used: {actions:?}"
+    );
     assert!(dispatch_all(&mut ledger).is_empty(), "never dispatched");
     assert_eq!(acked(&confirmed(&mut ledger, &["a"])), (vec![], vec![2]));
 }
 
 #[test]
+fn early_cancels_a_state_file_remembered_cancel_their_jobs() {
+    let config = fresh().config;
+    let until = std::time::SystemTime::now() + Duration::from_secs(60);
+    let remembered = vec![EarlyCancel::new("a".into(), until)];
+    let mut ledger = Ledger::new(config, Arc::new(Metrics::default()), remembered);
+    let actions = ledger.job_delivery(1, job("a"), false);
+    assert_eq!(statuses(&actions), [("a".to_string(), Outcome::Cancelled)]);
+    assert!(dispatch_all(&mut ledger).is_empty(), "never dispatched");
+}
+
+#[test]
 fn a_cancel_drops_a_job_in_the_backlog_and_fires_the_token_of_one_in_dispatch() {
     let mut ledger = fresh();
-    ledger.job_delivery(1, job("running"));
+    ledger.job_delivery(1, job("running"), false);
     let running = dispatch_all(&mut ledger);
-    ledger.job_delivery(2, job("waiting"));
+    ledger.job_delivery(2, job("waiting"), false);
     let actions = ledger.cancel_delivery(3, cancel("waiting"));
     assert_eq!(
         statuses(&actions),
@@ -193,7 +223,7 @@ fn a_cancel_drops_a_job_in_the_backlog_and_fires_the_token_of_one_in_dispatch() 
 fn three_jobs() -> (Ledger, Assignment, Assignment) {
     let mut ledger = fresh();
     for (tag, id) in [(1, "running"), (2, "in-channel"), (3, "waiting")] {
-        ledger.job_delivery(tag, job(id));
+        ledger.job_delivery(tag, job(id), false);
     }
     let running = ledger.next_job().unwrap();
     let in_channel = ledger.next_job().unwrap();
@@ -215,7 +245,10 @@ fn a_drain_requeues_what_did_not_start_and_ends_when_running_jobs_are_confirmed(
     assert_eq!(nacked, [2, 3]);
     assert!(!ledger.drain_finished(), "the running job is not confirmed");
     assert!(
-        matches!(ledger.job_delivery(4, job("late"))[..], [Action::Nack(4)]),
+        matches!(
+            ledger.job_delivery(4, job("late"), false)[..],
+            [Action::Nack(4)]
+        ),
         "no new job during a drain"
     );
     confirmed(&mut ledger, &["running"]);
@@ -233,13 +266,13 @@ fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_one
     );
 
     let mut ledger = fresh();
-    ledger.job_delivery(1, job("running"));
-    ledger.job_delivery(2, job("waiting"));
+    ledger.job_delivery(1, job("running"), false);
+    ledger.job_delivery(2, job("waiting"), false);
     let _running = ledger.next_job().unwrap();
     assert!(ledger.connection_lost(Vec::new()).is_empty());
     // Redelivered on the new connection (tags start again).
-    assert!(ledger.job_delivery(1, job("running")).is_empty());
-    assert!(ledger.job_delivery(2, job("waiting")).is_empty());
+    assert!(ledger.job_delivery(1, job("running"), false).is_empty());
+    assert!(ledger.job_delivery(2, job("waiting"), false).is_empty());
     let again = dispatch_all(&mut ledger);
     assert_eq!(again.len(), 1, "only the waiting job is dispatched again");
     assert_eq!(again[0].job.job_id, "waiting");
@@ -252,7 +285,7 @@ fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_one
 #[test]
 fn bad_messages_are_rejected_and_acked_once_their_copy_is_confirmed() {
     let mut ledger = fresh();
-    let actions = ledger.job_delivery(1, b"not json".to_vec());
+    let actions = ledger.job_delivery(1, b"not json".to_vec(), false);
     let id = match &actions[..] {
         [Action::Publish(Publication::Rejected { id, body, .. })] => {
             assert_eq!(body, b"not json");
@@ -273,8 +306,8 @@ fn cancels_never_join_a_multiple_ack() {
     // not name them, and they must not make a run of jobs look broken.
     let mut ledger = fresh();
     let cancel_tag = CANCEL_TAG | 1;
-    ledger.job_delivery(1, job("a"));
-    ledger.job_delivery(2, job("b"));
+    ledger.job_delivery(1, job("a"), false);
+    ledger.job_delivery(2, job("b"), false);
     dispatch_all(&mut ledger);
     let rejected = match &ledger.cancel_delivery(cancel_tag, b"{not json".to_vec())[..] {
         [Action::Publish(Publication::Rejected { id, .. })] => *id,
@@ -289,8 +322,9 @@ fn cancels_never_join_a_multiple_ack() {
         acked(&ledger.confirmed(keys)),
         (vec![1, 2], vec![cancel_tag])
     );
+    let actions = ledger.cancel_delivery(cancel_tag + 1, cancel("c"));
     assert_eq!(
-        acked(&ledger.cancel_delivery(cancel_tag + 1, cancel("c"))),
+        acked(after_remember(&actions).1),
         (vec![], vec![cancel_tag + 1])
     );
 }
@@ -322,7 +356,7 @@ fn a_job_cancelled_while_it_waited_for_dispatch_ends_cancelled_on_drain_or_conne
         statuses(&actions),
         [("in-channel".to_string(), Outcome::Cancelled)]
     );
-    assert!(ledger.job_delivery(7, job("in-channel")).is_empty());
+    assert!(ledger.job_delivery(7, job("in-channel"), false).is_empty());
     assert!(
         dispatch_all(&mut ledger)
             .iter()
@@ -333,4 +367,42 @@ fn a_job_cancelled_while_it_waited_for_dispatch_ends_cancelled_on_drain_or_conne
         acked(&confirmed(&mut ledger, &["in-channel"])),
         (vec![], vec![7])
     );
+}
+
+#[test]
+fn a_job_dropped_unstarted_on_connection_loss_is_not_waited_for_when_redelivered() {
+    let mut ledger = fresh();
+    ledger.job_delivery(1, job("running"), false);
+    ledger.job_delivery(2, job("waiting"), false);
+    let running = ledger.next_job().unwrap();
+    assert_eq!(running.job.job_id, "running");
+    ledger.connection_lost(Vec::new());
+    ledger.job_delivery(1, job("waiting"), true);
+    ledger.job_delivery(2, job("elsewhere"), true);
+    let redelivered: Vec<(String, bool)> = dispatch_all(&mut ledger)
+        .into_iter()
+        .map(|a| (a.job.job_id, a.redelivered))
+        .collect();
+    assert_eq!(
+        redelivered,
+        [
+            ("waiting".to_string(), false),
+            ("elsewhere".to_string(), true)
+        ],
+        "only a job this orchestrator never started may skip the wait for a report"
+    );
+}
+
+#[test]
+fn a_removed_id_inserted_again_lives_its_full_window() {
+    let mut recent = RecentJobs::new(Duration::from_secs(3600), 2);
+    recent.insert("a".into());
+    assert!(recent.remove("a"));
+    recent.insert("a".into());
+    recent.insert("b".into());
+    recent.insert("c".into());
+    // The first insertion of "a" was removed; its stale entry must not evict the new one
+    // early, but the capacity still does, oldest first.
+    assert!(!recent.contains("a"));
+    assert!(recent.contains("b") && recent.contains("c"));
 }

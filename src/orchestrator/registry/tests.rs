@@ -184,7 +184,7 @@ fn every_change_of_the_set_of_workers_reaches_the_state_file() {
         .unwrap()
         .unwrap();
     let (registry, _hints) = registry(1);
-    let registry = registry.remembered_in(file);
+    let registry = registry.remembered_in(Arc::new(file));
     let remembered = || -> Vec<(String, String, bool)> {
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -233,4 +233,50 @@ fn registrations_beyond_max_workers_are_refused_but_known_ids_and_static_ones_ar
         .register("s", "127.0.0.1:3", "", 1, Origin::Static)
         .is_some());
     assert_eq!(registry.list().len(), 4);
+}
+
+fn reported(running: &[&str], held: &[&str]) -> Reported {
+    let set = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect();
+    Reported {
+        running: set(running),
+        held: set(held),
+    }
+}
+
+#[test]
+fn reported_builds_take_slots_and_are_adopted_without_one() {
+    let (registry, hints) = registry(2);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 3, Origin::Registered);
+    // A build started by an earlier orchestrator runs there, and one answer is held.
+    registry.report("w", reported(&["orphan"], &["done"]));
+    let claims = claim_all(&registry, &hints, &token);
+    assert_eq!(claims.len(), 2, "the orphan takes one of the three slots");
+    assert!(registry.adopt("elsewhere", &token).is_none());
+    let orphan = registry.adopt("orphan", &token).expect("reported running");
+    let done = registry.adopt("done", &token).expect("reported held");
+    assert_eq!(&*orphan.worker, "w");
+    assert!(
+        claim_all(&registry, &hints, &token).is_empty(),
+        "still full"
+    );
+    // Once the adopted build ended, its slot is free, whatever the last report said.
+    registry.release(&orphan, "orphan", Release::Done);
+    registry.release(&done, "done", Release::Done);
+    assert_eq!(claim_all(&registry, &hints, &token).len(), 1);
+}
+
+#[test]
+fn reports_are_bounded_and_checked() {
+    let ids = |n: usize| (0..n).map(|i| format!("j{i}")).collect::<Vec<_>>();
+    assert!(Reported::checked(&ids(2), &ids(3), 2).is_ok());
+    assert!(
+        Reported::checked(&ids(3), &[], 2).is_err(),
+        "more running than the capacity"
+    );
+    assert!(Reported::checked(&[], &ids(MAX_HELD + 1), 2).is_err());
+    let bad = ["ok".to_string(), "a\u{0}b".to_string()];
+    let reason = Reported::checked(&bad, &[], 2).unwrap_err();
+    assert!(!reason.contains("a\u{0}b"), "{reason}");
+    assert!(Reported::checked(&[String::new()], &[], 2).is_err());
 }

@@ -24,12 +24,12 @@ fn worker(id: &str, port: u16) -> Remembered {
 #[test]
 fn what_is_saved_is_read_back_sorted_and_a_missing_file_remembers_nothing() {
     let path = temp_dir("roundtrip").join("sub/registry.json");
-    let (file, workers) = StateFile::open(&path, false).unwrap();
-    assert!(workers.is_empty());
+    let (file, remembered) = StateFile::open(&path, false).unwrap();
+    assert_eq!(remembered, Remembrance::default());
     file.save(|| vec![worker("b", 2), worker("a", 1)]).unwrap();
     drop(file);
-    let (_file, workers) = StateFile::open(&path, false).unwrap();
-    assert_eq!(workers, vec![worker("a", 1), worker("b", 2)]);
+    let (_file, remembered) = StateFile::open(&path, false).unwrap();
+    assert_eq!(remembered.workers, vec![worker("a", 1), worker("b", 2)]);
     let mut temp = path.as_os_str().to_owned();
     temp.push(".tmp");
     assert!(!Path::new(&temp).exists(), "no temp file is left behind");
@@ -65,8 +65,8 @@ fn a_corrupt_file_named_by_the_flag_stops_the_start_with_its_name() {
 fn a_corrupt_default_file_is_moved_aside_and_the_registry_starts_empty() {
     let path = temp_dir("lenient").join("registry.json");
     fs::write(&path, b"not json").unwrap();
-    let (_file, workers) = StateFile::open(&path, true).unwrap();
-    assert!(workers.is_empty());
+    let (_file, remembered) = StateFile::open(&path, true).unwrap();
+    assert!(remembered.workers.is_empty());
     let aside = fs::read(path.with_extension("json.corrupt")).unwrap();
     assert_eq!(aside, b"not json");
 }
@@ -94,4 +94,32 @@ fn two_orchestrators_cannot_share_a_state_file() {
 #[test]
 fn an_empty_flag_turns_remembering_off() {
     assert!(open(Some(Path::new(""))).unwrap().is_none());
+}
+
+#[test]
+fn early_cancels_are_kept_beside_the_workers_until_they_expire() {
+    let path = temp_dir("cancels").join("registry.json");
+    let (file, _) = StateFile::open(&path, false).unwrap();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    file.save(|| vec![worker("a", 1)]).unwrap();
+    let kept = EarlyCancel::new("kept".into(), now + hour);
+    let expired = EarlyCancel::new("expired".into(), now - hour);
+    file.save_cancels(vec![kept.clone(), expired]).unwrap();
+    // Saving the workers again keeps the cancels, and the other way round.
+    file.save(|| vec![worker("a", 1), worker("b", 2)]).unwrap();
+    drop(file);
+    let (file, remembered) = StateFile::open(&path, false).unwrap();
+    assert_eq!(remembered.workers, vec![worker("a", 1), worker("b", 2)]);
+    assert_eq!(
+        remembered.cancels,
+        vec![kept],
+        "the expired cancel is dropped"
+    );
+    file.save_cancels(Vec::new()).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains("cancels"),
+        "a file without early cancels is one older orchestrators read: {text}"
+    );
 }

@@ -1,0 +1,130 @@
+//! What the health ticker needs of the registry: the workers to ping, their answers
+//! (healthy, busy, unhealthy after failures in a row), and forgetting workers unhealthy
+//! for too long.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{info, warn};
+
+use super::Registry;
+use crate::proto::job_grpc::JobServiceClient;
+
+/// What a ping found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PingResult {
+    /// The worker answered FREE (or an older worker's UNKNOWN).
+    Free,
+    /// The worker answered BUSY.
+    Busy,
+    /// No answer, or an error.
+    Failed(String),
+}
+
+/// A worker to ping, as the health ticker sees it.
+pub struct PingTarget {
+    /// The worker's id.
+    pub worker: Arc<str>,
+    /// Client of its `JobService`.
+    pub client: JobServiceClient,
+    /// Jobs it runs at once (bounds what its answer may report).
+    pub capacity: u32,
+    generation: u64,
+    /// Jobs ever started on it when the ping was sent, to tell whether a BUSY answer is
+    /// explained by our own jobs.
+    started: u64,
+    in_flight: u32,
+}
+
+impl Registry {
+    /// The workers to ping in a health round.
+    pub fn ping_targets(&self) -> Vec<PingTarget> {
+        self.lock()
+            .iter()
+            .map(|(id, w)| PingTarget {
+                worker: id.clone(),
+                client: w.client.clone(),
+                capacity: w.capacity,
+                generation: w.generation,
+                started: w.started,
+                in_flight: w.in_flight(),
+            })
+            .collect()
+    }
+
+    /// Records a ping's result: `unhealthy_after` failures in a row make a worker
+    /// unhealthy (and cancel the calls running on it), one answer makes it healthy.
+    /// Returns whether the worker is suspect: its ping failed and it is still healthy.
+    pub fn record_ping(&self, target: &PingTarget, result: PingResult) -> bool {
+        let mut workers = self.lock();
+        let Some(worker) = workers.get_mut(&target.worker) else {
+            return false;
+        };
+        if worker.generation != target.generation {
+            return false;
+        }
+        let mut suspect = false;
+        match result {
+            PingResult::Free | PingResult::Busy => {
+                if !worker.healthy {
+                    info!(
+                        "worker {} ({}) answers pings: healthy",
+                        target.worker, worker.addr
+                    );
+                }
+                worker.healthy = true;
+                worker.failures = 0;
+                worker.last_seen = Some(Instant::now());
+                worker.unhealthy_since = None;
+                // BUSY while our own jobs ran (or started) since the ping left is ours.
+                let ours = target.in_flight > 0
+                    || worker.in_flight() > 0
+                    || worker.started != target.started;
+                worker.busy = result == PingResult::Busy && !ours;
+            }
+            PingResult::Failed(error) => {
+                worker.failures += 1;
+                if worker.last_seen.is_none() && worker.failures == 1 {
+                    // A static or restored worker that has not answered yet: said once.
+                    info!(
+                        "worker {} ({}) does not answer yet: {error}",
+                        target.worker, worker.addr
+                    );
+                }
+                if worker.healthy && worker.failures >= self.settings.unhealthy_after {
+                    warn!(
+                        "worker {} ({}) failed {} pings in a row ({error}): unhealthy",
+                        target.worker, worker.addr, worker.failures
+                    );
+                    self.mark_unhealthy(worker);
+                }
+                suspect = worker.healthy;
+            }
+        }
+        self.top_up(&target.worker, worker);
+        suspect
+    }
+
+    /// Forgets registered workers unhealthy for longer than `forget_after`.
+    pub fn forget_expired(&self) {
+        let forget_after = self.settings.forget_after;
+        let mut forgotten = false;
+        self.lock().retain(|id, w| {
+            let expired = !w.is_static
+                && w.unhealthy_since
+                    .is_some_and(|t| t.elapsed() >= forget_after);
+            if expired {
+                info!(
+                    "worker {id} ({}) forgotten after {} unhealthy",
+                    w.addr,
+                    humantime::format_duration(forget_after)
+                );
+            }
+            forgotten |= expired;
+            !expired
+        });
+        if forgotten {
+            self.remember();
+        }
+    }
+}
