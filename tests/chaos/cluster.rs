@@ -14,10 +14,11 @@ use crate::common::{
 
 use crate::*;
 
-/// The exec executor's step (bash, run as `exec bash STEP "$PPID" FILE MS` by the
-/// agent's `sh -c`, so `$1` is the worker agent's pid): notes `start` and `end` lines
-/// with the jobId, the agent's pid and a timestamp in ns (`$EPOCHREALTIME`, no fork) in
-/// the worker's steps file, and sleeps between for 0.5–1.5 × MS ms (by jobId).
+/// The exec executor's step (bash, run as `exec bash STEP "$PPID" FILE MS EVERY LONG`
+/// by the agent's `sh -c`, so `$1` is the worker agent's pid): notes `start` and `end`
+/// lines with the jobId, the agent's pid and a timestamp in ns (`$EPOCHREALTIME`, no
+/// fork) in the worker's steps file, and sleeps between for 0.5–1.5 × MS ms (by jobId),
+/// or LONG ms for every EVERY-th job (a long build, for orchestrator restarts to hit).
 ///
 /// A step that dies before its `end` (the worker kills its process group; the agent's
 /// death kills it through `PR_SET_PDEATHSIG`) writes no `end`: a watcher in a session
@@ -26,7 +27,7 @@ use crate::*;
 /// ends the moment the shell dies; a step that ends normally writes `ok` into it first.
 /// A step orphaned by a SIGKILLed agent (no `PR_SET_PDEATHSIG`) runs on and writes its
 /// `end` under the dead incarnation's pid.
-pub const STEP_SCRIPT: &str = r#"agent=$1 file=$2 mean=$3
+pub const STEP_SCRIPT: &str = r#"agent=$1 file=$2 mean=$3 every=$4 long=$5
 note() { local t=${EPOCHREALTIME//[!0-9]/}; echo "$1 $BLACKTREE_JOB_ID $agent ${t}000" >> "$file"; }
 if [ "$4" = watch ]; then
   read -r how
@@ -35,7 +36,8 @@ if [ "$4" = watch ]; then
 fi
 note start
 exec 3> >(exec setsid bash "$0" "$agent" "$file" "$mean" watch >/dev/null 2>&1)
-ms=$(( mean * (50 + ${BLACKTREE_JOB_ID##*-} % 101) / 100 ))
+n=${BLACKTREE_JOB_ID##*-}
+if (( n % every == 0 )); then ms=$long; else ms=$(( mean * (50 + n % 101) / 100 )); fi
 printf -v fraction %03d $(( ms % 1000 ))
 sleep "$(( ms / 1000 )).$fraction" 3>&-
 note end
@@ -63,7 +65,7 @@ impl ChaosWorker {
         let steps = dir.join(format!("{id}.steps"));
         let work_dir = TempDir::new("chaos-worker");
         let command = format!(
-            "exec bash '{}' \"$PPID\" '{}' {step_ms}",
+            "exec bash '{}' \"$PPID\" '{}' {step_ms} {LONG_EVERY} {LONG_STEP_MS}",
             script.display(),
             steps.display()
         );
@@ -114,9 +116,22 @@ impl ChaosWorker {
 
     /// Whether its current incarnation has a step running (started, not ended).
     pub fn running_a_step(&self) -> bool {
+        self.running_steps().next().is_some()
+    }
+
+    /// Whether its current incarnation runs a long build now.
+    pub fn running_a_long_build(&self) -> bool {
+        self.running_steps().any(|job| is_long(&job))
+    }
+
+    /// The jobs of its current incarnation's running steps.
+    fn running_steps(&self) -> impl Iterator<Item = String> {
         read_steps(&self.steps)
-            .get(&self.process.pid())
-            .is_some_and(|steps| steps.iter().any(|s| s.until().is_none()))
+            .remove(&self.process.pid())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.until().is_none())
+            .map(|s| s.job)
     }
 
     pub fn kill(&mut self) {
@@ -141,18 +156,20 @@ pub enum FaultKind {
     CloseConnections,
     RestartBroker,
     KillOrchestrator,
+    TermOrchestrator,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::KillWorker,
         FaultKind::FreezeWorker,
         FaultKind::CloseConnections,
         FaultKind::RestartBroker,
         FaultKind::KillOrchestrator,
+        FaultKind::TermOrchestrator,
     ];
     /// The kinds injected again at random while jobs are still being published (the
-    /// orchestrator is killed once).
+    /// orchestrator is restarted once each way).
     pub const REPEATABLE: [FaultKind; 4] = [
         FaultKind::KillWorker,
         FaultKind::FreezeWorker,
@@ -167,7 +184,17 @@ impl FaultKind {
             FaultKind::CloseConnections => "close_all_connections",
             FaultKind::RestartBroker => "broker stop_app/start_app",
             FaultKind::KillOrchestrator => "orchestrator SIGKILL+restart",
+            FaultKind::TermOrchestrator => "orchestrator SIGTERM+restart",
         }
+    }
+
+    /// Whether the orchestrator process is replaced (its unacked deliveries go to the
+    /// next one, which adopts the builds still running).
+    pub fn restarts_orchestrator(self) -> bool {
+        matches!(
+            self,
+            FaultKind::KillOrchestrator | FaultKind::TermOrchestrator
+        )
     }
 
     /// Whether the orchestrator's broker connection is lost (without the orchestrator).
@@ -189,6 +216,8 @@ pub struct Fault {
     pub worker: Option<String>,
     pub began: SystemTime,
     pub ended: SystemTime,
+    /// For orchestrator restarts: whether a long build was running when it went.
+    pub hit_long_build: bool,
 }
 
 impl Fault {
@@ -247,8 +276,9 @@ impl Cluster {
     /// Injects one fault; returns once it is over (the process restarted, the worker
     /// thawed, the broker accepting connections again).
     pub fn inject(&mut self, kind: FaultKind, rng: &mut Rng) -> Fault {
-        let began = SystemTime::now();
+        let mut began = SystemTime::now();
         let mut worker = None;
+        let mut hit_long_build = false;
         match kind {
             FaultKind::KillWorker => {
                 let index = self.pick_victim(rng);
@@ -279,13 +309,26 @@ impl Cluster {
                     })
                 });
             }
-            FaultKind::KillOrchestrator => self.restart_orchestrator(rng),
+            FaultKind::KillOrchestrator | FaultKind::TermOrchestrator => {
+                // Aimed at a long build, so that a build outlives its orchestrator.
+                hit_long_build = poll_until(LONG_BUILD_WAIT, || {
+                    self.workers.iter().any(ChaosWorker::running_a_long_build)
+                });
+                began = SystemTime::now();
+                let signal = if kind == FaultKind::KillOrchestrator {
+                    "KILL"
+                } else {
+                    "TERM"
+                };
+                self.restart_orchestrator(signal, rng);
+            }
         }
         Fault {
             kind,
             worker,
             began,
             ended: SystemTime::now(),
+            hit_long_build,
         }
     }
 
@@ -301,10 +344,11 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs the orchestrator and starts a new one on the same gRPC port (the
-    /// workers register with it by themselves); measures the new one's baseline.
-    pub fn restart_orchestrator(&mut self, rng: &mut Rng) {
-        self.orchestrator.signal("KILL");
+    /// Stops the orchestrator with `signal` (SIGTERM drains for `--drain-timeout`) and
+    /// starts a new one on the same gRPC port (the workers register with it by
+    /// themselves); measures the new one's baseline.
+    pub fn restart_orchestrator(&mut self, signal: &str, rng: &mut Rng) {
+        self.orchestrator.signal(signal);
         self.orchestrator.wait_exit(LONG);
         self.old_logs.push(self.orchestrator.log());
         std::thread::sleep(rng.millis(DOWNTIME));
@@ -353,6 +397,10 @@ pub fn start_orchestrator(broker: &PrivateBroker, names: &Names, grpc_port: u16)
         "200ms",
         "--health-timeout",
         "300ms",
+        "--drain-timeout",
+        "1s",
+        "--adopt-wait",
+        ADOPT_WAIT,
     ];
     Orchestrator::start(&broker.url(), names, &flags)
 }
@@ -380,12 +428,39 @@ pub fn run_faults(
         let fault = cluster.inject(kind, rng);
         let took = fault.ended.duration_since(fault.began).unwrap_or_default();
         println!(
-            "chaos: {} {} ({} ms)",
+            "chaos: {} {} ({} ms){}",
             kind.label(),
             fault.worker.as_deref().unwrap_or(""),
-            took.as_millis()
+            took.as_millis(),
+            if fault.hit_long_build {
+                ", during a long build"
+            } else {
+                ""
+            }
         );
         faults.push(fault);
     }
     faults
+}
+
+/// Whether job `job` is a long build (see [`STEP_SCRIPT`]).
+pub fn is_long(job: &str) -> bool {
+    job.rsplit('-')
+        .next()
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n % LONG_EVERY == 0)
+}
+
+/// Polls `check` until it holds or `timeout` passes; returns whether it held.
+fn poll_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,6 +1,7 @@
 //! Fault injection (issue 6): jobs flow from RabbitMQ through an orchestrator to real
 //! `blacktree worker` processes while the test SIGKILLs and freezes workers, closes every
-//! broker connection, stops and starts the broker app, and SIGKILLs the orchestrator.
+//! broker connection, stops and starts the broker app, and SIGKILLs and SIGTERMs the
+//! orchestrator while long builds run.
 //! Everything runs on a private broker node, since the test stops its app.
 //!
 //! At the end it checks what must hold under faults:
@@ -9,6 +10,9 @@
 //!   is attributed to a fault by its timing;
 //! * no worker incarnation (worker id + agent pid) ever ran more steps than its capacity;
 //! * outcomes are `succeeded`, or `worker_lost` on a worker that was killed or frozen;
+//! * a build runs once unless its worker died: builds that outlive an orchestrator
+//!   are adopted by the next one (the only re-runs left are jobs finished but not yet
+//!   acked when their orchestrator went, whose redelivery nobody reports);
 //! * the orchestrator's RSS comes back near its idle baseline.
 //!
 //! `CHAOS_JOBS` sets the number of jobs (300 by default, `scripts/chaos.sh` runs 2,000)
@@ -59,6 +63,13 @@ pub const FAULT_GAP: (u64, u64) = (500, 2000);
 pub const FREEZE: (u64, u64) = (1500, 3000);
 pub const BROKER_DOWN: (u64, u64) = (500, 2000);
 pub const DOWNTIME: (u64, u64) = (0, 1000);
+/// Every `LONG_EVERY`-th job is a long build of `LONG_STEP_MS` ms; an orchestrator
+/// restart waits up to `LONG_BUILD_WAIT` for one to run, so that builds outlive their
+/// orchestrator and must be adopted (within `ADOPT_WAIT`), not run again.
+pub const LONG_EVERY: usize = 100;
+pub const LONG_STEP_MS: u64 = 4000;
+pub const LONG_BUILD_WAIT: Duration = Duration::from_secs(10);
+pub const ADOPT_WAIT: &str = "2s";
 /// Deadline of any single wait (a process to start, the broker to come back).
 pub const LONG: Duration = Duration::from_secs(60);
 /// Deadline for every job to have its status once publishing and faults are over.

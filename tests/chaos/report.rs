@@ -2,7 +2,7 @@
 //! report printed, and what must hold checked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -104,7 +104,7 @@ impl DuplicateCause {
             };
         }
         let across_kill = faults.iter().any(|f| {
-            f.kind == FaultKind::KillOrchestrator
+            f.kind.restarts_orchestrator()
                 && earlier.iter().any(|e| e.finished <= f.ended)
                 && extra.started.is_some_and(|s| s >= f.began)
         });
@@ -119,7 +119,7 @@ impl DuplicateCause {
 }
 
 /// Duplicates the faults can explain at most:
-/// * an orchestrator SIGKILL: the deliveries it held unacked (at most the prefetch) go
+/// * an orchestrator SIGKILL or SIGTERM: the deliveries it held unacked (at most the prefetch) go
 ///   to its successor, which runs them again; only those whose status had already been
 ///   published become duplicates;
 /// * a lost broker connection (close_all_connections, stop_app): the statuses published
@@ -131,10 +131,65 @@ impl DuplicateCause {
 pub fn duplicate_bound(faults: &[Fault], published: &Published) -> usize {
     let kills = faults
         .iter()
-        .filter(|f| f.kind == FaultKind::KillOrchestrator)
+        .filter(|f| f.kind.restarts_orchestrator())
         .count();
     let cuts = faults.iter().filter(|f| f.kind.cuts_broker()).count();
     kills * PREFETCH + cuts * (PREFETCH + DISPATCH_THREADS) + published.republished.len()
+}
+
+/// Counts the builds started again (a later step of a job that already had one) and
+/// the jobs among them that nothing explains. What explains one: the earlier step's
+/// worker incarnation was SIGKILLed after it started (the build, or its held answer,
+/// died with it), or a duplicate status from an orchestrator restart (the job had
+/// finished, unacked: its redelivery ran it again) or from the test publishing the job
+/// twice.
+fn reruns(
+    cluster: &Cluster,
+    duplicates: &BTreeMap<DuplicateCause, Vec<String>>,
+) -> (usize, Vec<String>) {
+    let ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    // Each step with when its incarnation was SIGKILLed, if it was.
+    let mut by_job: HashMap<String, Vec<(Step, Option<u64>)>> = HashMap::new();
+    for worker in &cluster.workers {
+        let killed: HashMap<u32, Option<u64>> = worker
+            .incarnations
+            .iter()
+            .map(|(pid, kill)| (*pid, kill.map(ns)))
+            .collect();
+        for (agent, steps) in read_steps(&worker.steps) {
+            let kill = killed.get(&agent).copied().flatten();
+            for step in steps {
+                by_job
+                    .entry(step.job.clone())
+                    .or_default()
+                    .push((step, kill));
+            }
+        }
+    }
+    let ran_twice = |job: &String| {
+        [
+            DuplicateCause::OrchestratorKill,
+            DuplicateCause::TestRepublish,
+        ]
+        .iter()
+        .any(|cause| duplicates.get(cause).is_some_and(|jobs| jobs.contains(job)))
+    };
+    let mut count = 0;
+    let mut unexplained = Vec::new();
+    for (job, mut steps) in by_job {
+        steps.sort_by_key(|(s, _)| s.start);
+        for pair in steps.windows(2) {
+            count += 1;
+            let (earlier, kill) = &pair[0];
+            let lost_with_its_worker = kill.is_some_and(|kill| kill > earlier.start);
+            if !lost_with_its_worker && !ran_twice(&job) {
+                unexplained.push(job.clone());
+            }
+        }
+    }
+    unexplained.sort();
+    unexplained.dedup();
+    (count, unexplained)
 }
 
 /// Everything the run produced, attributed and counted.
@@ -151,6 +206,12 @@ pub struct Report {
     /// Succeeded statuses without a completed step of their job on their worker.
     pub unbacked: Vec<StatusInfo>,
     pub workers: Vec<WorkerSteps>,
+    /// Builds started again after an earlier start of the same job.
+    pub reruns: usize,
+    /// Jobs started again with no explanation (see [`reruns`]).
+    pub unexplained_reruns: Vec<String>,
+    /// Redelivered jobs an orchestrator adopted from the worker running them.
+    pub adopted: usize,
 }
 
 impl Report {
@@ -207,7 +268,17 @@ impl Report {
             })
             .cloned()
             .collect();
+        let (reruns, unexplained_reruns) = reruns(cluster, &duplicates);
+        let adopted = cluster
+            .old_logs
+            .iter()
+            .chain([&cluster.orchestrator.log()])
+            .map(|log| log.matches("adopted from worker").count())
+            .sum();
         Report {
+            reruns,
+            unexplained_reruns,
+            adopted,
             jobs: ids.len(),
             lost,
             duplicates,
@@ -316,6 +387,15 @@ impl Report {
             ),
             ("max steps at once", concurrency),
             (
+                "builds re-run",
+                format!(
+                    "{} ({} unexplained); {} adopted after an orchestrator restart",
+                    self.reruns,
+                    self.unexplained_reruns.len(),
+                    self.adopted
+                ),
+            ),
+            (
                 "orchestrator RSS",
                 format!(
                     "baseline {baselines}; end {} (limit {})",
@@ -373,6 +453,18 @@ impl Report {
                     .collect::<Vec<_>>()
             )
         );
+        assert!(
+            self.unexplained_reruns.is_empty(),
+            "builds run again though their worker lived on and no status explains it: {:?}\n{}",
+            self.unexplained_reruns,
+            evidence(cluster, &self.unexplained_reruns)
+        );
+        if self.faults.iter().any(|f| f.hit_long_build) {
+            assert!(
+                self.adopted > 0,
+                "an orchestrator went while a long build ran, and no build was adopted"
+            );
+        }
         assert!(
             self.unbacked.is_empty(),
             "succeeded without a completed step on their worker: {:?}",
