@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs), measured side by side in one
+# Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs, adoption.rs), measured side by side in one
 # run on this machine, written to BENCHMARKS.md.
 # Release build (the first one compiles the gRPC C core again: ~20 min on 2 cores).
 # Run it on an otherwise idle machine: every figure shares the same 2 cores.
@@ -13,7 +13,7 @@ notes=$(mktemp)
 trap 'rm -f "$out" "$notes"' EXIT
 # The hand-written analysis below the table ("## Notes" to the end) is kept.
 sed -n '/^## Notes/,$p' BENCHMARKS.md > "$notes" 2>/dev/null || true
-for bench in throughput latency detection scale; do
+for bench in throughput latency detection scale adoption; do
   cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
 done
 value() { sed -n "s/^$1 //p" "$out"; }
@@ -33,6 +33,7 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
     IFS='|' read -r ours label floor floor_label <<<"$pair"
     echo "| latency at light load: $label (p50 / p99) | $(value latency.$ours.p50_ms) / $(value latency.$ours.p99_ms) ms | $floor_label: $(value latency.$floor.p50_ms) / $(value latency.$floor.p99_ms) ms | | p50 < 2 ms, p99 < 10 ms |"
   done
+  echo "| orchestrator SIGKILL + restart with $(value adoption.builds) builds in flight (half end while it is down; defaults: 2 s health round, 3 s check-in, 6 s adopt-wait) | $(value adoption.reruns) builds re-run, $(value adoption.adopted) adopted; extra delay to their statuses p50 / max $(value adoption.delay_p50_s) / $(value adoption.delay_max_s) s | bound: adopt-wait + one check-in = $(value adoption.target_s) s | | 0 re-runs, ≤ 9 s |"
   echo "| failure detection at defaults, $(value detection.trials) SIGSTOP trials (min / p50 / max) | $(value detection.min_s) / $(value detection.p50_s) / $(value detection.max_s) s, $(value detection.within_bound) within bound, $(value detection.false_removals) false removals | bound: interval × unhealthy-after + timeout = $(value detection.bound_s) s | | ≤ 5 s, no false removal |"
   ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
   echo "| scale, $(value scale.workers) workers: RSS | $(value scale.w1000.rss_mib) MiB | bare grpcio client, same channels: $(value scale.bare.rss_mib) MiB | $(ratio "$(value scale.w1000.rss_mib)" "$(value scale.bare.rss_mib)") | ≤ 1.25 |"

@@ -6,91 +6,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use blacktree::proto::job::{JobRequest, PingRequest, WorkerStatus};
-use common::build_env::{TempDir, WorkerProcess, NO_ORCHESTRATOR};
+use common::build_env::{WorkerProcess, NO_ORCHESTRATOR};
+use common::gated::Builds;
 use common::*;
 use grpcio::CallOption;
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// Builds that record their runs and wait for a gate: `runs/<jobId>` gets a line per
-/// run, `load/<worker>` a `+` when a build starts there and a `-` when it ends, and a
-/// build ends once `gates/<jobId>` exists.
-struct Builds {
-    dir: TempDir,
-}
-
-impl Builds {
-    fn new() -> Builds {
-        let dir = TempDir::new("builds");
-        for sub in ["runs", "load", "gates"] {
-            std::fs::create_dir_all(dir.0.join(sub)).unwrap();
-        }
-        Builds { dir }
-    }
-
-    fn path(&self, sub: &str, name: &str) -> PathBuf {
-        self.dir.0.join(sub).join(name)
-    }
-
-    /// A worker of `capacity` that runs these builds; `extra` flags after.
-    fn worker(
-        &self,
-        id: &str,
-        orchestrator_port: u16,
-        capacity: u32,
-        extra: &[&str],
-    ) -> WorkerProcess {
-        let d = self.dir.0.display();
-        let command = format!(
-            "echo + >> {d}/load/{id}; echo run >> {d}/runs/$BLACKTREE_JOB_ID; \
-             while [ ! -e {d}/gates/$BLACKTREE_JOB_ID ]; do sleep 0.05; done; \
-             echo - >> {d}/load/{id}; echo built $BLACKTREE_JOB_ID"
-        );
-        let capacity = capacity.to_string();
-        let mut args = vec![
-            "--executor",
-            "exec",
-            "--exec-command",
-            command.as_str(),
-            "--capacity",
-            capacity.as_str(),
-        ];
-        args.extend(extra);
-        WorkerProcess::start(id, orchestrator_port, &args)
-    }
-
-    /// How many times `job_id` started.
-    fn runs(&self, job_id: &str) -> usize {
-        std::fs::read_to_string(self.path("runs", job_id)).map_or(0, |text| text.lines().count())
-    }
-
-    /// How many jobIds started at least once.
-    fn started(&self) -> usize {
-        std::fs::read_dir(self.dir.0.join("runs")).unwrap().count()
-    }
-
-    /// Lets `job_id`'s build finish.
-    fn open(&self, job_id: &str) {
-        std::fs::write(self.path("gates", job_id), b"").unwrap();
-    }
-
-    /// The most builds that ran at once on `worker`.
-    fn peak_load(&self, worker: &str) -> i32 {
-        let text = std::fs::read_to_string(self.path("load", worker)).unwrap_or_default();
-        let mut load = 0;
-        let mut peak = 0;
-        for line in text.lines() {
-            load += if line == "+" { 1 } else { -1 };
-            peak = peak.max(load);
-        }
-        peak
-    }
-}
 
 /// The value of counter `name` on the orchestrator's /metrics.
 fn counter(orch: &Orchestrator, name: &str) -> f64 {
@@ -125,7 +50,7 @@ fn assert_all_succeeded_once(mq: &Mq, jobs: &[String]) -> Vec<Value> {
 #[test]
 fn builds_running_when_the_orchestrator_is_killed_run_once_and_are_adopted_after_a_restart() {
     let (Setup { mq, mut orch, .. }, _) = Setup::remembering("adopt-kill", &[]);
-    let builds = Builds::new();
+    let builds = Builds::start();
     let workers = ["adopt-kill-a", "adopt-kill-b"];
     let _running: Vec<WorkerProcess> = workers
         .iter()
@@ -190,7 +115,7 @@ fn after_a_short_drain_builds_are_handed_over_even_before_the_workers_check_in()
         listen.as_str(),
     ];
     let Setup { mq, mut orch, .. } = Setup::with_flags("adopt-term", &flags);
-    let builds = Builds::new();
+    let builds = Builds::start();
     let _worker = builds.worker(
         "adopt-term-w",
         orch.grpc_port,
@@ -228,7 +153,7 @@ fn after_a_short_drain_builds_are_handed_over_even_before_the_workers_check_in()
 #[test]
 fn a_build_that_finished_while_no_orchestrator_ran_has_its_held_answer_published() {
     let (Setup { mq, mut orch, .. }, _) = Setup::remembering("adopt-held", &[]);
-    let builds = Builds::new();
+    let builds = Builds::start();
     let worker = builds.worker("adopt-held-w", orch.grpc_port, 1, &[]);
     orch.wait_for_log("worker adopt-held-w registered", LONG);
     publish_build(&mq, "adopt-held-1");
@@ -262,7 +187,7 @@ fn a_build_that_finished_while_no_orchestrator_ran_has_its_held_answer_published
 fn an_adopted_build_can_be_cancelled_and_a_build_lost_with_its_worker_runs_again_once() {
     let (Setup { mq, mut orch, .. }, _) =
         Setup::remembering("adopt-cancel", &["--adopt-wait", "2s"]);
-    let builds = Builds::new();
+    let builds = Builds::start();
     let keeper = builds.worker("adopt-cancel-keeper", orch.grpc_port, 1, &[]);
     let mut doomed = builds.worker("adopt-cancel-doomed", orch.grpc_port, 1, &[]);
     for id in ["adopt-cancel-keeper", "adopt-cancel-doomed"] {
@@ -318,7 +243,7 @@ fn an_adopted_build_can_be_cancelled_and_a_build_lost_with_its_worker_runs_again
 #[test]
 fn an_orphaned_build_still_stops_at_its_deadline_and_a_second_call_attaches_to_it() {
     // No orchestrator: the test calls the worker itself.
-    let builds = Builds::new();
+    let builds = Builds::start();
     let worker = builds.worker("orphan-w", NO_ORCHESTRATOR, 2, &[]);
     let client = job_client(worker.port);
     let request = |job_id: &str, timeout_seconds: u32| JobRequest {

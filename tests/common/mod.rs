@@ -2,12 +2,14 @@
 //! and the real `blacktree` binary as a child process. By concern: [`broker`] (queue
 //! names, the test's connection, private nodes), [`workers`] (in-process gRPC workers),
 //! [`processes`] (the binary as a child: orchestrator, logs), [`fixtures`] (the setup
-//! most tests share), [`build_env`] (Docker, registry, git, `blacktree worker`).
+//! most tests share), [`build_env`] (Docker, registry, git, `blacktree worker`),
+//! [`gated`] (builds that end when the test says).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod broker;
 pub mod build_env;
 pub mod fixtures;
+pub mod gated;
 pub mod processes;
 pub mod workers;
 
