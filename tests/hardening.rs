@@ -222,16 +222,16 @@ fn a_token_too_short_to_be_real_does_not_mangle_image_urls_or_logs() {
 }
 
 #[test]
-fn a_job_the_worker_already_runs_is_attached_to_not_failed_or_run_twice() {
+fn a_job_a_worker_already_runs_goes_to_it_and_is_attached_to_not_failed_or_run_twice() {
     let Setup { mq, orch, .. } = Setup::new("h-exists");
     let exec = ["--executor", "exec", "--exec-command", "sleep 1; echo ran"];
-    let worker = WorkerProcess::start(
-        "dup-w",
-        orch.grpc_port,
-        &[&exec[..], &["--capacity", "2"]].concat(),
-    );
-    orch.wait_for_log("worker dup-w registered", LONG);
-    // Someone else's call runs dup-1 there when the orchestrator's arrives.
+    let args = [&exec[..], &["--capacity", "2"]].concat();
+    let worker = WorkerProcess::start("dup-w", orch.grpc_port, &args);
+    let other = WorkerProcess::start("dup-other", orch.grpc_port, &args);
+    for id in ["dup-w", "dup-other"] {
+        orch.wait_for_log(&format!("worker {id} registered"), LONG);
+    }
+    // Someone else's call runs dup-1 on dup-w when the job is published.
     let client = job_client(worker.port);
     let job = JobRequest {
         jobId: "dup-1".into(),
@@ -240,14 +240,19 @@ fn a_job_the_worker_already_runs_is_attached_to_not_failed_or_run_twice() {
     let first = client
         .run_job_async_opt(&job, CallOption::default().timeout(LONG))
         .unwrap();
-    poll(LONG, "dup-1 to start", || {
-        worker.log().contains("job dup-1: started").then_some(())
+    poll(LONG, "dup-w to report dup-1 to the orchestrator", || {
+        workers_json(orch.metrics_port)
+            .iter()
+            .any(|w| w["id"] == "dup-w" && w["inFlight"] == 1)
+            .then_some(())
     });
     mq.publish_job("dup-1", json!({"repoUrl": ""}));
+    orch.wait_for_log("job dup-1: adopted from worker dup-w", LONG);
     worker.wait_for_log("job dup-1: a call attached to the running job", LONG);
     assert!(common::futures_block_on(first).unwrap().success);
     let status = &mq.statuses(1, LONG)[0];
     assert_eq!(status["outcome"], "succeeded", "not failed: {status}");
+    assert_eq!(status["workerId"], "dup-w", "{status}");
     mq.assert_no_more_statuses();
     assert_eq!(
         worker.log().matches("job dup-1: started").count(),
@@ -255,6 +260,7 @@ fn a_job_the_worker_already_runs_is_attached_to_not_failed_or_run_twice() {
         "run once: {}",
         worker.log()
     );
+    assert!(!other.log().contains("job dup-1"), "{}", other.log());
 }
 
 /// A worker whose every answer carries `bytes` of logs ending in `THE END`.

@@ -5,7 +5,8 @@
 //! A redelivered job may still run (or have its answer held) on a worker whose
 //! orchestrator is gone: it goes to the worker that reports it, whose `RunJob` attaches
 //! to the running build (adoption). One that no worker reports within `--adopt-wait` is
-//! dispatched afresh; first deliveries never wait.
+//! dispatched afresh; first deliveries never wait (but go to a worker that reports
+//! their jobId, if one does).
 //!
 //! A job is never retried after it reached a worker: every ending (answer, lost worker,
 //! deadline, cancel, error) becomes its one status. A cancelled or timed-out call is
@@ -142,7 +143,9 @@ impl Dispatcher {
                 None => None,
             }
         } else {
-            None
+            // A first delivery waits for nothing, but goes to the worker that reports
+            // its jobId, if one does (the same job published again while it runs).
+            self.links.registry.adopt(&job.job_id, &token)
         };
         loop {
             let (claim, kind) = match adopted.take() {

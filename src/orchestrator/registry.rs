@@ -92,6 +92,11 @@ impl Reported {
     fn contains(&self, job_id: &str) -> bool {
         self.running.contains(job_id) || self.held.contains(job_id)
     }
+
+    /// Every jobId reported, running or held.
+    fn ids(&self) -> impl Iterator<Item = &String> {
+        self.running.iter().chain(&self.held)
+    }
 }
 
 /// How a job ended on a worker, as far as the worker's state is concerned.
@@ -145,6 +150,9 @@ pub struct Registry {
     settings: RegistrySettings,
     /// Where the set of workers is remembered, if anywhere.
     state_file: Option<Arc<StateFile>>,
+    /// Which worker reports each jobId (running or held), so that every consumed job
+    /// can look for its worker without a scan. Taken after `state`, never before.
+    reported_by: Mutex<HashMap<String, Arc<str>>>,
 }
 
 struct Worker {
@@ -203,6 +211,7 @@ impl Registry {
             env,
             settings,
             state_file: None,
+            reported_by: Mutex::default(),
         }
     }
 
@@ -248,6 +257,9 @@ impl Registry {
             return None;
         }
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
+        if let Some(old) = workers.get(&id) {
+            self.unindex(&id, old.reported.ids());
+        }
         let healthy = origin == Origin::Registered && !is_static;
         let worker = workers.entry(id.clone()).insert_entry(Worker {
             addr: addr.to_string(),
@@ -358,6 +370,12 @@ impl Registry {
         };
         let worker = workers.get_mut(&id).expect("found above");
         if worker.reported != reported {
+            self.unindex(&id, worker.reported.ids());
+            let mut index = self.reported_by.lock().expect("report index lock");
+            for job_id in reported.ids() {
+                index.insert(job_id.clone(), id.clone());
+            }
+            drop(index);
             worker.reported = reported;
             self.top_up(&id, worker);
         }
@@ -367,16 +385,32 @@ impl Registry {
     /// answer held): a `RunJob` there attaches to it. Its slot is already taken.
     pub fn adopt(&self, job_id: &str, token: &CancelToken) -> Option<Claim> {
         let mut workers = self.lock();
-        let (id, worker) = workers
-            .iter_mut()
-            .find(|(_, w)| w.healthy && w.reported.contains(job_id))?;
+        let id = self
+            .reported_by
+            .lock()
+            .expect("report index lock")
+            .get(job_id)?
+            .clone();
+        let worker = workers
+            .get_mut(&id)
+            .filter(|w| w.healthy && w.reported.contains(job_id))?;
         worker.started += 1;
         worker.running.insert(job_id.to_string(), token.clone());
         Some(Claim {
-            worker: id.clone(),
+            worker: id,
             generation: worker.generation,
             client: worker.client.clone(),
         })
+    }
+
+    /// Drops the index entries of `job_ids` that point at worker `id`.
+    fn unindex<'a>(&self, id: &Arc<str>, job_ids: impl Iterator<Item = &'a String>) {
+        let mut index = self.reported_by.lock().expect("report index lock");
+        for job_id in job_ids {
+            if index.get(job_id) == Some(id) {
+                index.remove(job_id);
+            }
+        }
     }
 
     /// Gives a claimed slot back. The job is no longer the worker's, whatever its last
@@ -390,8 +424,11 @@ impl Registry {
             return;
         }
         worker.running.remove(job_id);
-        worker.reported.running.remove(job_id);
-        worker.reported.held.remove(job_id);
+        if worker.reported.contains(job_id) {
+            self.unindex(&claim.worker, [job_id.to_string()].iter());
+            worker.reported.running.remove(job_id);
+            worker.reported.held.remove(job_id);
+        }
         match how {
             Release::Done => {}
             Release::Unreachable => {

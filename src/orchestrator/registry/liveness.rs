@@ -119,6 +119,7 @@ impl Registry {
                     w.addr,
                     humantime::format_duration(forget_after)
                 );
+                self.unindex(id, w.reported.ids());
             }
             forgotten |= expired;
             !expired

@@ -280,3 +280,23 @@ fn reports_are_bounded_and_checked() {
     assert!(!reason.contains("a\u{0}b"), "{reason}");
     assert!(Reported::checked(&[String::new()], &[], 2).is_err());
 }
+
+#[test]
+fn a_worker_registering_again_or_reporting_anew_no_longer_offers_what_it_reported() {
+    let (registry, _hints) = registry(2);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    registry.report("w", reported(&["a"], &["b"]));
+    registry.report("w", reported(&["c"], &[]));
+    assert!(registry.adopt("a", &token).is_none(), "no longer reported");
+    assert!(registry.adopt("b", &token).is_none());
+    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    assert!(
+        registry.adopt("c", &token).is_none(),
+        "a new registration reports nothing yet"
+    );
+    assert!(
+        registry.reported_by.lock().unwrap().is_empty(),
+        "no stale index entry"
+    );
+}
