@@ -3,10 +3,12 @@
 //! 6 s). `BENCH_ADOPT_BUILDS` (default 8) gated builds run on four `blacktree worker`s of
 //! capacity 2; the orchestrator is SIGKILLed while every build runs; half of the builds
 //! end while no orchestrator runs (their answers are held), the other half are let go
-//! once the new orchestrator is up (they end while it adopts them or after). Measured:
-//! builds run more than once (target 0), and each status's extra delay: from the later
-//! of its build's end and the new orchestrator's start to the status in the queue
-//! (target ≤ adopt-wait + one check-in = 9 s). Run by scripts/bench.sh.
+//! once the new orchestrator is up (they end while it adopts them or after). Twice: with
+//! the orchestrator's state file kept (the default), and with a fresh one (it must wait
+//! for the workers to register again). Measured: builds run more than once (target 0),
+//! and each status's extra delay: from the later of its build's end and the new
+//! orchestrator's start to the status in the queue (target ≤ adopt-wait + one check-in
+//! = 9 s). Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,8 +29,42 @@ const LONG: Duration = Duration::from_secs(120);
 
 fn main() {
     let jobs = env_number("BENCH_ADOPT_BUILDS", 8);
+    println!("adoption.builds {jobs}");
+    println!("adoption.target_s {}", TARGET.as_secs());
+    // With the state file (the default), the new orchestrator knows the workers and its
+    // first health round brings their reports; without one, it waits for each worker
+    // to register again at its next check-in.
+    for (mode, remembered) in [("remembered", true), ("forgotten", false)] {
+        let figures = restart_during_builds(jobs, remembered);
+        println!("adoption.{mode}.reruns {}", figures.reruns);
+        println!("adoption.{mode}.adopted {}", figures.adopted);
+        println!("adoption.{mode}.delay_p50_s {:.3}", figures.p50);
+        println!("adoption.{mode}.delay_max_s {:.3}", figures.max);
+    }
+}
+
+/// What one restart cost.
+struct Figures {
+    reruns: usize,
+    adopted: f64,
+    p50: f64,
+    max: f64,
+}
+
+/// Runs `jobs` gated builds, SIGKILLs the orchestrator while they run, lets half end
+/// while none runs, restarts it (with its state file, or with a fresh one when not
+/// `remembered`) and lets the others go.
+fn restart_during_builds(jobs: usize, remembered: bool) -> Figures {
     let defaults = ["--health-interval", "2s", "--health-timeout", "1s"];
-    let (Setup { mq, mut orch, .. }, _) = Setup::remembering("bench-adopt", &defaults);
+    // One gRPC port for both orchestrators: the workers find the second where the first
+    // was.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let flags = [&defaults[..], &["--grpc-listen", listen.as_str()]].concat();
+    let (Setup { mq, mut orch, .. }, _) = if remembered {
+        Setup::remembering("bench-adopt", &flags)
+    } else {
+        (Setup::with_flags("bench-adopt", &flags), String::new())
+    };
     let builds = Builds::start();
     let _workers: Vec<WorkerProcess> = (0..WORKERS)
         .map(|i| {
@@ -81,7 +117,6 @@ fn main() {
         arrivals.len() >= jobs
     });
     assert_eq!(arrivals.len(), jobs, "a status is missing");
-    let reruns: usize = ids.iter().map(|id| builds.runs(id).saturating_sub(1)).sum();
     let mut delays: Vec<f64> = arrivals
         .iter()
         .map(|(id, at)| {
@@ -92,17 +127,10 @@ fn main() {
         .collect();
     delays.sort_by(f64::total_cmp);
     let metrics = http(orch.metrics_port, "/metrics").1;
-    println!("adoption.builds {jobs}");
-    println!("adoption.reruns {reruns}");
-    println!(
-        "adoption.adopted {}",
-        sample(&metrics, "blacktree_jobs_adopted_total")
-    );
-    println!("adoption.delay_p50_s {:.2}", percentile(&delays, 0.5));
-    println!(
-        "adoption.delay_max_s {:.2}",
-        delays.last().copied().unwrap_or(0.0)
-    );
-    println!("adoption.target_s {}", TARGET.as_secs());
-    drop(orch);
+    Figures {
+        reruns: ids.iter().map(|id| builds.runs(id).saturating_sub(1)).sum(),
+        adopted: sample(&metrics, "blacktree_jobs_adopted_total"),
+        p50: percentile(&delays, 0.5),
+        max: delays.last().copied().unwrap_or(0.0),
+    }
 }

@@ -33,7 +33,10 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
     IFS='|' read -r ours label floor floor_label <<<"$pair"
     echo "| latency at light load: $label (p50 / p99) | $(value latency.$ours.p50_ms) / $(value latency.$ours.p99_ms) ms | $floor_label: $(value latency.$floor.p50_ms) / $(value latency.$floor.p99_ms) ms | | p50 < 2 ms, p99 < 10 ms |"
   done
-  echo "| orchestrator SIGKILL + restart with $(value adoption.builds) builds in flight (half end while it is down; defaults: 2 s health round, 3 s check-in, 6 s adopt-wait) | $(value adoption.reruns) builds re-run, $(value adoption.adopted) adopted; extra delay to their statuses p50 / max $(value adoption.delay_p50_s) / $(value adoption.delay_max_s) s | bound: adopt-wait + one check-in = $(value adoption.target_s) s | | 0 re-runs, ≤ 9 s |"
+  for mode in remembered forgotten; do
+    case $mode in remembered) how="state file kept";; *) how="fresh state file: workers register again at their next check-in";; esac
+    echo "| orchestrator SIGKILL + restart with $(value adoption.builds) builds in flight, half ending while it is down ($how; defaults: 2 s health round, 3 s check-in, 6 s adopt-wait) | $(value adoption.$mode.reruns) builds re-run, $(value adoption.$mode.adopted) adopted; extra delay to their statuses p50 / max $(value adoption.$mode.delay_p50_s) / $(value adoption.$mode.delay_max_s) s | bound: adopt-wait + one check-in = $(value adoption.target_s) s | | 0 re-runs, ≤ 9 s |"
+  done
   echo "| failure detection at defaults, $(value detection.trials) SIGSTOP trials (min / p50 / max) | $(value detection.min_s) / $(value detection.p50_s) / $(value detection.max_s) s, $(value detection.within_bound) within bound, $(value detection.false_removals) false removals | bound: interval × unhealthy-after + timeout = $(value detection.bound_s) s | | ≤ 5 s, no false removal |"
   ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
   echo "| scale, $(value scale.workers) workers: RSS | $(value scale.w1000.rss_mib) MiB | bare grpcio client, same channels: $(value scale.bare.rss_mib) MiB | $(ratio "$(value scale.w1000.rss_mib)" "$(value scale.bare.rss_mib)") | ≤ 1.25 |"
