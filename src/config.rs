@@ -123,6 +123,29 @@ pub struct Topology {
     /// Durable queue bound to the events key, when events are on.
     #[arg(long, env = "BLACKTREE_EVENTS_QUEUE", default_value = "events.queue")]
     pub events_queue: String,
+    /// Type of the queues declared: `classic` (as existing deployments have them) or
+    /// `quorum` (replicated over a RabbitMQ cluster). It must match queues that exist.
+    #[arg(long, env = "BLACKTREE_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
+    pub queue_type: QueueType,
+}
+
+/// The type of the queues Blacktree declares (`--queue-type`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues, as existing deployments have them.
+    Classic,
+    /// Quorum queues (`x-queue-type: quorum`), replicated over a RabbitMQ cluster.
+    Quorum,
+}
+
+impl QueueType {
+    /// As `--queue-type` and RabbitMQ's `x-queue-type` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 impl Topology {
@@ -290,7 +313,7 @@ impl fmt::Display for OrchestratorConfig {
             f,
             "amqp-url={} exchange={} execute-queue={} execute-key={} status-queue={} \
              status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} \
-             events-queue={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
+             events-queue={} queue-type={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
              drain-timeout={} adopt-wait={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
              derived-image-prefix={} max-status-bytes={} max-worker-capacity={} max-workers={} \
@@ -307,6 +330,7 @@ impl fmt::Display for OrchestratorConfig {
             t.cancel_key,
             t.events_key,
             t.events_queue,
+            t.queue_type.name(),
             self.grpc_listen,
             self.dispatch_threads,
             self.prefetch(),

@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, info, warn};
 
 use super::ledger::{Action, Ledger, LedgerConfig, Stats, CANCEL_TAG};
-use super::{declare_topology, AmqpUrl};
+use super::{declare_topology, queue_type_mismatch, AmqpUrl};
 use crate::config::Topology;
 use crate::metrics::Metrics;
 use crate::orchestrator::state_file::{EarlyCancel, StateFile};
@@ -44,6 +44,9 @@ use crate::pipeline::{Assignment, Connected, ConsumerMsg, Publication};
 /// First and longest pause between two connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The exit code when the broker refuses the configuration itself (a queue of another
+/// type than `--queue-type`): the command line's usage error.
+const EXIT_MISCONFIGURED: i32 = 2;
 /// A connection that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
 
@@ -258,6 +261,12 @@ impl Consumer {
             Err(e) => {
                 let _ = connection.close();
                 let _ = publishing.close();
+                if let Some(mismatch) = queue_type_mismatch(&e, self.config.topology.queue_type) {
+                    // Retrying cannot help: the operator must change the flag or the queue.
+                    log::error!("{mismatch}");
+                    eprintln!("blacktree: {mismatch}");
+                    std::process::exit(EXIT_MISCONFIGURED);
+                }
                 Err(format!("setting up {}: {e}", self.config.url.masked()))
             }
         }

@@ -19,11 +19,11 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use amiquip::{
-    Auth, Channel, Connection, ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions,
-    ExchangeType, FieldTable, QueueDeclareOptions,
+    AmqpValue, Auth, Channel, Connection, ConnectionOptions, ConnectionTuning,
+    ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
 };
 
-use crate::config::{mask_url, Topology};
+use crate::config::{mask_url, QueueType, Topology};
 
 /// Heartbeat used when the URL does not set one: a dead broker is noticed in ~2× this.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
@@ -193,7 +193,7 @@ pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), am
     .into_iter()
     .chain(events.map(|key| (&topology.events_queue, Some(key))))
     {
-        declare_durable_queue(channel, queue)?;
+        declare_durable_queue(channel, queue, topology.queue_type)?;
         if let Some(key) = key {
             channel.queue_bind(
                 queue.as_str(),
@@ -219,16 +219,59 @@ pub fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), amiquip
     Ok(())
 }
 
-/// Declares a durable, non-exclusive, non-auto-delete queue without arguments.
-pub fn declare_durable_queue(channel: &Channel, queue: &str) -> Result<(), amiquip::Error> {
+/// Declares a durable, non-exclusive, non-auto-delete queue: without arguments when
+/// classic (as older deployments did), with `x-queue-type: quorum` when quorum.
+pub fn declare_durable_queue(
+    channel: &Channel,
+    queue: &str,
+    queue_type: QueueType,
+) -> Result<(), amiquip::Error> {
+    let mut arguments = FieldTable::new();
+    if queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AmqpValue::LongString(queue_type.name().into()),
+        );
+    }
     channel.queue_declare(
         queue,
         QueueDeclareOptions {
             durable: true,
+            arguments,
             ..QueueDeclareOptions::default()
         },
     )?;
     Ok(())
+}
+
+/// When `error` is the broker refusing a queue declaration because the queue exists
+/// with another type, what to tell the operator: the queue, its type and the flag.
+pub fn queue_type_mismatch(error: &amiquip::Error, declared: QueueType) -> Option<String> {
+    let amiquip::Error::ServerClosedChannel {
+        code: 406, message, ..
+    } = error
+    else {
+        return None;
+    };
+    if !message.contains("inequivalent arg 'x-queue-type'") {
+        return None;
+    }
+    let queue = message
+        .split("for queue '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or("?");
+    let existing = match message.rsplit("but current is").next() {
+        Some(current) if current.contains("quorum") => "quorum",
+        Some(current) if current.contains("stream") => "stream",
+        _ => "classic",
+    };
+    Some(format!(
+        "queue {queue} exists as a {existing} queue, but --queue-type (BLACKTREE_QUEUE_TYPE) is {}: \
+         set --queue-type {existing}, or see README \"Quorum queues\" to move to {} queues",
+        declared.name(),
+        declared.name()
+    ))
 }
 
 /// The PEM certificate blocks of a bundle, in order (text outside them is ignored).
@@ -251,6 +294,36 @@ fn pem_certificates(pem: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_of_another_type_is_told_apart_from_other_channel_errors() {
+        let refused = |message: &str| amiquip::Error::ServerClosedChannel {
+            channel_id: 1,
+            code: 406,
+            message: message.to_string(),
+        };
+        let classic = refused(
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'execute.queue' \
+             in vhost '/': received the value 'quorum' of type 'longstr' but current is none",
+        );
+        let told = queue_type_mismatch(&classic, QueueType::Quorum).unwrap();
+        assert!(
+            told.contains("queue execute.queue exists as a classic queue")
+                && told.contains("--queue-type (BLACKTREE_QUEUE_TYPE) is quorum"),
+            "{told}"
+        );
+        let quorum = refused(
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'status.queue' \
+             in vhost '/': received none but current is the value 'quorum' of type 'longstr'",
+        );
+        let told = queue_type_mismatch(&quorum, QueueType::Classic).unwrap();
+        assert!(
+            told.contains("status.queue exists as a quorum queue"),
+            "{told}"
+        );
+        let other = refused("PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q'");
+        assert_eq!(queue_type_mismatch(&other, QueueType::Quorum), None);
+    }
 
     #[test]
     fn urls_parse_like_rabbitmq_uris() {

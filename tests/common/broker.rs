@@ -80,12 +80,29 @@ impl Mq {
         Self::connect_node(&broker.url(), Some(broker.node.clone()), names)
     }
 
-    fn connect_node(url: &str, node: Option<String>, names: &Names) -> Mq {
+    /// Connects to the shared broker at `url` without declaring anything: the
+    /// orchestrator declared the queues (of another type than the test's own, say).
+    pub fn without_declaring(url: &str, names: &Names) -> Mq {
+        let (connection, channel) = Self::open(url);
+        Mq {
+            names: names.clone(),
+            node: None,
+            connection: Some(connection),
+            channel,
+        }
+    }
+
+    fn open(url: &str) -> (Connection, Channel) {
         // Through blacktree's own connect: TCP_NODELAY, so a lone publish is not delayed.
         let mut connection = blacktree::amqp::AmqpUrl::parse(url)
             .and_then(|u| u.connect())
             .expect("test connection to RabbitMQ");
         let channel = connection.open_channel(None).unwrap();
+        (connection, channel)
+    }
+
+    fn connect_node(url: &str, node: Option<String>, names: &Names) -> Mq {
+        let (connection, channel) = Self::open(url);
         channel
             .exchange_declare(
                 ExchangeType::Direct,
