@@ -218,6 +218,9 @@ pub struct Fault {
     pub ended: SystemTime,
     /// For orchestrator restarts: whether a long build was running when it went.
     pub hit_long_build: bool,
+    /// For orchestrator restarts: when the old process had exited (until then, a
+    /// worker's answer could still reach it).
+    pub gone: Option<SystemTime>,
 }
 
 impl Fault {
@@ -279,6 +282,7 @@ impl Cluster {
         let mut began = SystemTime::now();
         let mut worker = None;
         let mut hit_long_build = false;
+        let mut gone = None;
         match kind {
             FaultKind::KillWorker => {
                 let index = self.pick_victim(rng);
@@ -320,7 +324,7 @@ impl Cluster {
                 } else {
                     "TERM"
                 };
-                self.restart_orchestrator(signal, rng);
+                gone = Some(self.restart_orchestrator(signal, rng));
             }
         }
         Fault {
@@ -329,6 +333,7 @@ impl Cluster {
             began,
             ended: SystemTime::now(),
             hit_long_build,
+            gone,
         }
     }
 
@@ -346,15 +351,18 @@ impl Cluster {
 
     /// Stops the orchestrator with `signal` (SIGTERM drains for `--drain-timeout`) and
     /// starts a new one on the same gRPC port (the workers register with it by
-    /// themselves); measures the new one's baseline.
-    pub fn restart_orchestrator(&mut self, signal: &str, rng: &mut Rng) {
+    /// themselves); measures the new one's baseline. Returns when the old one had
+    /// exited.
+    pub fn restart_orchestrator(&mut self, signal: &str, rng: &mut Rng) -> SystemTime {
         self.orchestrator.signal(signal);
         self.orchestrator.wait_exit(LONG);
+        let gone = SystemTime::now();
         self.old_logs.push(self.orchestrator.log());
         std::thread::sleep(rng.millis(DOWNTIME));
         self.orchestrator = start_orchestrator(&self.broker, &self.names, self.grpc_port);
         self.baselines
             .push(rss_kib(self.orchestrator.process.pid()));
+        gone
     }
 
     /// The lines about `job_id` in every log, the killed processes' included.

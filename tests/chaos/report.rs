@@ -140,13 +140,17 @@ pub fn duplicate_bound(faults: &[Fault], published: &Published) -> usize {
 /// Counts the builds started again (a later step of a job that already had one) and
 /// the jobs among them that nothing explains. What explains one: the earlier step's
 /// worker incarnation was SIGKILLed after it started (the build, or its held answer,
-/// died with it), or a duplicate status from an orchestrator restart (the job had
-/// finished, unacked: its redelivery ran it again) or from the test publishing the job
-/// twice.
+/// died with it); the earlier step ended while an orchestrator that was then restarted
+/// still ran, and the later one started after the restart began (the answer may have
+/// reached the old orchestrator, which died before its status was confirmed, so no
+/// worker holds it any more); or a duplicate status from an orchestrator restart or
+/// from the test publishing the job twice. A build still running when its orchestrator
+/// went must be adopted: nothing explains running it again.
 fn reruns(
     cluster: &Cluster,
+    faults: &[Fault],
     duplicates: &BTreeMap<DuplicateCause, Vec<String>>,
-) -> (usize, Vec<String>) {
+) -> (BTreeMap<&'static str, usize>, Vec<String>) {
     let ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
     // Each step with when its incarnation was SIGKILLed, if it was.
     let mut by_job: HashMap<String, Vec<(Step, Option<u64>)>> = HashMap::new();
@@ -174,17 +178,29 @@ fn reruns(
         .iter()
         .any(|cause| duplicates.get(cause).is_some_and(|jobs| jobs.contains(job)))
     };
-    let mut count = 0;
+    let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut unexplained = Vec::new();
     for (job, mut steps) in by_job {
         steps.sort_by_key(|(s, _)| s.start);
         for pair in steps.windows(2) {
-            count += 1;
-            let (earlier, kill) = &pair[0];
+            let ((earlier, kill), (later, _)) = (&pair[0], &pair[1]);
             let lost_with_its_worker = kill.is_some_and(|kill| kill > earlier.start);
-            if !lost_with_its_worker && !ran_twice(&job) {
+            let answered_a_dead_orchestrator = faults.iter().any(|f| {
+                f.gone.is_some_and(|gone| {
+                    earlier.end.is_some_and(|end| end <= ns(gone)) && later.start >= ns(f.began)
+                })
+            });
+            let why = if lost_with_its_worker {
+                "worker killed"
+            } else if answered_a_dead_orchestrator {
+                "answered a restarted orchestrator"
+            } else if ran_twice(&job) {
+                "duplicate status"
+            } else {
                 unexplained.push(job.clone());
-            }
+                "unexplained"
+            };
+            *count.entry(why).or_default() += 1;
         }
     }
     unexplained.sort();
@@ -206,8 +222,8 @@ pub struct Report {
     /// Succeeded statuses without a completed step of their job on their worker.
     pub unbacked: Vec<StatusInfo>,
     pub workers: Vec<WorkerSteps>,
-    /// Builds started again after an earlier start of the same job.
-    pub reruns: usize,
+    /// Builds started again after an earlier start of the same job, by explanation.
+    pub reruns: BTreeMap<&'static str, usize>,
     /// Jobs started again with no explanation (see [`reruns`]).
     pub unexplained_reruns: Vec<String>,
     /// Redelivered jobs an orchestrator adopted from the worker running them.
@@ -268,7 +284,7 @@ impl Report {
             })
             .cloned()
             .collect();
-        let (reruns, unexplained_reruns) = reruns(cluster, &duplicates);
+        let (reruns, unexplained_reruns) = reruns(cluster, faults, &duplicates);
         let adopted = cluster
             .old_logs
             .iter()
@@ -389,9 +405,13 @@ impl Report {
             (
                 "builds re-run",
                 format!(
-                    "{} ({} unexplained); {} adopted after an orchestrator restart",
-                    self.reruns,
-                    self.unexplained_reruns.len(),
+                    "{} ({}); {} adopted after an orchestrator restart",
+                    self.reruns.values().sum::<usize>(),
+                    self.reruns
+                        .iter()
+                        .map(|(why, n)| format!("{why} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     self.adopted
                 ),
             ),
