@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs, adoption.rs), measured side by side in one
+# Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs, adoption.rs, cluster.rs), measured side by side in one
 # run on this machine, written to BENCHMARKS.md.
 # Release build (the first one compiles the gRPC C core again: ~20 min on 2 cores).
 # Run it on an otherwise idle machine: every figure shares the same 2 cores.
@@ -13,7 +13,7 @@ notes=$(mktemp)
 trap 'rm -f "$out" "$notes"' EXIT
 # The hand-written analysis below the table ("## Notes" to the end) is kept.
 sed -n '/^## Notes/,$p' BENCHMARKS.md > "$notes" 2>/dev/null || true
-for bench in throughput latency detection scale adoption; do
+for bench in throughput latency detection scale adoption cluster; do
   cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
 done
 value() { sed -n "s/^$1 //p" "$out"; }
@@ -37,6 +37,10 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
     case $mode in remembered) how="state file kept";; *) how="fresh state file: workers register again at their next check-in";; esac
     echo "| orchestrator SIGKILL + restart with $(value adoption.builds) builds in flight, half ending while it is down ($how; defaults: 2 s health round, 3 s check-in, 6 s adopt-wait) | $(value adoption.$mode.reruns) builds re-run, $(value adoption.$mode.adopted) adopted; extra delay to their statuses p50 / max $(value adoption.$mode.delay_p50_s) / $(value adoption.$mode.delay_max_s) s | bound: adopt-wait + one check-in = $(value adoption.target_s) s | | 0 re-runs, ≤ 9 s |"
   done
+  echo "| three-node cluster, quorum queues, $(value cluster.jobs) jobs, 64 no-op workers (median of $(value cluster.rounds) rounds): one orchestrator | $(value cluster.one_per_s) jobs/s ($(value cluster.one_per_s_range)) | raw amiquip loop on the same kind of queues: $(value cluster.raw_per_s) msg/s ($(value cluster.raw_per_s_range)) | $(value cluster.one_vs_raw) ($(value cluster.one_vs_raw_range)) | |"
+  echo "| same rounds: two orchestrators, each first on a node of its own | $(value cluster.two_per_s) jobs/s ($(value cluster.two_per_s_range)) | one orchestrator: $(value cluster.one_per_s) jobs/s | $(value cluster.two_vs_one) ($(value cluster.two_vs_one_range)) | ≥ 0.90 |"
+  echo "| node failover: stop_app of the node in use → first status through another node ($(value cluster.node_failover_trials) trials, min / p50 / max; heartbeat 10 s, reconnect backoff from 200 ms) | $(value cluster.node_failover_min_s) / $(value cluster.node_failover_p50_s) / $(value cluster.node_failover_max_s) s | | | < 5 s |"
+  echo "| orchestrator failover: SIGKILL of one of two → its $(value cluster.kill_jobs) jobs' statuses published by the other (p50 / max; defaults: 2 s health round, 3 s check-in, 6 s adopt-wait) | $(value cluster.kill_p50_s) / $(value cluster.kill_max_s) s, $(value cluster.kill_reruns) builds re-run | | | 0 re-runs |"
   echo "| failure detection at defaults, $(value detection.trials) SIGSTOP trials (min / p50 / max) | $(value detection.min_s) / $(value detection.p50_s) / $(value detection.max_s) s, $(value detection.within_bound) within bound, $(value detection.false_removals) false removals | bound: interval × unhealthy-after + timeout = $(value detection.bound_s) s | | ≤ 5 s, no false removal |"
   ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
   echo "| scale, $(value scale.workers) workers: RSS | $(value scale.w1000.rss_mib) MiB | bare grpcio client, same channels: $(value scale.bare.rss_mib) MiB | $(ratio "$(value scale.w1000.rss_mib)" "$(value scale.bare.rss_mib)") | ≤ 1.25 |"

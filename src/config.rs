@@ -58,8 +58,13 @@ pub fn read_secret_file(
     Ok(Some(crate::job::Secret::new(secret.to_string())))
 }
 
-/// Returns `url` with its password replaced by `***`, for logs and error texts.
+/// Returns `url` (or a comma-separated list of URLs) with passwords replaced by `***`,
+/// for logs and error texts.
 pub fn mask_url(url: &str) -> String {
+    if url.contains(',') {
+        let masked: Vec<String> = url.split(',').map(|u| mask_url(u.trim())).collect();
+        return masked.join(",");
+    }
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             // Setting a password only fails for URLs that cannot have one.
@@ -158,8 +163,10 @@ impl Topology {
 /// The broker's URL, as every command that talks to RabbitMQ takes it.
 #[derive(Args, Debug, Clone)]
 pub struct BrokerUrl {
-    /// RabbitMQ URL (`amqp://` or `amqps://`). Query parameters: `heartbeat` (s) and
-    /// `connection_timeout` (ms), 10 s each by default, and `cacertfile` for `amqps://`.
+    /// RabbitMQ URL (`amqp://` or `amqps://`), or a cluster's nodes as comma-separated
+    /// URLs: the first that answers is used, the others in turn when it is lost. Query
+    /// parameters: `heartbeat` (s) and `connection_timeout` (ms), 10 s each by default,
+    /// and `cacertfile` for `amqps://`.
     #[arg(
         long,
         env = "MQ_URL",
@@ -184,6 +191,12 @@ pub struct OrchestratorConfig {
     /// Address the gRPC server (WorkerService, grpc.health.v1) listens on.
     #[arg(long, env = "BLACKTREE_GRPC_LISTEN", default_value = "0.0.0.0:5051")]
     pub grpc_listen: String,
+
+    /// This orchestrator's name among several on the same queues: in its log lines, the
+    /// `orchestrator_id` label of its metrics, `/healthz`, and the `orchestratorId` of its
+    /// events and statuses (default: the host name and the gRPC port, `HOST:PORT`).
+    #[arg(long, env = "BLACKTREE_INSTANCE_ID", value_parser = crate::instance::parse_id)]
+    pub instance_id: Option<String>,
 
     /// Number of dispatch threads, the most jobs running at once.
     #[arg(long, env = "BLACKTREE_DISPATCH_THREADS", default_value_t = 64,
@@ -313,7 +326,7 @@ impl fmt::Display for OrchestratorConfig {
             f,
             "amqp-url={} exchange={} execute-queue={} execute-key={} status-queue={} \
              status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} \
-             events-queue={} queue-type={} grpc-listen={} dispatch-threads={} prefetch={} job-timeout={} \
+             events-queue={} queue-type={} grpc-listen={} instance-id={} dispatch-threads={} prefetch={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
              drain-timeout={} adopt-wait={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
              derived-image-prefix={} max-status-bytes={} max-worker-capacity={} max-workers={} \
@@ -332,6 +345,7 @@ impl fmt::Display for OrchestratorConfig {
             t.events_queue,
             t.queue_type.name(),
             self.grpc_listen,
+            self.instance_id.as_deref().unwrap_or("(host:port)"),
             self.dispatch_threads,
             self.prefetch(),
             d(self.job_timeout),
@@ -368,9 +382,17 @@ pub enum ExecutorKind {
 /// Configuration of `blacktree worker`.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerConfig {
-    /// `HOST:PORT` of the orchestrator's gRPC server.
-    #[arg(long, env = "BLACKTREE_ORCHESTRATOR", default_value = "127.0.0.1:5051")]
-    pub orchestrator: String,
+    /// `HOST:PORT` of the orchestrator's gRPC server, or several, comma-separated (every
+    /// orchestrator consuming the same queues): the worker registers and checks in with
+    /// each.
+    #[arg(
+        long,
+        env = "BLACKTREE_ORCHESTRATOR",
+        default_value = "127.0.0.1:5051",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub orchestrator: Vec<String>,
 
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -514,6 +536,11 @@ mod tests {
         let masked = mask_url("amqp://user:s3cret@broker:5672/%2f?heartbeat=5");
         assert!(!masked.contains("s3cret"), "{masked}");
         assert!(masked.contains("user:***@broker"), "{masked}");
+        let both = mask_url("amqp://u:one@n1/%2f, amqp://u:two@n2/%2f");
+        assert!(
+            both.contains("u:***@n1") && both.contains("u:***@n2") && !both.contains("two"),
+            "{both}"
+        );
         assert_eq!(mask_url("not a url"), "<unparsable URL>");
     }
 }

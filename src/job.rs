@@ -408,6 +408,9 @@ pub struct Event {
     pub worker_id: String,
     /// When (RFC 3339).
     pub at: String,
+    /// The orchestrator that published it (`--instance-id`; set by its publisher).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub orchestrator_id: String,
 }
 
 impl Event {
@@ -418,6 +421,7 @@ impl Event {
             event,
             worker_id: worker_id.to_string(),
             at: rfc3339(SystemTime::now()),
+            orchestrator_id: String::new(),
         }
     }
 
@@ -473,6 +477,9 @@ pub struct Status {
     pub finished_at: String,
     /// Milliseconds from `startedAt` to `finishedAt` (0 when it never started).
     pub duration_ms: u64,
+    /// The orchestrator that published it (`--instance-id`; set by its publisher).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub orchestrator_id: String,
 }
 
 impl Status {
@@ -495,6 +502,7 @@ impl Status {
             started_at: None,
             finished_at: rfc3339(SystemTime::now()),
             duration_ms: 0,
+            orchestrator_id: String::new(),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod instance;
 pub mod job;
 pub mod lock;
 pub mod metrics;

@@ -2,6 +2,8 @@
 //! imports it; it imports none of them (the HTTP endpoint that serves it is
 //! `orchestrator::http`).
 
+use std::sync::Mutex;
+
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, TextEncoder,
@@ -10,6 +12,8 @@ use prometheus::{
 /// Every metric the orchestrator keeps.
 pub struct Metrics {
     registry: prometheus::Registry,
+    /// The `orchestrator_id` label of every sample (empty: none).
+    instance_id: String,
     /// Job messages consumed (valid ones).
     pub jobs_received: IntCounter,
     /// Jobs sent to a worker.
@@ -38,6 +42,8 @@ pub struct Metrics {
     pub broker_connected: IntGauge,
     /// 1 while the broker blocks our publishing connection (a memory or disk alarm).
     pub broker_blocked: IntGauge,
+    /// The broker URL in use (masked); empty while disconnected. `/healthz` names it.
+    broker_in_use: Mutex<String>,
     /// Statuses the broker returned as unroutable (each is published again).
     pub statuses_unroutable: IntCounter,
     /// Statuses the broker refused as they were, sent without their logs.
@@ -46,14 +52,38 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    /// Metrics without the `orchestrator_id` label (unit tests).
     fn default() -> Metrics {
+        Metrics::labelled(None)
+    }
+}
+
+impl Metrics {
+    /// Metrics whose every sample carries `orchestrator_id="<instance_id>"`.
+    pub fn for_instance(instance_id: &str) -> Metrics {
+        let label = [("orchestrator_id".to_string(), instance_id.to_string())];
+        Metrics::labelled(Some(label.into_iter().collect()))
+    }
+
+    /// The orchestrator's instance id (empty for unlabelled metrics).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    fn labelled(labels: Option<std::collections::HashMap<String, String>>) -> Metrics {
+        let instance_id = labels
+            .as_ref()
+            .and_then(|l| l.get("orchestrator_id").cloned())
+            .unwrap_or_default();
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric")
         };
         let metrics = Metrics {
-            registry: prometheus::Registry::new(),
+            registry: prometheus::Registry::new_custom(None, labels)
+                .expect("a valid orchestrator_id label"),
+            instance_id,
             jobs_received: counter("blacktree_jobs_received_total", "Job messages consumed."),
             jobs_dispatched: counter("blacktree_jobs_dispatched_total", "Jobs sent to a worker."),
             jobs_adopted: counter(
@@ -103,6 +133,7 @@ impl Default for Metrics {
                 "1 while connected to the broker.",
             )
             .expect("valid metric"),
+            broker_in_use: Mutex::default(),
             broker_blocked: IntGauge::new(
                 "blacktree_broker_blocked",
                 "1 while the broker blocks publishing (memory or disk alarm).",
@@ -152,6 +183,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records the broker URL in use (masked; empty while disconnected).
+    pub fn set_broker_in_use(&self, url: &str) {
+        *self.broker_in_use.lock().expect("broker URL lock") = url.to_string();
+    }
+
+    /// The broker URL in use (masked), empty while disconnected.
+    pub fn broker_in_use(&self) -> String {
+        self.broker_in_use.lock().expect("broker URL lock").clone()
+    }
+
     /// The Prometheus text of every metric, with `blacktree_workers` counted from the
     /// workers' current states (`free`, `busy`, `unhealthy`).
     pub fn render<'a>(&self, worker_states: impl IntoIterator<Item = &'a str>) -> String {

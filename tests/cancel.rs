@@ -372,7 +372,8 @@ fn every_job_gets_exactly_one_status_whatever_races_between_cancel_completion_an
 
 #[test]
 fn lifecycle_events_arrive_in_order_and_statuses_carry_timings() {
-    let Setup { mq, orch, .. } = Setup::with_flags("events", &["--events-key", "api.event"]);
+    let flags = ["--events-key", "api.event", "--instance-id", "orch-events"];
+    let Setup { mq, orch, .. } = Setup::with_flags("events", &flags);
     let _w = orch.worker("events-w", Behaviour::default());
     let ids: Vec<String> = (0..5).map(|i| format!("events-{i}")).collect();
     for id in &ids {
@@ -397,7 +398,15 @@ fn lifecycle_events_arrive_in_order_and_statuses_carry_timings() {
             .unwrap();
         assert_eq!(dispatched["workerId"], "events-w");
         assert!(dispatched["at"].as_str().unwrap().ends_with('Z'));
+        assert!(
+            events
+                .iter()
+                .filter(|e| e["jobId"] == id.as_str())
+                .all(|e| e["orchestratorId"] == "orch-events"),
+            "every event names its orchestrator: {events:?}"
+        );
         let status = the_status(&statuses, id);
+        assert_eq!(status["orchestratorId"], "orch-events", "{status}");
         assert!(status["startedAt"].as_str().unwrap() <= status["finishedAt"].as_str().unwrap());
         assert!(status["durationMs"].as_u64().unwrap() >= 10, "{status}");
     }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each bench uses a part
 
+pub mod raw;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;

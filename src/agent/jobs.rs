@@ -10,6 +10,10 @@
 //! * a finished job's answer is held until a call received it, for at most
 //!   `--hold-results`, within [`MAX_HELD`] answers and [`MAX_HELD_BYTES`] bytes (the
 //!   oldest go first, logged);
+//! * a received answer stays held for [`KEEP_DELIVERED`] more (or `--hold-results` when
+//!   shorter): the orchestrator that received it may die or lose its broker before its
+//!   status is confirmed, and the job's redelivery (to it or to another orchestrator)
+//!   then gets the answer instead of running the build again;
 //! * a call for a held jobId gets its answer at once.
 
 use std::collections::HashMap;
@@ -27,6 +31,9 @@ use crate::proto::job::JobResponse;
 pub const MAX_HELD: usize = 1000;
 /// The most bytes of held answers at once.
 pub const MAX_HELD_BYTES: usize = 256 * 1024 * 1024;
+/// How long an answer stays held after a call received it: longer than the broker
+/// takes to redeliver the job of an orchestrator that died or lost its connection.
+pub const KEEP_DELIVERED: Duration = Duration::from_secs(60);
 
 /// A running job: its control, and its answer once it ended.
 pub struct Running {
@@ -81,6 +88,8 @@ struct Held {
     answer: JobResponse,
     until: Instant,
     bytes: usize,
+    /// A call received it: it is kept only for a redelivery, and goes unremarked.
+    delivered: bool,
 }
 
 /// The table; see the module documentation.
@@ -171,11 +180,13 @@ impl JobTable {
         }
     }
 
-    /// A call received `job_id`'s answer: it is no longer held.
+    /// A call received `job_id`'s answer: it stays held for [`KEEP_DELIVERED`] (or
+    /// `--hold-results` when shorter) more, for a redelivery of the job.
     pub fn delivered(&self, job_id: &str) {
-        let mut inner = self.lock();
-        if let Some(held) = inner.held.remove(job_id) {
-            inner.held_bytes -= held.bytes;
+        let until = Instant::now() + KEEP_DELIVERED.min(self.hold_for);
+        if let Some(held) = self.lock().held.get_mut(job_id) {
+            held.until = held.until.min(until);
+            held.delivered = true;
         }
     }
 
@@ -197,9 +208,9 @@ impl JobTable {
         self.lock().running.len()
     }
 
-    /// Whether every slot runs a job.
-    pub fn is_full(&self) -> bool {
-        self.running_count() >= self.capacity
+    /// Slots free for a new job.
+    pub fn free_slots(&self) -> usize {
+        self.capacity.saturating_sub(self.running_count())
     }
 
     /// The controls of every running job.
@@ -233,6 +244,7 @@ impl Inner {
                 answer,
                 until,
                 bytes,
+                delivered: false,
             },
         );
         while self.held.len() > MAX_HELD || self.held_bytes > MAX_HELD_BYTES {
@@ -242,10 +254,12 @@ impl Inner {
                 .min_by_key(|(_, held)| held.until)
                 .map(|(id, _)| id.clone())
                 .expect("over the bounds, so not empty");
-            warn!(
-                "job {oldest}: its answer is dropped unreceived: more than {MAX_HELD} answers or {MAX_HELD_BYTES} bytes are held"
-            );
             let held = self.held.remove(&oldest).expect("found above");
+            if !held.delivered {
+                warn!(
+                    "job {oldest}: its answer is dropped unreceived: more than {MAX_HELD} answers or {MAX_HELD_BYTES} bytes are held"
+                );
+            }
             self.held_bytes -= held.bytes;
         }
     }
@@ -256,7 +270,7 @@ impl Inner {
         let mut freed = 0;
         self.held.retain(|job_id, held| {
             let keep = held.until > now;
-            if !keep {
+            if !keep && !held.delivered {
                 warn!("job {job_id}: its answer was held unreceived for too long; dropped");
                 freed += held.bytes;
             }

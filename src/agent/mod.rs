@@ -6,10 +6,11 @@
 //!   starts a job thread, or attaches to the running job of that jobId ([`jobs`]);
 //! * one thread per running job ([`executor`]), plus a watchdog when the job has a
 //!   deadline; a job runs on when its caller goes away, and its answer is held;
-//! * the check-in thread registers (retrying with capped backoff) and then asks
-//!   `WorkerService.Ping{id}` every `--check-in-interval`, registering again when the
-//!   orchestrator no longer knows it (after an orchestrator restart); both carry the
-//!   jobIds it runs and holds answers for, so a new orchestrator adopts them.
+//! * one check-in thread per orchestrator (`--orchestrator a:5051,b:5051`) registers
+//!   (retrying with capped backoff) and then asks `WorkerService.Ping{id}` every
+//!   `--check-in-interval`, registering again when that orchestrator no longer knows it
+//!   (after its restart); both carry the jobIds it runs and holds answers for, so an
+//!   orchestrator adopts the builds another one started.
 
 pub mod checks;
 pub mod executor;
@@ -74,19 +75,28 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
     server.start();
     let advertise = match &config.advertise {
         Some(addr) => addr.clone(),
-        None => format!("{}:{port}", local_ip_towards(&config.orchestrator)?),
+        None => format!("{}:{port}", local_ip_towards(&config.orchestrator[0])?),
     };
     info!(
         "worker {id} listening on port {port} ({}), advertised as {advertise}, capacity {}, {:?} executor",
         config.listen, config.capacity, config.executor
     );
     let info = registration_info(&config, &id, &advertise)?;
-    let orchestrator = config.orchestrator.clone();
-    let interval = config.check_in_interval;
-    std::thread::Builder::new()
-        .name("check-in".into())
-        .spawn(move || check_in(env, &orchestrator, tls, info, token, interval, &jobs))
-        .map_err(|e| format!("spawning the check-in thread: {e}"))?;
+    for orchestrator in config.orchestrator.iter().filter(|o| !o.is_empty()) {
+        let check_in = CheckIn {
+            env: env.clone(),
+            orchestrator: orchestrator.clone(),
+            tls: tls.clone(),
+            info: info.clone(),
+            token: token.clone(),
+            interval: config.check_in_interval,
+        };
+        let jobs = jobs.clone();
+        std::thread::Builder::new()
+            .name("check-in".into())
+            .spawn(move || check_in.run(&jobs))
+            .map_err(|e| format!("spawning the check-in thread: {e}"))?;
+    }
 
     wait_and_stop(&agent, &health, config.drain_timeout)
 }
@@ -164,10 +174,8 @@ fn wait_and_stop(
 
 /// The hostname plus a random suffix.
 fn default_id() -> String {
-    let host =
-        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "worker".into());
     let suffix = uuid::Uuid::new_v4().simple().to_string();
-    format!("{}-{}", host.trim(), &suffix[..6])
+    format!("{}-{}", crate::instance::host_name(), &suffix[..6])
 }
 
 /// The local address of the interface that routes to `target` (no packet is sent).
@@ -190,70 +198,84 @@ fn local_ip_towards(target: &str) -> Result<std::net::IpAddr, String> {
         .map_err(|e| format!("no route to the orchestrator {target}: {e}; set --advertise"))
 }
 
-/// Registers (with capped backoff), then checks in every `interval`, registering
-/// again whenever the orchestrator says it no longer knows this worker.
-fn check_in(
+/// What one check-in thread needs: the orchestrator it keeps this worker registered
+/// with, and what it tells it.
+struct CheckIn {
     env: Arc<grpcio::Environment>,
-    orchestrator: &str,
+    orchestrator: String,
     tls: Option<Tls>,
     info: WorkerInfo,
     token: Option<Secret>,
     interval: Duration,
-    jobs: &JobTable,
-) {
-    let channel = grpc::connect(ChannelBuilder::new(env), orchestrator, tls.as_ref());
-    let client = WorkerServiceClient::new(channel);
-    let call = || {
-        let options = CallOption::default().timeout(Duration::from_secs(5));
-        grpc::with_token(options, token.as_ref())
-    };
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let (running, held) = jobs.report();
-        let info = WorkerInfo {
-            jobIds: RepeatedField::from_vec(running),
-            heldJobIds: RepeatedField::from_vec(held),
-            ..info.clone()
+}
+
+impl CheckIn {
+    /// Registers (with capped backoff), then checks in every `interval`, registering
+    /// again whenever the orchestrator says it no longer knows this worker.
+    fn run(self, jobs: &JobTable) {
+        let CheckIn {
+            env,
+            orchestrator,
+            tls,
+            info,
+            token,
+            interval,
+        } = self;
+        let orchestrator = orchestrator.as_str();
+        let channel = grpc::connect(ChannelBuilder::new(env), orchestrator, tls.as_ref());
+        let client = WorkerServiceClient::new(channel);
+        let call = || {
+            let options = CallOption::default().timeout(Duration::from_secs(5));
+            grpc::with_token(options, token.as_ref())
         };
-        match client.register_opt(&info, call()) {
-            Ok(ack) if ack.success => {
-                info!(
-                    "registered with the orchestrator at {orchestrator}: {}",
-                    ack.message
-                );
-                backoff = Duration::from_millis(200);
-                loop {
-                    std::thread::sleep(interval);
-                    let (running, held) = jobs.report();
-                    let ping = worker::PingRequest {
-                        id: info.id.clone(),
-                        jobIds: RepeatedField::from_vec(running),
-                        heldJobIds: RepeatedField::from_vec(held),
-                        ..worker::PingRequest::default()
-                    };
-                    match client.ping_opt(&ping, call()) {
-                        Ok(pong) if pong.healthy => {}
-                        Ok(_) => {
-                            info!(
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let (running, held) = jobs.report();
+            let info = WorkerInfo {
+                jobIds: RepeatedField::from_vec(running),
+                heldJobIds: RepeatedField::from_vec(held),
+                ..info.clone()
+            };
+            match client.register_opt(&info, call()) {
+                Ok(ack) if ack.success => {
+                    info!(
+                        "registered with the orchestrator at {orchestrator}: {}",
+                        ack.message
+                    );
+                    backoff = Duration::from_millis(200);
+                    loop {
+                        std::thread::sleep(interval);
+                        let (running, held) = jobs.report();
+                        let ping = worker::PingRequest {
+                            id: info.id.clone(),
+                            jobIds: RepeatedField::from_vec(running),
+                            heldJobIds: RepeatedField::from_vec(held),
+                            ..worker::PingRequest::default()
+                        };
+                        match client.ping_opt(&ping, call()) {
+                            Ok(pong) if pong.healthy => {}
+                            Ok(_) => {
+                                info!(
                                 "the orchestrator no longer knows this worker: registering again"
                             );
-                            break;
+                                break;
+                            }
+                            Err(e) => debug!("orchestrator {orchestrator} unreachable: {e}"),
                         }
-                        Err(e) => debug!("orchestrator {orchestrator} unreachable: {e}"),
                     }
+                    continue;
                 }
-                continue;
+                Ok(ack) => warn!(
+                    "the orchestrator at {orchestrator} refused the registration: {}",
+                    ack.message
+                ),
+                Err(e) => warn!(
+                    "cannot register with the orchestrator at {orchestrator}: {e}; retrying in {}",
+                    humantime::format_duration(backoff)
+                ),
             }
-            Ok(ack) => warn!(
-                "the orchestrator at {orchestrator} refused the registration: {}",
-                ack.message
-            ),
-            Err(e) => warn!(
-                "cannot register with the orchestrator at {orchestrator}: {e}; retrying in {}",
-                humantime::format_duration(backoff)
-            ),
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

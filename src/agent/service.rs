@@ -208,17 +208,21 @@ impl Agent {
         let Some(sink) = grpc::admit(&ctx, sink, self.token.as_ref()) else {
             return;
         };
-        let busy = self.draining.load(Ordering::SeqCst) || self.jobs.is_full();
         let (running, held) = self.jobs.report();
+        let free = match self.draining.load(Ordering::SeqCst) {
+            true => 0,
+            false => self.jobs.free_slots(),
+        };
         let pong = PingResponse {
             workerId: self.id.clone(),
-            status: if busy {
+            status: if free == 0 {
                 WorkerStatus::BUSY
             } else {
                 WorkerStatus::FREE
             },
             jobIds: RepeatedField::from_vec(running),
             heldJobIds: RepeatedField::from_vec(held),
+            freeSlots: i32::try_from(free).unwrap_or(i32::MAX),
             ..PingResponse::default()
         };
         grpc::reply(&ctx, sink, pong);

@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, info, warn};
 
 use super::ledger::{Action, Ledger, LedgerConfig, Stats, CANCEL_TAG};
-use super::{declare_topology, queue_type_mismatch, AmqpUrl};
+use super::{declare_instance_cancel_queue, declare_topology, queue_type_mismatch, Brokers};
 use crate::config::Topology;
 use crate::metrics::Metrics;
 use crate::orchestrator::state_file::{EarlyCancel, StateFile};
@@ -70,10 +70,12 @@ impl Channels {
 /// Settings of the consumer thread.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// Broker URL.
-    pub url: AmqpUrl,
+    /// The broker's nodes: the first that answers is used, the others on its loss.
+    pub brokers: Brokers,
     /// Queue and exchange names.
     pub topology: Topology,
+    /// This orchestrator's `--instance-id`: it names its own cancel queue.
+    pub instance_id: String,
     /// Most unacknowledged deliveries at once.
     pub prefetch: u16,
     /// The ledger's settings.
@@ -111,6 +113,7 @@ pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
         config,
         links,
         generation: 0,
+        node: 0,
         deliveries: HashMap::new(),
     };
     std::thread::Builder::new()
@@ -125,6 +128,9 @@ struct Consumer {
     ledger: Ledger,
     /// Incremented on each connection; the publisher tags its channel with it.
     generation: u64,
+    /// The index of the broker URL tried first at the next connection: the one in use,
+    /// and after its loss the next one.
+    node: usize,
     /// The live channels' deliveries not acked or nacked yet, by ledger tag (amiquip
     /// acks a `Delivery`, not a tag).
     deliveries: HashMap<u64, Delivery>,
@@ -169,11 +175,13 @@ impl Consumer {
         let mut backoff = BACKOFF_MIN;
         while !self.ledger.drain_finished() {
             match self.connect() {
-                Ok((connection, channels)) => {
+                Ok((connection, channels, own_cancels)) => {
                     let started = Instant::now();
-                    let result = self.consume(&channels);
+                    let result = self.consume(&channels, &own_cancels);
                     drop(channels);
                     self.end_session(connection, result);
+                    // The node is lost: the others are tried first, in turn.
+                    self.node = (self.node + 1) % self.config.brokers.count();
                     if started.elapsed() >= STABLE_SESSION {
                         backoff = BACKOFF_MIN;
                     }
@@ -211,9 +219,12 @@ impl Consumer {
 
     /// Opens the consuming connection (jobs and cancels) and the publishing one, whose
     /// channel goes to the publisher thread.
-    fn connect(&mut self) -> Result<(Connection, Channels), String> {
-        let mut connection = self.config.url.connect()?;
-        let mut publishing = match self.config.url.connect() {
+    fn connect(&mut self) -> Result<(Connection, Channels, String), String> {
+        let brokers = &self.config.brokers;
+        let (mut connection, node) = brokers.connect_from(self.node)?;
+        let url = brokers.url(node).masked().to_string();
+        // Both connections go to the same node.
+        let mut publishing = match brokers.url(node).connect() {
             Ok(publishing) => publishing,
             Err(e) => {
                 let _ = connection.close();
@@ -221,9 +232,11 @@ impl Consumer {
             }
         };
         let mut setup =
-            || -> Result<(Channels, Channel, Receiver<amiquip::Confirm>, _), amiquip::Error> {
+            || -> Result<(Channels, Channel, Receiver<amiquip::Confirm>, _, String), amiquip::Error> {
                 let jobs = connection.open_channel(None)?;
-                declare_topology(&jobs, &self.config.topology)?;
+                let topology = &self.config.topology;
+                declare_topology(&jobs, topology)?;
+                let own = declare_instance_cancel_queue(&jobs, topology, &self.config.instance_id)?;
                 jobs.qos(0, self.config.prefetch, false)?;
                 let cancels = connection.open_channel(None)?;
                 cancels.qos(0, self.config.prefetch, false)?;
@@ -231,18 +244,19 @@ impl Consumer {
                 let publish = publishing.open_channel(None)?;
                 let confirms = publish.listen_for_publisher_confirms()?;
                 publish.enable_publisher_confirms()?;
-                Ok((Channels { jobs, cancels }, publish, confirms, blocked))
+                Ok((Channels { jobs, cancels }, publish, confirms, blocked, own))
             };
         match setup() {
-            Ok((channels, publish, confirms, blocked)) => {
+            Ok((channels, publish, confirms, blocked, own_cancels)) => {
                 self.generation += 1;
                 if self.generation > 1 {
                     self.links.metrics.broker_reconnects.inc();
                 }
+                self.node = node;
                 self.links.metrics.broker_connected.set(1);
+                self.links.metrics.set_broker_in_use(&url);
                 info!(
-                    "broker: connected to {} (connection {})",
-                    self.config.url.masked(),
+                    "broker: connected to {url} (connection {})",
                     self.generation
                 );
                 let connected = Connected {
@@ -256,7 +270,7 @@ impl Consumer {
                     .connections
                     .send(connected)
                     .map_err(|_| "the status publisher has stopped".to_string())?;
-                Ok((connection, channels))
+                Ok((connection, channels, own_cancels))
             }
             Err(e) => {
                 let _ = connection.close();
@@ -267,21 +281,31 @@ impl Consumer {
                     eprintln!("blacktree: {mismatch}");
                     std::process::exit(EXIT_MISCONFIGURED);
                 }
-                Err(format!("setting up {}: {e}", self.config.url.masked()))
+                Err(format!("setting up {url}: {e}"))
             }
         }
     }
 
-    /// Consumes until the connection fails (`Err`) or the drain finished (`Ok`).
-    fn consume(&mut self, channels: &Channels) -> Result<(), String> {
+    /// Consumes until the connection fails (`Err`) or the drain finished (`Ok`): jobs,
+    /// and cancels from the shared cancel queue and from this orchestrator's own.
+    fn consume(&mut self, channels: &Channels, own_cancels: &str) -> Result<(), String> {
         let topology = &self.config.topology;
         let mut consumers = Vec::new();
         for (source, queue, channel) in [
-            (Source::Jobs, &topology.execute_queue, &channels.jobs),
-            (Source::Cancels, &topology.cancel_queue, &channels.cancels),
+            (
+                Source::Jobs,
+                topology.execute_queue.as_str(),
+                &channels.jobs,
+            ),
+            (
+                Source::Cancels,
+                topology.cancel_queue.as_str(),
+                &channels.cancels,
+            ),
+            (Source::Cancels, own_cancels, &channels.cancels),
         ] {
             let consumer = channel
-                .basic_consume(queue.as_str(), ConsumerOptions::default())
+                .basic_consume(queue, ConsumerOptions::default())
                 .map_err(|e| format!("consuming {queue}: {e}"))?;
             consumers.push((source, consumer, true));
         }
@@ -463,6 +487,7 @@ impl Consumer {
             warn!("broker: connection {} lost: {e}", self.generation);
         }
         self.links.metrics.broker_connected.set(0);
+        self.links.metrics.set_broker_in_use("");
         let _ = connection.close();
         // Deliveries of a dead connection cannot be acked; the broker redelivers them.
         self.deliveries.clear();

@@ -179,6 +179,60 @@ impl AmqpUrl {
     }
 }
 
+/// The broker's nodes, as `--amqp-url` / `MQ_URL` list them: one URL, or several
+/// separated by commas (a cluster's nodes, each with its own credentials and TLS).
+#[derive(Debug, Clone)]
+pub struct Brokers {
+    urls: Vec<AmqpUrl>,
+}
+
+impl Brokers {
+    /// Parses a comma-separated list of `amqp://` or `amqps://` URLs (a comma inside
+    /// a password is written `%2C`).
+    pub fn parse(text: &str) -> Result<Brokers, String> {
+        let urls = text
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(AmqpUrl::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.is_empty() {
+            return Err("no AMQP URL given (set --amqp-url or MQ_URL)".to_string());
+        }
+        Ok(Brokers { urls })
+    }
+
+    /// How many URLs there are (at least one).
+    pub fn count(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// The URL at `index` (taken modulo their number).
+    pub fn url(&self, index: usize) -> &AmqpUrl {
+        &self.urls[index % self.urls.len()]
+    }
+
+    /// Every URL, masked, comma-separated: for logs and errors.
+    pub fn masked(&self) -> String {
+        let masked: Vec<&str> = self.urls.iter().map(AmqpUrl::masked).collect();
+        masked.join(",")
+    }
+
+    /// Connects to the first URL that answers, trying them in turn from `start`;
+    /// returns the connection and the index of its URL, or every URL's error.
+    pub fn connect_from(&self, start: usize) -> Result<(Connection, usize), String> {
+        let mut errors = Vec::new();
+        for offset in 0..self.urls.len() {
+            let index = (start + offset) % self.urls.len();
+            match self.urls[index].connect() {
+                Ok(connection) => return Ok((connection, index)),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(errors.join("; "))
+    }
+}
+
 /// Declares the exchange, the queues and their bindings, idempotently and with exactly
 /// the flags older deployments used (durable, no arguments), so existing queues match.
 pub fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), amiquip::Error> {
@@ -226,7 +280,49 @@ pub fn declare_durable_queue(
     queue: &str,
     queue_type: QueueType,
 ) -> Result<(), amiquip::Error> {
+    declare_queue_with(channel, queue, queue_type, FieldTable::new())
+}
+
+/// How long the broker keeps an orchestrator's own cancel queue once no orchestrator
+/// consumes or declares it (its instance is gone for good): a day, in milliseconds.
+const INSTANCE_QUEUE_EXPIRES_MS: i32 = 24 * 60 * 60 * 1000;
+
+/// The cancel queue of one orchestrator, `<cancel-queue>.<instance-id>`.
+pub fn instance_cancel_queue(topology: &Topology, instance_id: &str) -> String {
+    format!("{}.{instance_id}", topology.cancel_queue)
+}
+
+/// Declares this orchestrator's own cancel queue and binds it to the cancel key beside
+/// the shared cancel queue, so that every orchestrator gets a copy of every cancel
+/// (ARCHITECTURE.md, "Several orchestrators"). Durable, so cancels published while it
+/// restarts wait for it; `x-expires` removes it a day after its instance is gone.
+pub fn declare_instance_cancel_queue(
+    channel: &Channel,
+    topology: &Topology,
+    instance_id: &str,
+) -> Result<String, amiquip::Error> {
+    let queue = instance_cancel_queue(topology, instance_id);
     let mut arguments = FieldTable::new();
+    arguments.insert(
+        "x-expires".into(),
+        AmqpValue::LongInt(INSTANCE_QUEUE_EXPIRES_MS),
+    );
+    declare_queue_with(channel, &queue, topology.queue_type, arguments)?;
+    channel.queue_bind(
+        queue.as_str(),
+        topology.exchange.as_str(),
+        topology.cancel_key.as_str(),
+        FieldTable::new(),
+    )?;
+    Ok(queue)
+}
+
+fn declare_queue_with(
+    channel: &Channel,
+    queue: &str,
+    queue_type: QueueType,
+    mut arguments: FieldTable,
+) -> Result<(), amiquip::Error> {
     if queue_type == QueueType::Quorum {
         arguments.insert(
             "x-queue-type".into(),
@@ -359,6 +455,26 @@ mod tests {
         assert!(AmqpUrl::parse("amqp://h/a/b").is_err());
         assert!(AmqpUrl::parse("amqp://h/?heartbeat=soon").is_err());
         assert!(AmqpUrl::parse("amqp://h/?frobnicate=1").is_err());
+    }
+
+    #[test]
+    fn a_comma_separated_list_names_every_node() {
+        let brokers = Brokers::parse(
+            "amqp://u:secret@node1:5672/%2f, amqps://u:other@node2/prod,amqp://node3",
+        )
+        .unwrap();
+        assert_eq!(brokers.count(), 3);
+        assert_eq!(brokers.url(1).host, "node2");
+        assert!(brokers.url(1).tls);
+        assert_eq!(brokers.url(5).host, "node3");
+        let masked = brokers.masked();
+        assert!(
+            masked.contains("node1") && masked.contains("node3") && !masked.contains("secret"),
+            "{masked}"
+        );
+        assert!(Brokers::parse(" , ").unwrap_err().contains("no AMQP URL"));
+        let bad = Brokers::parse("amqp://node1,http://node2").unwrap_err();
+        assert!(bad.contains("http"), "{bad}");
     }
 
     #[test]

@@ -89,6 +89,7 @@ struct Link {
 /// Starts the publisher thread. It ends when both input channels are closed.
 pub fn spawn(
     topology: Topology,
+    instance_id: String,
     max_status_bytes: usize,
     publications: Receiver<Publication>,
     connections: Receiver<Connected>,
@@ -97,6 +98,7 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let publisher = Publisher {
         topology,
+        instance_id,
         max_status_bytes,
         retries: Vec::new(),
         consumer,
@@ -114,6 +116,9 @@ pub fn spawn(
 
 struct Publisher {
     topology: Topology,
+    /// This orchestrator's `--instance-id`, put in every status and event as
+    /// `orchestratorId`.
+    instance_id: String,
     max_status_bytes: usize,
     /// Messages to publish again, and when.
     retries: Vec<(Instant, u64, usize)>,
@@ -173,13 +178,14 @@ impl Publisher {
                 if self.topology.events_on() {
                     let finished =
                         Event::now(&status.job_id, EventKind::Finished, &status.worker_id);
-                    messages.push(self.event_message(&finished));
+                    messages.push(self.event_message(finished));
                 }
-                messages.push(self.status_message(&status));
-                (Some(AckKey::Job(status.job_id.clone())), messages)
+                let key = AckKey::Job(status.job_id.clone());
+                messages.push(self.status_message(status));
+                (Some(key), messages)
             }
             Publication::Event(_) if !self.topology.events_on() => return,
-            Publication::Event(event) => (None, vec![self.event_message(&event)]),
+            Publication::Event(event) => (None, vec![self.event_message(event)]),
             Publication::Rejected {
                 id,
                 body,
@@ -201,7 +207,7 @@ impl Publisher {
                     properties,
                     status: false,
                 }];
-                messages.extend(status.map(|s| self.status_message(&s)));
+                messages.extend(status.map(|s| self.status_message(s)));
                 (Some(AckKey::Rejected(id)), messages)
             }
         };
@@ -248,7 +254,8 @@ impl Publisher {
         }
     }
 
-    fn status_message(&self, status: &Status) -> Message {
+    fn status_message(&self, mut status: Status) -> Message {
+        status.orchestrator_id.clone_from(&self.instance_id);
         Message {
             exchange: self.topology.exchange.clone(),
             routing_key: self.topology.status_key.clone(),
@@ -262,7 +269,8 @@ impl Publisher {
     }
 
     /// The event's message (only called when events are on).
-    fn event_message(&self, event: &Event) -> Message {
+    fn event_message(&self, mut event: Event) -> Message {
+        event.orchestrator_id.clone_from(&self.instance_id);
         Message {
             exchange: self.topology.exchange.clone(),
             routing_key: self.topology.events_key.clone(),

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Consume jobs from RabbitMQ, run them on workers, publish their statuses.
-    Orchestrator(OrchestratorConfig),
+    Orchestrator(Box<OrchestratorConfig>),
     /// Serve JobService on a build host: clone, build and push images.
     Worker(WorkerConfig),
     /// Publish a job; prints its jobId.
@@ -43,13 +43,13 @@ enum Command {
 
 /// Parses the command line, runs the subcommand and turns its result into an exit code.
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Orchestrator(config) => {
             let listen = config.grpc_listen.clone();
             service("orchestrator", &listen, config.lock_file.clone(), || {
-                orchestrator::run(config)
+                orchestrator::run(*config)
             })
         }
         Command::Worker(config) => {
@@ -71,6 +71,27 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.code)
         }
     }
+}
+
+/// Logs to stderr (`RUST_LOG`, `info` by default); once an orchestrator knows its
+/// instance id, every line carries it after the level.
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            use std::io::Write;
+            let timestamp = buf.timestamp();
+            let level = record.level();
+            let target = record.target();
+            match crate::instance::in_logs() {
+                Some(id) => writeln!(
+                    buf,
+                    "[{timestamp} {level:<5} {id} {target}] {}",
+                    record.args()
+                ),
+                None => writeln!(buf, "[{timestamp} {level:<5} {target}] {}", record.args()),
+            }
+        })
+        .init();
 }
 
 /// Runs a long-lived service under its single-instance lock.

@@ -19,7 +19,7 @@ use grpcio_health::proto::HealthCheckRequest;
 use grpcio_health::{HealthClient, ServingStatus};
 use serde_json::{json, Value};
 
-use crate::amqp::{declare_exchange, AmqpUrl};
+use crate::amqp::{declare_exchange, Brokers};
 use crate::config::{parse_duration, read_secret_file, BrokerUrl, TlsArgs, Topology};
 use crate::grpc::{self, Tls};
 use crate::job::{Dialect, Job, Secret};
@@ -64,15 +64,17 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     fn connect(&self) -> Result<(Connection, Channel), CliError> {
-        let url = AmqpUrl::parse(&self.broker.amqp_url).map_err(CliError::failed)?;
+        let brokers = Brokers::parse(&self.broker.amqp_url).map_err(CliError::failed)?;
         let unreachable = |e: String| CliError {
             code: EXIT_UNREACHABLE,
             message: format!("{e} (is RabbitMQ running there? set --amqp-url or MQ_URL)"),
         };
-        let mut connection = url.connect().map_err(unreachable)?;
+        // The first node that answers; the others when one is down.
+        let (mut connection, node) = brokers.connect_from(0).map_err(unreachable)?;
+        let url = brokers.url(node).masked();
         let channel = connection
             .open_channel(None)
-            .map_err(|e| unreachable(format!("opening a channel on {}: {e}", url.masked())))?;
+            .map_err(|e| unreachable(format!("opening a channel on {url}: {e}")))?;
         Ok((connection, channel))
     }
 

@@ -95,7 +95,7 @@ fn ping_all(
                 if pong.status == WorkerStatus::BUSY {
                     PingResult::Busy
                 } else {
-                    PingResult::Free
+                    PingResult::Free(u32::try_from(pong.freeSlots).ok().filter(|&n| n > 0))
                 }
             }
             Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),

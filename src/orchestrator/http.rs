@@ -1,7 +1,7 @@
 //! The orchestrator's small HTTP endpoint (`tiny_http`, one thread): `/metrics`
 //! (Prometheus text), `/healthz` (200 only while the broker is connected and does not
-//! block our publishing; the gRPC server is up whenever the process serves this),
-//! `/workers` (JSON).
+//! block our publishing; the gRPC server is up whenever the process serves this; the
+//! body names the broker node in use and the instance id), `/workers` (JSON).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,12 +14,14 @@ use crate::metrics::Metrics;
 /// Starts the HTTP endpoint on `listen`; returns the bound port.
 pub fn serve(
     listen: &str,
+    instance_id: &str,
     metrics: Arc<Metrics>,
     workers: Arc<Registry>,
 ) -> Result<(u16, JoinHandle<()>), String> {
     let server = tiny_http::Server::http(listen)
         .map_err(|e| format!("metrics endpoint cannot listen on {listen}: {e}"))?;
     let port = server.server_addr().to_ip().map_or(0, |a| a.port());
+    let instance = format!("orchestrator: {instance_id}\n");
     let thread = std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
@@ -33,14 +35,17 @@ pub fn serve(
                     "/healthz" if metrics.broker_connected.get() != 1 => (
                         503,
                         "text/plain",
-                        "not connected to the broker\n".to_string(),
+                        format!("not connected to the broker\n{instance}"),
                     ),
-                    "/healthz" if metrics.broker_blocked.get() == 1 => (
-                        503,
-                        "text/plain",
-                        "the broker blocks publishing (memory or disk alarm)\n".to_string(),
-                    ),
-                    "/healthz" => (200, "text/plain", "ok\n".to_string()),
+                    "/healthz" => {
+                        let broker = format!("broker: {}\n", metrics.broker_in_use());
+                        if metrics.broker_blocked.get() == 1 {
+                            let blocked = "the broker blocks publishing (memory or disk alarm)";
+                            (503, "text/plain", format!("{blocked}\n{broker}{instance}"))
+                        } else {
+                            (200, "text/plain", format!("ok\n{broker}{instance}"))
+                        }
+                    }
                     "/workers" => {
                         let list: Vec<Value> = workers.list().iter().map(|w| w.to_json()).collect();
                         (200, "application/json", Value::Array(list).to_string())

@@ -27,7 +27,7 @@ use log::{info, warn};
 
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks};
 use crate::amqp::ledger::LedgerConfig;
-use crate::amqp::{publisher, AmqpUrl};
+use crate::amqp::{publisher, Brokers};
 use crate::config::{read_secret_file, OrchestratorConfig, StaticWorker};
 use crate::grpc::Tls;
 use crate::job::Secret;
@@ -45,8 +45,11 @@ struct Memory {
 
 /// Runs the orchestrator until a signal's drain has finished.
 pub fn run(config: OrchestratorConfig) -> Result<(), String> {
+    if let Some(id) = &config.instance_id {
+        crate::instance::show_in_logs(id);
+    }
     info!("orchestrator starting: {config}");
-    let url = AmqpUrl::parse(&config.broker.amqp_url)?;
+    let brokers = Brokers::parse(&config.broker.amqp_url)?;
     // One completion-queue thread serves every call (measured: as fast as two, one
     // thread fewer).
     let env = Arc::new(EnvBuilder::new().name_prefix("grpc").cq_count(1).build());
@@ -83,13 +86,12 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         Some(file) => registry.remembered_in(file.clone()),
         None => registry,
     });
-    let metrics = Arc::new(Metrics::default());
-    let server = serve(&config, env, &registry, &metrics, token, tls.as_ref())?;
+    let (server, metrics) = serve(&config, env, &registry, token, tls.as_ref())?;
     let memory = Memory {
         file: state_file,
         cancels: remembered.cancels,
     };
-    let pipeline = spawn_threads(&config, url, registry, metrics, hints_rx, memory);
+    let pipeline = spawn_threads(&config, brokers, registry, metrics, hints_rx, memory);
     wait_and_drain(&config, &server, pipeline)?;
     info!("orchestrator stopped");
     Ok(())
@@ -122,23 +124,35 @@ fn restore(registry: &Registry, remembered: &[Remembered], named: &[StaticWorker
     }
 }
 
-/// Starts the gRPC server and the HTTP endpoint.
+/// Starts the gRPC server and, named by the instance id (the bound port is its default),
+/// the metrics and the HTTP endpoint.
 fn serve(
     config: &OrchestratorConfig,
     env: Arc<Environment>,
     registry: &Arc<Registry>,
-    metrics: &Arc<Metrics>,
     token: Option<Secret>,
     tls: Option<&Tls>,
-) -> Result<registration::OrchestratorServer, String> {
+) -> Result<(registration::OrchestratorServer, Arc<Metrics>), String> {
     let policy = registration::Policy {
         token,
         max_capacity: config.max_worker_capacity,
         ping_timeout: config.health_timeout,
     };
     let server = registration::serve(env, &config.grpc_listen, registry.clone(), policy, tls)?;
+    let id = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| crate::instance::default_id(server.port));
+    crate::instance::show_in_logs(&id);
+    info!("instance id {id}");
+    let metrics = Arc::new(Metrics::for_instance(&id));
     if !config.metrics_listen.is_empty() {
-        let (port, _) = http::serve(&config.metrics_listen, metrics.clone(), registry.clone())?;
+        let (port, _) = http::serve(
+            &config.metrics_listen,
+            &id,
+            metrics.clone(),
+            registry.clone(),
+        )?;
         info!(
             "metrics listening on port {port} ({})",
             config.metrics_listen
@@ -148,7 +162,7 @@ fn serve(
         "gRPC server listening on port {} ({})",
         server.port, config.grpc_listen
     );
-    Ok(server)
+    Ok((server, metrics))
 }
 
 /// What the main thread keeps of the running threads to drain them.
@@ -165,7 +179,7 @@ struct Pipeline {
 /// as ARCHITECTURE.md draws them.
 fn spawn_threads(
     config: &OrchestratorConfig,
-    url: AmqpUrl,
+    brokers: Brokers,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     hints: Receiver<Hint>,
@@ -182,6 +196,7 @@ fn spawn_threads(
 
     publisher::spawn(
         config.topology.clone(),
+        metrics.instance_id().to_string(),
         config.max_status_bytes,
         publications_rx,
         connections_rx,
@@ -190,8 +205,9 @@ fn spawn_threads(
     );
     let consumer = consumer::spawn(
         ConsumerConfig {
-            url,
+            brokers,
             topology: config.topology.clone(),
+            instance_id: metrics.instance_id().to_string(),
             prefetch: config.prefetch(),
             ledger: LedgerConfig {
                 max_message_bytes: config.max_message_bytes,

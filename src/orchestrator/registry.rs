@@ -176,7 +176,21 @@ struct Worker {
     running: HashMap<String, CancelToken>,
     /// What it last reported.
     reported: Reported,
+    /// Our jobs started on it (adoptions included) and ended there, ever.
     started: u64,
+    ended: u64,
+    /// The free slots its last ping answer reported, if it reports them.
+    pinged: Option<PingedSlots>,
+}
+
+/// Free slots a worker reported in a ping answer, with our counts when that ping was
+/// sent (`started`) and answered (`ended`): the slots our jobs took and gave back since
+/// are accounted for exactly, those of other orchestrators as of the answer.
+#[derive(Debug, Clone, Copy)]
+struct PingedSlots {
+    free: u32,
+    started: u64,
+    ended: u64,
 }
 
 impl Worker {
@@ -192,11 +206,21 @@ impl Worker {
         u32::try_from(self.running.len() + others).unwrap_or(u32::MAX)
     }
 
+    /// Free slots: its capacity less what runs there, and at most what its last ping
+    /// answer said were free (another orchestrator's jobs take slots too), less our jobs
+    /// started since and plus ours ended since.
     fn free_slots(&self) -> u32 {
-        if self.healthy && !self.busy {
-            self.capacity.saturating_sub(self.in_flight())
-        } else {
-            0
+        if !self.healthy || self.busy {
+            return 0;
+        }
+        let free = self.capacity.saturating_sub(self.in_flight());
+        match self.pinged {
+            Some(pinged) => {
+                let since = |now: u64, then: u64| u32::try_from(now - then).unwrap_or(u32::MAX);
+                let reported = pinged.free.saturating_add(since(self.ended, pinged.ended));
+                free.min(reported.saturating_sub(since(self.started, pinged.started)))
+            }
+            None => free,
         }
     }
 }
@@ -278,6 +302,8 @@ impl Registry {
             running: HashMap::new(),
             reported: Reported::default(),
             started: 0,
+            ended: 0,
+            pinged: None,
         });
         self.top_up(&id, worker.into_mut());
         drop(workers);
@@ -423,7 +449,9 @@ impl Registry {
         if worker.generation != claim.generation {
             return;
         }
-        worker.running.remove(job_id);
+        if worker.running.remove(job_id).is_some() {
+            worker.ended += 1;
+        }
         if worker.reported.contains(job_id) {
             self.unindex(&claim.worker, [job_id.to_string()].iter());
             worker.reported.running.remove(job_id);

@@ -1,5 +1,6 @@
-//! The system under test: a private broker node, an orchestrator, and `blacktree worker`s
-//! with a step that records itself; and the faults injected into it.
+//! The system under test: a private broker node and an orchestrator (or a three-node
+//! cluster and two orchestrators), and `blacktree worker`s with a step that records
+//! itself; and the faults injected into it.
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -9,7 +10,8 @@ use amiquip::Connection;
 
 use crate::common::build_env::TempDir;
 use crate::common::{
-    free_port, poll, rss_kib, LoggedChild, Mq, Names, Orchestrator, PrivateBroker, Rng,
+    free_port, http, poll, rss_kib, BrokerCluster, LoggedChild, Mq, Names, Orchestrator,
+    PrivateBroker, Rng,
 };
 
 use crate::*;
@@ -59,7 +61,12 @@ pub struct ChaosWorker {
 }
 
 impl ChaosWorker {
-    pub fn start(index: usize, orchestrator_port: u16, dir: &Path, step_ms: u64) -> ChaosWorker {
+    pub fn start(
+        index: usize,
+        orchestrator_ports: &[u16],
+        dir: &Path,
+        step_ms: u64,
+    ) -> ChaosWorker {
         let id = format!("chaos-w{index}");
         let script = dir.join("step.sh");
         let steps = dir.join(format!("{id}.steps"));
@@ -76,7 +83,11 @@ impl ChaosWorker {
             "--listen",
             &format!("127.0.0.1:{}", free_port()),
             "--orchestrator",
-            &format!("127.0.0.1:{orchestrator_port}"),
+            &orchestrator_ports
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(","),
             "--check-in-interval",
             "500ms",
             "--capacity",
@@ -107,11 +118,13 @@ impl ChaosWorker {
         LoggedChild::spawn(args, &[" listening on port "]).0
     }
 
-    /// Whether it has registered with the orchestrator.
-    pub fn registered(&self) -> bool {
+    /// Whether it has registered with `orchestrators` orchestrators.
+    pub fn registered(&self, orchestrators: usize) -> bool {
         self.process
             .log()
-            .contains("registered with the orchestrator")
+            .matches("registered with the orchestrator")
+            .count()
+            >= orchestrators
     }
 
     /// Whether its current incarnation has a step running (started, not ended).
@@ -212,7 +225,7 @@ impl FaultKind {
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub kind: FaultKind,
-    /// The worker it hit, for worker faults.
+    /// The worker it hit, for worker faults (the node, for a broker node stop).
     pub worker: Option<String>,
     pub began: SystemTime,
     pub ended: SystemTime,
@@ -230,50 +243,143 @@ impl Fault {
     }
 }
 
-/// The broker node, the orchestrator and the workers under test.
-pub struct Cluster {
-    pub orchestrator: Orchestrator,
-    /// Logs of the orchestrators killed so far (evidence for failures).
-    pub old_logs: Vec<String>,
-    pub workers: Vec<ChaosWorker>,
-    /// Idle RSS (KiB) of each orchestrator process right after it started.
-    pub baselines: Vec<u64>,
+/// What runs: broker nodes (three form one cluster), orchestrators (each given every
+/// node's URL, starting with a node of its own), and the queue type.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub nodes: usize,
+    pub orchestrators: usize,
+    pub quorum: bool,
+}
+
+impl Shape {
+    pub const SINGLE: Shape = Shape {
+        nodes: 1,
+        orchestrators: 1,
+        quorum: false,
+    };
+    pub const CLUSTER: Shape = Shape {
+        nodes: 3,
+        orchestrators: 2,
+        quorum: true,
+    };
+
+    /// The faults injected once each, in a random order: on the cluster, the node the
+    /// first orchestrator uses stopped and started, the second orchestrator SIGKILLed,
+    /// every connection closed.
+    pub fn faults(self) -> Vec<FaultKind> {
+        if self.orchestrators > 1 {
+            vec![
+                FaultKind::RestartBroker,
+                FaultKind::KillOrchestrator,
+                FaultKind::CloseConnections,
+            ]
+        } else {
+            FaultKind::ALL.to_vec()
+        }
+    }
+
+    /// The faults injected again at random while jobs are still being published.
+    pub fn repeatable(self) -> &'static [FaultKind] {
+        if self.orchestrators > 1 {
+            &[FaultKind::CloseConnections, FaultKind::RestartBroker]
+        } else {
+            &FaultKind::REPEATABLE
+        }
+    }
+}
+
+/// One orchestrator under test and what it left behind.
+pub struct Member {
+    pub process: Orchestrator,
     pub grpc_port: u16,
+    /// Its `--amqp-url`: every node, starting with one of its own.
+    pub urls: String,
+    /// Logs of its killed processes (evidence for failures).
+    pub old_logs: Vec<String>,
+    /// Idle RSS (KiB) of each of its processes right after it started.
+    pub baselines: Vec<u64>,
+}
+
+/// The broker nodes, the orchestrators and the workers under test.
+pub struct Cluster {
+    pub shape: Shape,
+    pub orchestrators: Vec<Member>,
+    pub workers: Vec<ChaosWorker>,
     pub names: Names,
     /// Declared the test's queues; deletes them when dropped.
     pub _topology: Mq,
-    /// Last: stopping the node ends everything.
-    pub broker: PrivateBroker,
+    /// Last: stopping the nodes ends everything.
+    pub nodes: Vec<PrivateBroker>,
 }
 
 impl Cluster {
-    /// Starts the broker node, the orchestrator and the workers; returns once every
-    /// worker has registered, with the orchestrator's idle baseline measured.
-    pub fn start(dir: &Path, step_ms: u64) -> Cluster {
+    /// Starts the broker nodes, the orchestrators and the workers; returns once every
+    /// worker has registered with every orchestrator, with their idle baselines measured.
+    pub fn start(shape: Shape, dir: &Path, step_ms: u64) -> Cluster {
         std::fs::write(dir.join("step.sh"), STEP_SCRIPT).unwrap();
-        let broker = PrivateBroker::start();
+        let nodes = match shape.nodes {
+            1 => vec![PrivateBroker::start()],
+            _ => BrokerCluster::start().nodes,
+        };
         let names = Names::unique("chaos");
-        let topology = Mq::connect(&broker.url(), &names);
-        let grpc_port = free_port();
-        let orchestrator = start_orchestrator(&broker, &names, grpc_port);
+        let topology = match shape.quorum {
+            true => Mq::on_quorum(&nodes[0], &names),
+            false => Mq::connect(&nodes[0].url(), &names),
+        };
+        let orchestrators: Vec<Member> = (0..shape.orchestrators)
+            .map(|i| {
+                let urls = node_urls(&nodes, i);
+                let grpc_port = free_port();
+                let process = start_orchestrator(&urls, &names, grpc_port, shape.quorum);
+                Member {
+                    baselines: vec![rss_kib(process.process.pid())],
+                    process,
+                    grpc_port,
+                    urls,
+                    old_logs: Vec::new(),
+                }
+            })
+            .collect();
+        let ports: Vec<u16> = orchestrators.iter().map(|o| o.grpc_port).collect();
         let workers: Vec<ChaosWorker> = (0..WORKERS)
-            .map(|i| ChaosWorker::start(i, grpc_port, dir, step_ms))
+            .map(|i| ChaosWorker::start(i, &ports, dir, step_ms))
             .collect();
         for worker in &workers {
             poll(LONG, &format!("{} to register", worker.id), || {
-                worker.registered().then_some(())
+                worker.registered(ports.len()).then_some(())
             });
         }
         Cluster {
-            baselines: vec![rss_kib(orchestrator.process.pid())],
-            orchestrator,
-            old_logs: Vec::new(),
+            shape,
+            orchestrators,
             workers,
-            grpc_port,
             names,
             _topology: topology,
-            broker,
+            nodes,
         }
+    }
+
+    /// A connection of the test's to read statuses (on the last node, never stopped
+    /// while it reads), declaring nothing on the cluster.
+    pub fn reader(&self) -> Mq {
+        let node = self.nodes.last().unwrap();
+        match self.shape.quorum {
+            true => Mq::without_declaring(&node.url(), &self.names),
+            false => Mq::connect(&node.url(), &self.names),
+        }
+    }
+
+    /// The node orchestrator `index` is connected to, as its `/healthz` names it.
+    pub fn node_used_by(&self, index: usize) -> usize {
+        let metrics = self.orchestrators[index].process.metrics_port;
+        poll(LONG, "the orchestrator to name its broker node", || {
+            let (_, body) = http(metrics, "/healthz");
+            let url = body.lines().find_map(|l| l.strip_prefix("broker: "))?;
+            self.nodes
+                .iter()
+                .position(|n| url.contains(&format!(":{}/", n.port)))
+        })
     }
 
     /// Injects one fault; returns once it is over (the process restarted, the worker
@@ -299,19 +405,25 @@ impl Cluster {
                 victim.process.signal("CONT");
                 worker = Some(victim.id.clone());
             }
-            FaultKind::CloseConnections => self
-                .broker
-                .ctl(&["close_all_connections", "chaos test: connections cut"]),
+            FaultKind::CloseConnections => {
+                // On a cluster, every node's connections are listed and closed.
+                for node in &self.nodes {
+                    node.ctl(&["close_all_connections", "chaos test: connections cut"]);
+                }
+            }
             FaultKind::RestartBroker => {
-                self.broker.ctl(&["stop_app"]);
+                let node = &self.nodes[self.node_used_by(0)];
+                began = SystemTime::now();
+                node.ctl(&["stop_app"]);
                 std::thread::sleep(rng.millis(BROKER_DOWN));
-                self.broker.ctl(&["start_app"]);
-                let url = self.broker.url();
+                node.ctl(&["start_app"]);
+                let url = node.url();
                 poll(LONG, "the broker to accept connections again", || {
                     Connection::insecure_open(&url).ok().map(|c| {
                         let _ = c.close();
                     })
                 });
+                worker = Some(node.node.clone());
             }
             FaultKind::KillOrchestrator | FaultKind::TermOrchestrator => {
                 // Aimed at a long build, so that a build outlives its orchestrator.
@@ -324,7 +436,8 @@ impl Cluster {
                 } else {
                     "TERM"
                 };
-                gone = Some(self.restart_orchestrator(signal, rng));
+                let victim = self.orchestrators.len() - 1;
+                gone = Some(self.restart_orchestrator(victim, signal, rng));
             }
         }
         Fault {
@@ -349,31 +462,48 @@ impl Cluster {
         }
     }
 
-    /// Stops the orchestrator with `signal` (SIGTERM drains for `--drain-timeout`) and
-    /// starts a new one on the same gRPC port (the workers register with it by
+    /// Stops orchestrator `index` with `signal` (SIGTERM drains for `--drain-timeout`)
+    /// and starts a new one on the same gRPC port (the workers register with it by
     /// themselves); measures the new one's baseline. Returns when the old one had
     /// exited.
-    pub fn restart_orchestrator(&mut self, signal: &str, rng: &mut Rng) -> SystemTime {
-        self.orchestrator.signal(signal);
-        self.orchestrator.wait_exit(LONG);
+    pub fn restart_orchestrator(
+        &mut self,
+        index: usize,
+        signal: &str,
+        rng: &mut Rng,
+    ) -> SystemTime {
+        let member = &mut self.orchestrators[index];
+        member.process.signal(signal);
+        member.process.wait_exit(LONG);
         let gone = SystemTime::now();
-        self.old_logs.push(self.orchestrator.log());
+        member.old_logs.push(member.process.log());
         std::thread::sleep(rng.millis(DOWNTIME));
-        self.orchestrator = start_orchestrator(&self.broker, &self.names, self.grpc_port);
-        self.baselines
-            .push(rss_kib(self.orchestrator.process.pid()));
+        member.process = start_orchestrator(
+            &member.urls,
+            &self.names,
+            member.grpc_port,
+            self.shape.quorum,
+        );
+        member.baselines.push(rss_kib(member.process.process.pid()));
         gone
+    }
+
+    /// Every orchestrator's logs, its killed processes' first.
+    pub fn orchestrator_logs(&self) -> Vec<String> {
+        self.orchestrators
+            .iter()
+            .flat_map(|o| o.old_logs.iter().cloned().chain([o.process.log()]))
+            .collect()
     }
 
     /// The lines about `job_id` in every log, the killed processes' included.
     pub fn log_lines_about(&self, job_id: &str) -> Vec<String> {
         let needle = format!("job {job_id}:");
         let mut logs: Vec<(&str, String)> = self
-            .old_logs
-            .iter()
-            .map(|log| ("orchestrator", log.clone()))
+            .orchestrator_logs()
+            .into_iter()
+            .map(|log| ("orchestrator", log))
             .collect();
-        logs.push(("orchestrator", self.orchestrator.log()));
         for worker in &self.workers {
             logs.extend(
                 worker
@@ -390,7 +520,14 @@ impl Cluster {
     }
 }
 
-pub fn start_orchestrator(broker: &PrivateBroker, names: &Names, grpc_port: u16) -> Orchestrator {
+/// Every node's URL, comma-separated, starting with node `first`.
+fn node_urls(nodes: &[PrivateBroker], first: usize) -> String {
+    let n = nodes.len();
+    let urls: Vec<String> = (0..n).map(|i| nodes[(first + i) % n].url()).collect();
+    urls.join(",")
+}
+
+pub fn start_orchestrator(urls: &str, names: &Names, grpc_port: u16, quorum: bool) -> Orchestrator {
     let listen = format!("127.0.0.1:{grpc_port}");
     let threads = DISPATCH_THREADS.to_string();
     let prefetch = PREFETCH.to_string();
@@ -409,8 +546,10 @@ pub fn start_orchestrator(broker: &PrivateBroker, names: &Names, grpc_port: u16)
         "1s",
         "--adopt-wait",
         ADOPT_WAIT,
+        "--queue-type",
+        if quorum { "quorum" } else { "classic" },
     ];
-    Orchestrator::start(&broker.url(), names, &flags)
+    Orchestrator::start(urls, names, &flags)
 }
 
 /// Injects faults at random moments: every kind once, in a random order, then more
@@ -420,17 +559,16 @@ pub fn run_faults(
     rng: &mut Rng,
     publisher: &JoinHandle<Published>,
 ) -> Vec<Fault> {
-    let mut plan = FaultKind::ALL.to_vec();
+    let mut plan = cluster.shape.faults();
     rng.shuffle(&mut plan);
+    let repeatable = cluster.shape.repeatable();
     let mut faults = Vec::new();
     loop {
         // The workload between two faults (not a synchronisation).
         std::thread::sleep(rng.millis(FAULT_GAP));
         let kind = match plan.pop() {
             Some(kind) => kind,
-            None if !publisher.is_finished() => {
-                FaultKind::REPEATABLE[rng.below(FaultKind::REPEATABLE.len())]
-            }
+            None if !publisher.is_finished() => repeatable[rng.below(repeatable.len())],
             None => break,
         };
         let fault = cluster.inject(kind, rng);

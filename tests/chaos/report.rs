@@ -75,6 +75,10 @@ pub enum DuplicateCause {
     /// The same status, published again on a new connection after a broker fault cut
     /// the one it was published on before its confirm arrived.
     BrokerFault,
+    /// The same build's answer, published by a second orchestrator: the job's delivery
+    /// went to it when a fault cut the first one off (or restarted it), and it adopted
+    /// the running build (or its held answer) rather than running it again.
+    Adopted,
     /// The job ran again: the killed orchestrator had finished it but not yet acked its
     /// delivery, which the broker gave to its successor.
     OrchestratorKill,
@@ -103,6 +107,22 @@ impl DuplicateCause {
                 DuplicateCause::Unexplained
             };
         }
+        // One of the two statuses is the adoption: it started (was adopted) soon after a
+        // fault that moved the job's delivery to another orchestrator.
+        let adoption = |s: &StatusInfo| {
+            faults.iter().any(|f| {
+                (f.kind.cuts_broker() || f.kind.restarts_orchestrator())
+                    && s.started
+                        .is_some_and(|t| f.around(t, Duration::ZERO, slack + ADOPTION_DELAY))
+            })
+        };
+        let adopted = earlier.iter().any(|e| {
+            (&e.outcome, &e.worker) == (&extra.outcome, &extra.worker)
+                && (adoption(e) || adoption(extra))
+        });
+        if adopted {
+            return DuplicateCause::Adopted;
+        }
         let across_kill = faults.iter().any(|f| {
             f.kind.restarts_orchestrator()
                 && earlier.iter().any(|e| e.finished <= f.ended)
@@ -126,15 +146,18 @@ impl DuplicateCause {
 ///   and not yet confirmed are published again. A status is unconfirmed only while its
 ///   job is pending: at most the prefetch of the connection plus the jobs still
 ///   running from an earlier one (at most the dispatch threads);
+///   (each orchestrator's, on a cluster);
 /// * a job the test published twice runs twice only when the copies reach different
 ///   orchestrators (a single one deduplicates): one extra status each.
-pub fn duplicate_bound(faults: &[Fault], published: &Published) -> usize {
+pub fn duplicate_bound(faults: &[Fault], published: &Published, orchestrators: usize) -> usize {
     let kills = faults
         .iter()
         .filter(|f| f.kind.restarts_orchestrator())
         .count();
     let cuts = faults.iter().filter(|f| f.kind.cuts_broker()).count();
-    kills * PREFETCH + cuts * (PREFETCH + DISPATCH_THREADS) + published.republished.len()
+    kills * PREFETCH
+        + cuts * orchestrators * (PREFETCH + DISPATCH_THREADS)
+        + published.republished.len()
 }
 
 /// Counts the builds started again (a later step of a job that already had one) and
@@ -286,9 +309,8 @@ impl Report {
             .collect();
         let (reruns, unexplained_reruns) = reruns(cluster, faults, &duplicates);
         let adopted = cluster
-            .old_logs
+            .orchestrator_logs()
             .iter()
-            .chain([&cluster.orchestrator.log()])
             .map(|log| log.matches("adopted from worker").count())
             .sum();
         Report {
@@ -298,7 +320,7 @@ impl Report {
             jobs: ids.len(),
             lost,
             duplicates,
-            duplicate_bound: duplicate_bound(faults, published),
+            duplicate_bound: duplicate_bound(faults, published, cluster.orchestrators.len()),
             faults: faults.to_vec(),
             published: published.clone(),
             odd_outcomes,
@@ -312,7 +334,7 @@ impl Report {
         self.duplicates.values().map(Vec::len).sum()
     }
 
-    pub fn print(&self, cluster: &Cluster, rss_end: u64, wall: Duration) {
+    pub fn print(&self, cluster: &Cluster, rss_end: &[u64], wall: Duration) {
         let count_by = |items: Vec<String>| {
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for item in items {
@@ -357,12 +379,21 @@ impl Report {
                 acc.3 + w.orphaned,
             )
         });
-        let baselines = cluster
-            .baselines
+        let memory = cluster
+            .orchestrators
             .iter()
-            .map(|kib| mib(*kib))
+            .zip(rss_end)
+            .map(|(o, end)| {
+                let baselines: Vec<String> = o.baselines.iter().map(|kib| mib(*kib)).collect();
+                format!(
+                    "baseline {}; end {} (limit {})",
+                    baselines.join(", restarted "),
+                    mib(*end),
+                    mib(o.baselines.last().unwrap() + RSS_TOLERANCE_KIB)
+                )
+            })
             .collect::<Vec<_>>()
-            .join(", restarted ");
+            .join(" | ");
         let rows = [
             (
                 "jobs published",
@@ -415,14 +446,7 @@ impl Report {
                     self.adopted
                 ),
             ),
-            (
-                "orchestrator RSS",
-                format!(
-                    "baseline {baselines}; end {} (limit {})",
-                    mib(rss_end),
-                    mib(cluster.baselines.last().unwrap() + RSS_TOLERANCE_KIB)
-                ),
-            ),
+            ("orchestrator RSS", memory),
             ("wall time", format!("{:.1} s", wall.as_secs_f64())),
         ];
         let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
@@ -433,13 +457,13 @@ impl Report {
     }
 
     /// Asserts what must hold; the evidence (log lines) goes with a failure.
-    pub fn check(&self, cluster: &Cluster, rss_end: u64) {
+    pub fn check(&self, cluster: &Cluster, rss_end: &[u64]) {
         assert!(
             self.lost.is_empty(),
             "jobs without a status: {:?}",
             self.lost
         );
-        for kind in FaultKind::ALL {
+        for kind in cluster.shape.faults() {
             assert!(
                 self.faults.iter().any(|f| f.kind == kind),
                 "no {} was injected",
@@ -515,13 +539,15 @@ impl Report {
                 )
             );
         }
-        let baseline = *cluster.baselines.last().unwrap();
-        assert!(
-            rss_end <= baseline + RSS_TOLERANCE_KIB,
-            "the orchestrator's RSS did not come back: {} idle after the run, baseline {}",
-            mib(rss_end),
-            mib(baseline)
-        );
+        for (member, &end) in cluster.orchestrators.iter().zip(rss_end) {
+            let baseline = *member.baselines.last().unwrap();
+            assert!(
+                end <= baseline + RSS_TOLERANCE_KIB,
+                "an orchestrator's RSS did not come back: {} idle after the run, baseline {}",
+                mib(end),
+                mib(baseline)
+            );
+        }
     }
 
     /// The statuses of `jobs`, one per line.

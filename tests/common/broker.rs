@@ -80,6 +80,12 @@ impl Mq {
         Self::connect_node(&broker.url(), Some(broker.node.clone()), names)
     }
 
+    /// Connects to a private broker node (of a cluster) and declares the test's queues
+    /// as quorum queues, as `--queue-type quorum` does.
+    pub fn on_quorum(broker: &PrivateBroker, names: &Names) -> Mq {
+        Self::declare(&broker.url(), Some(broker.node.clone()), names, true)
+    }
+
     /// Connects to the shared broker at `url` without declaring anything: the
     /// orchestrator declared the queues (of another type than the test's own, say).
     pub fn without_declaring(url: &str, names: &Names) -> Mq {
@@ -102,6 +108,10 @@ impl Mq {
     }
 
     fn connect_node(url: &str, node: Option<String>, names: &Names) -> Mq {
+        Self::declare(url, node, names, false)
+    }
+
+    fn declare(url: &str, node: Option<String>, names: &Names, quorum: bool) -> Mq {
         let (connection, channel) = Self::open(url);
         channel
             .exchange_declare(
@@ -120,8 +130,16 @@ impl Mq {
             (&names.events, Some("api.event")),
             (&names.rejected, None),
         ] {
+            let mut arguments = FieldTable::new();
+            if quorum {
+                arguments.insert(
+                    "x-queue-type".into(),
+                    amiquip::AmqpValue::LongString("quorum".into()),
+                );
+            }
             let opts = QueueDeclareOptions {
                 durable: true,
+                arguments,
                 ..Default::default()
             };
             channel.queue_declare(queue.as_str(), opts).unwrap();
@@ -550,6 +568,11 @@ impl PrivateBroker {
 
     /// Runs `rabbitmqctl -n NODE args…`.
     pub fn ctl(&self, args: &[&str]) {
+        self.ctl_output(args);
+    }
+
+    /// Runs `rabbitmqctl -n NODE args…`; its standard output.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
         let out = Command::new("rabbitmqctl")
             .args(["-n", &self.node])
             .args(args)
@@ -559,6 +582,21 @@ impl PrivateBroker {
             out.status.success(),
             "rabbitmqctl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the node accepts AMQP connections (after `start_app`).
+    pub fn wait_accepting(&self) {
+        let url = self.url();
+        poll(
+            Duration::from_secs(120),
+            "the node to accept connections",
+            || {
+                Connection::insecure_open(&url).ok().map(|c| {
+                    let _ = c.close();
+                })
+            },
         );
     }
 }

@@ -3,7 +3,8 @@
 //! names, the test's connection, private nodes), [`workers`] (in-process gRPC workers),
 //! [`processes`] (the binary as a child: orchestrator, logs), [`fixtures`] (the setup
 //! most tests share), [`build_env`] (Docker, registry, git, `blacktree worker`),
-//! [`gated`] (builds that end when the test says).
+//! [`gated`] (builds that end when the test says), [`rabbit_cluster`] (three private
+//! nodes joined in one cluster).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod broker;
@@ -11,11 +12,12 @@ pub mod build_env;
 pub mod fixtures;
 pub mod gated;
 pub mod processes;
+pub mod rabbit_cluster;
 pub mod workers;
 
 // Each test binary uses a different part of the harness.
 #[allow(unused_imports)]
-pub use {broker::*, fixtures::*, processes::*, workers::*};
+pub use {broker::*, fixtures::*, processes::*, rabbit_cluster::*, workers::*};
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -79,11 +81,34 @@ pub fn state_of(port: u16, id: &str) -> Option<String> {
         .map(|(_, state)| state)
 }
 
-/// The value of the Prometheus sample `name` (a full `name{labels}` prefix) in `metrics`.
+/// The value of the Prometheus sample `name` (a full `name{labels}` prefix, without
+/// the `orchestrator_id` label every sample of an orchestrator carries) in `metrics`.
 pub fn find_sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    metrics.lines().find_map(|l| {
+        without_instance_label(l)
+            .strip_prefix(name)?
+            .strip_prefix(' ')?
+            .parse()
+            .ok()
+    })
+}
+
+/// A sample line without its `orchestrator_id="…"` label (and without `{}` left empty).
+pub fn without_instance_label(line: &str) -> String {
+    let Some(start) = line.find("orchestrator_id=\"") else {
+        return line.to_string();
+    };
+    let value_end = line[start + 17..]
+        .find('"')
+        .map_or(line.len(), |i| start + 18 + i);
+    let (mut before, mut after) = (&line[..start], &line[value_end..]);
+    if let Some(rest) = after.strip_prefix(',') {
+        after = rest;
+    } else if let Some(head) = before.strip_suffix(',') {
+        before = head;
+    }
+    let joined = format!("{before}{after}");
+    joined.replacen("{}", "", 1)
 }
 
 /// [`find_sample`], which must be there.

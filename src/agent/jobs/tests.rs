@@ -54,10 +54,22 @@ fn a_job_id_runs_once_and_later_calls_attach_or_get_the_held_answer() {
     };
     assert_eq!(held.logs, "xxx");
     table.delivered("a");
+    assert_eq!(
+        table.report(),
+        (vec![], vec!["a".to_string()]),
+        "a received answer stays held for a redelivery"
+    );
+    assert!(matches!(table.begin("a", false), Begin::Held(_)));
+
+    // Kept at most --hold-results (here nothing) once received.
+    let table = JobTable::new(1, Duration::ZERO);
+    assert!(matches!(table.begin("b", false), Begin::Start(_)));
+    table.finish("b", answer("b", 1));
+    table.delivered("b");
     assert_eq!(table.report(), (vec![], vec![]));
     assert!(
-        matches!(table.begin("a", false), Begin::Start(_)),
-        "a delivered answer is not held"
+        matches!(table.begin("b", false), Begin::Start(_)),
+        "an answer received and past its time is not held"
     );
 }
 

@@ -13,8 +13,9 @@ use crate::proto::job_grpc::JobServiceClient;
 /// What a ping found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PingResult {
-    /// The worker answered FREE (or an older worker's UNKNOWN).
-    Free,
+    /// The worker answered FREE (or an older worker's UNKNOWN), with its free slots
+    /// when it reports them (ours do; 0 or absent is not reported).
+    Free(Option<u32>),
     /// The worker answered BUSY.
     Busy,
     /// No answer, or an error.
@@ -65,7 +66,7 @@ impl Registry {
         }
         let mut suspect = false;
         match result {
-            PingResult::Free | PingResult::Busy => {
+            PingResult::Free(_) | PingResult::Busy => {
                 if !worker.healthy {
                     info!(
                         "worker {} ({}) answers pings: healthy",
@@ -81,6 +82,14 @@ impl Registry {
                     || worker.in_flight() > 0
                     || worker.started != target.started;
                 worker.busy = result == PingResult::Busy && !ours;
+                worker.pinged = match result {
+                    PingResult::Free(Some(free)) => Some(super::PingedSlots {
+                        free: free.min(worker.capacity),
+                        started: target.started,
+                        ended: worker.ended,
+                    }),
+                    _ => None,
+                };
             }
             PingResult::Failed(error) => {
                 worker.failures += 1;

@@ -64,7 +64,7 @@ fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
     assert!(claim_all(&registry, &hints, &token).is_empty(), "unhealthy");
     registry.record_ping(&target(&registry, "w"), PingResult::Busy);
     assert!(claim_all(&registry, &hints, &token).is_empty(), "busy");
-    registry.record_ping(&target(&registry, "w"), PingResult::Free);
+    registry.record_ping(&target(&registry, "w"), PingResult::Free(None));
     assert_eq!(
         claim_all(&registry, &hints, &token).len(),
         2,
@@ -116,7 +116,7 @@ fn a_failed_ping_makes_a_suspect_until_the_worker_is_unhealthy_or_answers() {
     assert!(fail(), "second failure");
     assert!(!fail(), "third failure: unhealthy, no longer a suspect");
     assert!(!fail(), "unhealthy workers wait for the next round");
-    assert!(!registry.record_ping(&target(&registry, "w"), PingResult::Free));
+    assert!(!registry.record_ping(&target(&registry, "w"), PingResult::Free(None)));
     assert!(fail(), "healthy again: a failure is suspect again");
 }
 
@@ -125,7 +125,7 @@ fn registered_workers_are_forgotten_static_ones_are_not() {
     let (registry, _hints) = registry(1);
     registry.register("dyn", "127.0.0.1:1", "", 1, Origin::Registered);
     registry.register("static", "127.0.0.1:2", "", 1, Origin::Static);
-    registry.record_ping(&target(&registry, "static"), PingResult::Free);
+    registry.record_ping(&target(&registry, "static"), PingResult::Free(None));
     for id in ["dyn", "static"] {
         registry.record_ping(&target(&registry, id), PingResult::Failed("down".into()));
     }
@@ -160,7 +160,7 @@ fn a_restored_worker_gets_no_job_until_it_answers_a_ping() {
     registry.register("r", "127.0.0.1:1", "", 2, Origin::Restored);
     assert_eq!(registry.list()[0].state, "unhealthy");
     assert!(hints.try_iter().next().is_none(), "no hint before a ping");
-    registry.record_ping(&target(&registry, "r"), PingResult::Free);
+    registry.record_ping(&target(&registry, "r"), PingResult::Free(None));
     assert_eq!(
         claim_all(&registry, &hints, &CancelToken::default()).len(),
         2
@@ -299,4 +299,27 @@ fn a_worker_registering_again_or_reporting_anew_no_longer_offers_what_it_reporte
         registry.reported_by.lock().unwrap().is_empty(),
         "no stale index entry"
     );
+}
+
+#[test]
+fn free_slots_a_ping_reports_bound_ours_when_another_orchestrator_shares_the_worker() {
+    let (registry, hints) = registry(2);
+    let token = CancelToken::default();
+    registry.register("w", "127.0.0.1:1", "", 4, Origin::Registered);
+    // Another orchestrator runs three jobs there: one slot is free.
+    registry.record_ping(&target(&registry, "w"), PingResult::Free(Some(1)));
+    let claims = claim_all(&registry, &hints, &token);
+    assert_eq!(claims.len(), 1, "only the slot the worker reported free");
+    // Our job ends: its slot is free again before the next ping says so.
+    registry.release(&claims[0], "job0", Release::Done);
+    let again = claim_all(&registry, &hints, &token);
+    assert_eq!(again.len(), 1, "the slot our job gave back");
+    // Two of the other orchestrator's jobs end (ours and one of theirs still run).
+    registry.record_ping(&target(&registry, "w"), PingResult::Free(Some(2)));
+    assert_eq!(claim_all(&registry, &hints, &token).len(), 2);
+    assert_eq!(registry.list()[0].state, "busy");
+    // A worker that does not report slots (older ones) is bounded by its capacity alone.
+    registry.register("old", "127.0.0.1:2", "", 2, Origin::Registered);
+    registry.record_ping(&target(&registry, "old"), PingResult::Free(None));
+    assert_eq!(claim_all(&registry, &hints, &token).len(), 2);
 }
