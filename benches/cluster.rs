@@ -3,10 +3,12 @@
 //! * throughput: `BENCH_CLUSTER_JOBS` jobs (default 10,000) drained from a filled quorum
 //!   queue by one orchestrator, by two (each first connected to a node of its own), and
 //!   by the raw amiquip loop (consume → confirmed status → ack, window 64) on the same
-//!   kind of queues, alternating for `BENCH_ROUNDS` rounds (default 3; medians);
-//! * node failover: jobs published every 5 ms while the node the orchestrator uses is
-//!   stopped (`stop_app`): from the stop to the first status of a job published after
-//!   the node was down (so it went through another node); `BENCH_FAILOVER_TRIALS` (3);
+//!   kind of queues, with and without a bare `RunJob` per message, alternating for
+//!   `BENCH_ROUNDS` rounds (default 3; medians);
+//! * node failover: an orchestrator given two of the nodes; jobs published every 5 ms
+//!   (through the third) while the node it uses is stopped (`stop_app`): from the stop
+//!   to the first status of a job published after the node was down (so it went
+//!   through the other node); `BENCH_FAILOVER_TRIALS` (3);
 //! * orchestrator failover: eight gated builds on four `blacktree worker`s registered
 //!   with both orchestrators; one orchestrator is SIGKILLed and the builds are let go:
 //!   from the kill to each of its jobs' statuses, published by the other.
@@ -37,22 +39,27 @@ fn main() {
     let jobs = env_number("BENCH_CLUSTER_JOBS", 10_000);
     let rounds = env_number("BENCH_ROUNDS", 3).max(1);
     let cluster = BrokerCluster::start();
-    let mut results: Vec<[f64; 3]> = Vec::new();
+    let mut results: Vec<[f64; 4]> = Vec::new();
     for _ in 0..rounds {
         results.push([
-            raw(&cluster, jobs),
+            raw(&cluster, jobs, false),
+            raw(&cluster, jobs, true),
             orchestrators(&cluster, jobs, 1),
             orchestrators(&cluster, jobs, 2),
         ]);
     }
     println!("cluster.jobs {jobs}");
     println!("cluster.rounds {rounds}");
-    for (i, name) in ["raw", "one", "two"].iter().enumerate() {
+    for (i, name) in ["raw", "raw_grpc", "one", "two"].iter().enumerate() {
         let rates = median_and_range(results.iter().map(|r| r[i]));
         println!("cluster.{name}_per_s {:.0}", rates.0);
         println!("cluster.{name}_per_s_range {:.0}–{:.0}", rates.1, rates.2);
     }
-    for (name, ours, baseline) in [("one_vs_raw", 1, 0), ("two_vs_one", 2, 1)] {
+    for (name, ours, baseline) in [
+        ("one_vs_raw", 2, 0),
+        ("one_vs_raw_grpc", 2, 1),
+        ("two_vs_one", 3, 2),
+    ] {
         let ratios = median_and_range(results.iter().map(|r| r[ours] / r[baseline]));
         println!("cluster.{name} {:.3}", ratios.0);
         println!("cluster.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
@@ -72,11 +79,12 @@ fn main() {
     println!("cluster.kill_reruns {reruns}");
 }
 
-/// The raw loop on quorum queues, through the first node.
-fn raw(cluster: &BrokerCluster, jobs: usize) -> f64 {
+/// The raw loop on quorum queues, through the first node (with `grpc`, a bare
+/// `RunJob` to no-op workers per message too).
+fn raw(cluster: &BrokerCluster, jobs: usize, grpc: bool) -> f64 {
     let names = Names::unique("clraw");
     let mq = Mq::on_quorum(&cluster.nodes[0], &names);
-    raw_loop(&cluster.nodes[0].url(), &mq, jobs, &[], false).rate
+    raw_loop(&cluster.nodes[0].url(), &mq, jobs, &[], grpc).rate
 }
 
 /// `count` orchestrators (each first connected to a node of its own) draining `jobs`
@@ -107,9 +115,11 @@ fn node_failover(cluster: &BrokerCluster, trials: usize) -> Vec<f64> {
         "--worker",
         &static_workers("cn-w", &ports),
     ];
-    let orch = Orchestrator::start(&cluster.urls_from(0), &names, &flags);
-    // Jobs every 5 ms through the last node (it keeps its place in the list, so the
-    // orchestrator reaches it last), numbered in order.
+    // The first two nodes: the trials stop the one in use, and the third carries the
+    // bench's own publishing and reading.
+    let urls = format!("{},{}", cluster.nodes[0].url(), cluster.nodes[1].url());
+    let orch = Orchestrator::start(&urls, &names, &flags);
+    // Jobs every 5 ms through the third node, numbered in order.
     let next = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {

@@ -21,7 +21,9 @@ pub enum CancelReason {
 }
 
 /// Stops a job from another thread: a thread blocked in [`block_on`] with this token
-/// wakes up, and [`CancelToken::fired`] becomes ready for `select!`.
+/// wakes up, and [`CancelToken::fired`] becomes ready for `select!`. It also tells
+/// whether the job may still start: a job released before its first attempt (its
+/// delivery died) may not.
 #[derive(Clone)]
 pub struct CancelToken(Arc<TokenInner>);
 
@@ -32,6 +34,11 @@ struct TokenInner {
 
 struct TokenState {
     reason: Option<CancelReason>,
+    /// A `RunJob` for the job was sent to a worker (or the job was adopted), and was
+    /// not refused: the job is this orchestrator's to finish.
+    attempt: bool,
+    /// Its delivery died before an attempt: it must not start here.
+    released: bool,
     /// Dropped on cancel, which disconnects `fired`.
     fire: Option<crossbeam_channel::Sender<()>>,
     /// The thread waiting in `block_on`, to unpark.
@@ -44,6 +51,8 @@ impl Default for CancelToken {
         CancelToken(Arc::new(TokenInner {
             state: Mutex::new(TokenState {
                 reason: None,
+                attempt: false,
+                released: false,
                 fire: Some(fire),
                 waiter: None,
             }),
@@ -75,6 +84,39 @@ impl CancelToken {
     /// The reason it was cancelled, if it was.
     pub fn reason(&self) -> Option<CancelReason> {
         self.state().reason
+    }
+
+    /// Marks the start of an attempt on a worker (a `RunJob` that may start the build,
+    /// or attach to it); false when the job was released first ([`CancelToken::release`]).
+    pub fn begin_attempt(&self) -> bool {
+        let mut state = self.state();
+        state.attempt = !state.released;
+        state.attempt
+    }
+
+    /// The worker refused the attempt without starting anything.
+    pub fn attempt_refused(&self) {
+        self.state().attempt = false;
+    }
+
+    /// Releases a job whose delivery died with its broker connection, unless an attempt
+    /// runs or ran (the job is then this orchestrator's to finish) or it was cancelled:
+    /// it must not start here any more, since the broker redelivers it (maybe to another
+    /// orchestrator). Wakes the thread waiting with it, like a cancel. Returns whether
+    /// it was released.
+    pub fn release(&self) -> bool {
+        let mut state = self.state();
+        if state.attempt || state.released || state.reason.is_some() {
+            return false;
+        }
+        state.released = true;
+        state.fire = None;
+        true
+    }
+
+    /// Whether [`CancelToken::release`] released it.
+    pub fn released(&self) -> bool {
+        self.state().released
     }
 
     /// Ready (disconnected) once cancelled: select on it while waiting for something else.
@@ -182,5 +224,22 @@ mod tests {
             "the cancel woke the waiter"
         );
         assert!(canceller.fired().recv().is_err(), "fired is disconnected");
+    }
+
+    #[test]
+    fn a_job_is_released_only_before_an_attempt_that_a_worker_did_not_refuse() {
+        let token = CancelToken::default();
+        assert!(token.begin_attempt());
+        assert!(
+            !token.release(),
+            "an attempt runs: the job is ours to finish"
+        );
+        token.attempt_refused();
+        assert!(token.release(), "refused, so nothing started: released");
+        assert!(token.released() && token.fired().recv().is_err());
+        assert!(!token.begin_attempt(), "a released job never starts");
+        let cancelled = CancelToken::default();
+        assert!(cancelled.cancel(CancelReason::Cancelled));
+        assert!(!cancelled.release(), "a cancelled job ends with its status");
     }
 }

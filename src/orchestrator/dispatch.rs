@@ -139,7 +139,7 @@ impl Dispatcher {
         let mut adopted = if redelivered {
             match self.wait_for_report(&job, &token) {
                 Some(Wait::Claimed(claim)) => Some(claim),
-                Some(ending) => return self.unstarted(job, ending),
+                Some(ending) => return self.unstarted(job, &token, ending),
                 None => None,
             }
         } else {
@@ -152,9 +152,15 @@ impl Dispatcher {
                 Some(claim) => (claim, EventKind::Adopted),
                 None => match self.claim(&job, &token) {
                     Wait::Claimed(claim) => (claim, EventKind::Dispatched),
-                    ending => return self.unstarted(job, ending),
+                    ending => return self.unstarted(job, &token, ending),
                 },
             };
+            if !token.begin_attempt() {
+                self.links
+                    .registry
+                    .release(&claim, &job.job_id, Release::Done);
+                return self.unstarted(job, &token, Wait::Cancelled);
+            }
             let metrics = &self.links.metrics;
             if kind == EventKind::Adopted {
                 info!("job {}: adopted from worker {}", job.job_id, claim.worker);
@@ -179,6 +185,7 @@ impl Dispatcher {
             metrics.jobs_in_flight.dec();
             match attempt {
                 Attempt::Refused(_) => {
+                    token.attempt_refused();
                     self.links
                         .registry
                         .release(&claim, &job.job_id, Release::Withheld)
@@ -192,10 +199,16 @@ impl Dispatcher {
         }
     }
 
-    /// A job that never started: given back to the consumer (drain), or ended with its
-    /// `cancelled` status.
-    fn unstarted(&self, job: Job, ending: Wait) {
-        if let Wait::Cancelled = ending {
+    /// A job that never started: given back to the consumer (drain), dropped (its
+    /// delivery died: the broker redelivers it), or ended with its `cancelled` status.
+    fn unstarted(&self, job: Job, token: &CancelToken, ending: Wait) {
+        if token.released() {
+            info!(
+                "job {}: its delivery was lost with the broker connection before it started; \
+                 left to its redelivery",
+                job.job_id
+            );
+        } else if let Wait::Cancelled = ending {
             info!("job {}: cancelled while waiting for a worker", job.job_id);
             let status =
                 Status::without_answer(&job.job_id, Outcome::Cancelled, "", "cancelled".into())

@@ -231,9 +231,6 @@ pub struct Fault {
     pub ended: SystemTime,
     /// For orchestrator restarts: whether a long build was running when it went.
     pub hit_long_build: bool,
-    /// For orchestrator restarts: when the old process had exited (until then, a
-    /// worker's answer could still reach it).
-    pub gone: Option<SystemTime>,
 }
 
 impl Fault {
@@ -331,7 +328,7 @@ impl Cluster {
             .map(|i| {
                 let urls = node_urls(&nodes, i);
                 let grpc_port = free_port();
-                let process = start_orchestrator(&urls, &names, grpc_port, shape.quorum);
+                let process = start_orchestrator(&urls, &names, grpc_port, shape);
                 Member {
                     baselines: vec![rss_kib(process.process.pid())],
                     process,
@@ -388,7 +385,6 @@ impl Cluster {
         let mut began = SystemTime::now();
         let mut worker = None;
         let mut hit_long_build = false;
-        let mut gone = None;
         match kind {
             FaultKind::KillWorker => {
                 let index = self.pick_victim(rng);
@@ -437,7 +433,7 @@ impl Cluster {
                     "TERM"
                 };
                 let victim = self.orchestrators.len() - 1;
-                gone = Some(self.restart_orchestrator(victim, signal, rng));
+                self.restart_orchestrator(victim, signal, rng);
             }
         }
         Fault {
@@ -446,7 +442,6 @@ impl Cluster {
             began,
             ended: SystemTime::now(),
             hit_long_build,
-            gone,
         }
     }
 
@@ -464,28 +459,16 @@ impl Cluster {
 
     /// Stops orchestrator `index` with `signal` (SIGTERM drains for `--drain-timeout`)
     /// and starts a new one on the same gRPC port (the workers register with it by
-    /// themselves); measures the new one's baseline. Returns when the old one had
-    /// exited.
-    pub fn restart_orchestrator(
-        &mut self,
-        index: usize,
-        signal: &str,
-        rng: &mut Rng,
-    ) -> SystemTime {
+    /// themselves); measures the new one's baseline.
+    pub fn restart_orchestrator(&mut self, index: usize, signal: &str, rng: &mut Rng) {
         let member = &mut self.orchestrators[index];
         member.process.signal(signal);
         member.process.wait_exit(LONG);
-        let gone = SystemTime::now();
         member.old_logs.push(member.process.log());
         std::thread::sleep(rng.millis(DOWNTIME));
-        member.process = start_orchestrator(
-            &member.urls,
-            &self.names,
-            member.grpc_port,
-            self.shape.quorum,
-        );
+        member.process =
+            start_orchestrator(&member.urls, &self.names, member.grpc_port, self.shape);
         member.baselines.push(rss_kib(member.process.process.pid()));
-        gone
     }
 
     /// Every orchestrator's logs, its killed processes' first.
@@ -527,10 +510,19 @@ fn node_urls(nodes: &[PrivateBroker], first: usize) -> String {
     urls.join(",")
 }
 
-pub fn start_orchestrator(urls: &str, names: &Names, grpc_port: u16, quorum: bool) -> Orchestrator {
+/// An orchestrator of `shape` on `grpc_port`. On one node, health pings are fast, to
+/// find killed and frozen workers within the fault's window. On the cluster, no worker
+/// fault is injected, and three broker nodes share the two cores with everything else
+/// (their `stop_app`/`start_app` take a core each for seconds): pings get the defaults'
+/// timeout, so a ping delayed by that load does not make a live worker "lost".
+pub fn start_orchestrator(urls: &str, names: &Names, grpc_port: u16, shape: Shape) -> Orchestrator {
     let listen = format!("127.0.0.1:{grpc_port}");
     let threads = DISPATCH_THREADS.to_string();
     let prefetch = PREFETCH.to_string();
+    let (interval, timeout) = match shape.orchestrators {
+        1 => ("200ms", "300ms"),
+        _ => ("500ms", "1s"),
+    };
     let flags = [
         "--grpc-listen",
         &listen,
@@ -539,15 +531,15 @@ pub fn start_orchestrator(urls: &str, names: &Names, grpc_port: u16, quorum: boo
         "--prefetch",
         &prefetch,
         "--health-interval",
-        "200ms",
+        interval,
         "--health-timeout",
-        "300ms",
+        timeout,
         "--drain-timeout",
         "1s",
         "--adopt-wait",
         ADOPT_WAIT,
         "--queue-type",
-        if quorum { "quorum" } else { "classic" },
+        if shape.quorum { "quorum" } else { "classic" },
     ];
     Orchestrator::start(urls, names, &flags)
 }

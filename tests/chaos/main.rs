@@ -10,9 +10,10 @@
 //!   is attributed to a fault by its timing;
 //! * no worker incarnation (worker id + agent pid) ever ran more steps than its capacity;
 //! * outcomes are `succeeded`, or `worker_lost` on a worker that was killed or frozen;
-//! * a build runs once unless its worker died: builds that outlive an orchestrator
-//!   are adopted by the next one (the only re-runs left are jobs finished but not yet
-//!   acked when their orchestrator went, whose redelivery nobody reports);
+//! * a build runs once unless its worker died (or the test published the job twice):
+//!   builds that outlive their orchestrator, or its broker connection, are adopted by
+//!   whichever orchestrator gets the redelivery, and so are the answers of builds that
+//!   finished before their status was confirmed (workers keep them for a while);
 //! * the orchestrator's RSS comes back near its idle baseline.
 //!
 //! `chaos_on_a_cluster` runs the same workload and checks (issue 15) through two

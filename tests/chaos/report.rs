@@ -163,15 +163,12 @@ pub fn duplicate_bound(faults: &[Fault], published: &Published, orchestrators: u
 /// Counts the builds started again (a later step of a job that already had one) and
 /// the jobs among them that nothing explains. What explains one: the earlier step's
 /// worker incarnation was SIGKILLed after it started (the build, or its held answer,
-/// died with it); the earlier step ended while an orchestrator that was then restarted
-/// still ran, and the later one started after the restart began (the answer may have
-/// reached the old orchestrator, which died before its status was confirmed, so no
-/// worker holds it any more); or a duplicate status from an orchestrator restart or
-/// from the test publishing the job twice. A build still running when its orchestrator
-/// went must be adopted: nothing explains running it again.
+/// died with it), or the test published the job twice and the copies reached two
+/// orchestrators at once. Nothing else does: a build still running when its
+/// orchestrator went (or lost its broker) is adopted, and a finished one's answer stays
+/// held on its worker for the job's redelivery, wherever that lands.
 fn reruns(
     cluster: &Cluster,
-    faults: &[Fault],
     duplicates: &BTreeMap<DuplicateCause, Vec<String>>,
 ) -> (BTreeMap<&'static str, usize>, Vec<String>) {
     let ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
@@ -193,32 +190,22 @@ fn reruns(
             }
         }
     }
-    let ran_twice = |job: &String| {
-        [
-            DuplicateCause::OrchestratorKill,
-            DuplicateCause::TestRepublish,
-        ]
-        .iter()
-        .any(|cause| duplicates.get(cause).is_some_and(|jobs| jobs.contains(job)))
+    let published_twice = |job: &String| {
+        duplicates
+            .get(&DuplicateCause::TestRepublish)
+            .is_some_and(|jobs| jobs.contains(job))
     };
     let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut unexplained = Vec::new();
     for (job, mut steps) in by_job {
         steps.sort_by_key(|(s, _)| s.start);
         for pair in steps.windows(2) {
-            let ((earlier, kill), (later, _)) = (&pair[0], &pair[1]);
+            let (earlier, kill) = &pair[0];
             let lost_with_its_worker = kill.is_some_and(|kill| kill > earlier.start);
-            let answered_a_dead_orchestrator = faults.iter().any(|f| {
-                f.gone.is_some_and(|gone| {
-                    earlier.end.is_some_and(|end| end <= ns(gone)) && later.start >= ns(f.began)
-                })
-            });
             let why = if lost_with_its_worker {
                 "worker killed"
-            } else if answered_a_dead_orchestrator {
-                "answered a restarted orchestrator"
-            } else if ran_twice(&job) {
-                "duplicate status"
+            } else if published_twice(&job) {
+                "published twice"
             } else {
                 unexplained.push(job.clone());
                 "unexplained"
@@ -307,7 +294,7 @@ impl Report {
             })
             .cloned()
             .collect();
-        let (reruns, unexplained_reruns) = reruns(cluster, faults, &duplicates);
+        let (reruns, unexplained_reruns) = reruns(cluster, &duplicates);
         let adopted = cluster
             .orchestrator_logs()
             .iter()

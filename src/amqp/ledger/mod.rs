@@ -331,9 +331,11 @@ impl Ledger {
 
     /// The connection died: its deliveries are forgotten (the broker redelivers them),
     /// and so are the jobs not started yet (`unstarted`, taken back from the `jobs`
-    /// channel, and the backlog), which come back with those redeliveries. Jobs running
-    /// keep their entry, so their redeliveries are not run again; so do jobs cancelled
-    /// while they waited, whose `cancelled` status is published now. The jobs dropped
+    /// channel, the backlog, and those a dispatch thread holds before its first attempt,
+    /// whose token is released), which come back with those redeliveries, here or at
+    /// another orchestrator. Jobs running keep their entry, so their redeliveries are
+    /// not run again; so do jobs cancelled while they waited, whose `cancelled` status
+    /// is published now. The jobs dropped
     /// unstarted are known as such for a while: their redeliveries are not `redelivered`
     /// for dispatch (no worker can be running them, so they need not wait for a report).
     pub fn connection_lost(&mut self, unstarted: Vec<Assignment>) -> Vec<Action> {
@@ -350,6 +352,18 @@ impl Ledger {
                 self.pending.remove(&assignment.job.job_id);
                 self.released.insert(assignment.job.job_id);
             }
+        }
+        // Jobs a dispatch thread holds, waiting for a slot or a report, must not start
+        // either: another orchestrator may get their redelivery.
+        let waiting: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| pending.token.release())
+            .map(|(job_id, _)| job_id.clone())
+            .collect();
+        for job_id in waiting {
+            self.pending.remove(&job_id);
+            self.released.insert(job_id);
         }
         actions
     }

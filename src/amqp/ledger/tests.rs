@@ -256,7 +256,7 @@ fn a_drain_requeues_what_did_not_start_and_ends_when_running_jobs_are_confirmed(
 }
 
 #[test]
-fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_ones() {
+fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_releases_waiting_ones() {
     let (mut ledger, _running, in_channel) = three_jobs();
     assert!(ledger.connection_lost(vec![in_channel]).is_empty());
     assert!(!ledger.has_backlog());
@@ -268,14 +268,30 @@ fn a_lost_connection_forgets_deliveries_keeps_running_jobs_and_drops_waiting_one
     let mut ledger = fresh();
     ledger.job_delivery(1, job("running"), false);
     ledger.job_delivery(2, job("waiting"), false);
-    let _running = ledger.next_job().unwrap();
+    ledger.job_delivery(3, job("held"), false);
+    let running = ledger.next_job().unwrap();
+    assert!(running.token.begin_attempt(), "sent to a worker");
+    // A dispatch thread holds it, waiting for a slot.
+    let held = ledger.next_job().unwrap();
     assert!(ledger.connection_lost(Vec::new()).is_empty());
+    assert!(
+        held.token.released() && !held.token.begin_attempt(),
+        "a job not sent to a worker yet never starts here"
+    );
+    assert!(!running.token.released());
     // Redelivered on the new connection (tags start again).
     assert!(ledger.job_delivery(1, job("running"), false).is_empty());
     assert!(ledger.job_delivery(2, job("waiting"), false).is_empty());
-    let again = dispatch_all(&mut ledger);
-    assert_eq!(again.len(), 1, "only the waiting job is dispatched again");
-    assert_eq!(again[0].job.job_id, "waiting");
+    assert!(ledger.job_delivery(3, job("held"), false).is_empty());
+    let again: Vec<String> = dispatch_all(&mut ledger)
+        .into_iter()
+        .map(|a| a.job.job_id)
+        .collect();
+    assert_eq!(
+        again,
+        ["waiting", "held"],
+        "the running job is not dispatched again"
+    );
     assert_eq!(
         acked(&confirmed(&mut ledger, &["running"])),
         (vec![], vec![1])
