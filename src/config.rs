@@ -15,6 +15,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{text}` is not a duration like 500ms, 2s or 5m: {e}"))
 }
 
+/// Checks a `HOST:PORT` address (an IPv6 host in brackets): no scheme, a host, a port.
+pub fn parse_host_port(text: &str) -> Result<String, String> {
+    let expected =
+        || format!("`{text}` is not an address: expected HOST:PORT, like 127.0.0.1:5051");
+    if text.contains("://") || text.contains('/') {
+        return Err(expected());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(expected)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(expected());
+    }
+    Ok(text.to_string())
+}
+
+/// [`parse_host_port`], or empty (off).
+pub fn parse_optional_host_port(text: &str) -> Result<String, String> {
+    match text {
+        "" => Ok(String::new()),
+        _ => parse_host_port(text),
+    }
+}
+
 /// A worker named on the command line (`--worker ID=HOST:PORT`), known before it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticWorker {
@@ -189,7 +211,8 @@ pub struct OrchestratorConfig {
     pub tls: TlsArgs,
 
     /// Address the gRPC server (WorkerService, grpc.health.v1) listens on.
-    #[arg(long, env = "BLACKTREE_GRPC_LISTEN", default_value = "0.0.0.0:5051")]
+    #[arg(long, env = "BLACKTREE_GRPC_LISTEN", default_value = "0.0.0.0:5051",
+          value_parser = parse_host_port)]
     pub grpc_listen: String,
 
     /// This orchestrator's name among several on the same queues: in its log lines, the
@@ -269,7 +292,8 @@ pub struct OrchestratorConfig {
     #[arg(
         long,
         env = "BLACKTREE_METRICS_LISTEN",
-        default_value = "127.0.0.1:9464"
+        default_value = "127.0.0.1:9464",
+        value_parser = parse_optional_host_port
     )]
     pub metrics_listen: String,
 
@@ -390,7 +414,8 @@ pub struct WorkerConfig {
         env = "BLACKTREE_ORCHESTRATOR",
         default_value = "127.0.0.1:5051",
         value_delimiter = ',',
-        required = true
+        required = true,
+        value_parser = parse_host_port
     )]
     pub orchestrator: Vec<String>,
 
@@ -398,12 +423,13 @@ pub struct WorkerConfig {
     pub tls: TlsArgs,
 
     /// Address the worker's JobService listens on.
-    #[arg(long, env = "BLACKTREE_WORKER_LISTEN", default_value = "0.0.0.0:6000")]
+    #[arg(long, env = "BLACKTREE_WORKER_LISTEN", default_value = "0.0.0.0:6000",
+          value_parser = parse_host_port)]
     pub listen: String,
 
     /// `IP:PORT` the orchestrator reaches this worker at (default: the address of the
     /// interface that reaches the orchestrator, and the listening port).
-    #[arg(long, env = "BLACKTREE_ADVERTISE")]
+    #[arg(long, env = "BLACKTREE_ADVERTISE", value_parser = parse_host_port)]
     pub advertise: Option<String>,
 
     /// Worker id (default: the hostname plus a random suffix).
@@ -505,42 +531,4 @@ pub struct WorkerConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_in_human_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn static_workers_need_id_host_and_port() {
-        assert_eq!(
-            parse_static_worker("w1=10.0.0.2:6000"),
-            Ok(StaticWorker {
-                id: "w1".into(),
-                addr: "10.0.0.2:6000".into()
-            })
-        );
-        assert!(parse_static_worker("10.0.0.2:6000").is_err());
-        assert!(parse_static_worker("w1=10.0.0.2").is_err());
-        assert!(parse_static_worker("w1=host:port").is_err());
-        assert!(parse_static_worker("=h:1").is_err());
-    }
-
-    #[test]
-    fn masked_urls_hide_the_password() {
-        let masked = mask_url("amqp://user:s3cret@broker:5672/%2f?heartbeat=5");
-        assert!(!masked.contains("s3cret"), "{masked}");
-        assert!(masked.contains("user:***@broker"), "{masked}");
-        let both = mask_url("amqp://u:one@n1/%2f, amqp://u:two@n2/%2f");
-        assert!(
-            both.contains("u:***@n1") && both.contains("u:***@n2") && !both.contains("two"),
-            "{both}"
-        );
-        assert_eq!(mask_url("not a url"), "<unparsable URL>");
-    }
-}
+mod tests;

@@ -251,6 +251,23 @@ const ALIASES: [(&str, &str); 3] = [
     ("githubToken", "token"),
 ];
 
+/// Every field of a job message in either dialect (`createdAt` is read by nothing).
+pub const FIELDS: [&str; 13] = [
+    "jobId",
+    "repoUrl",
+    "branch",
+    "dockerfilePath",
+    "contextDir",
+    "imageName",
+    "githubToken",
+    "timeoutSeconds",
+    "deploymentId",
+    "repository",
+    "dockerFilePath",
+    "token",
+    "createdAt",
+];
+
 /// The job's id and dialect: `jobId`, or `deploymentId` when there is no `jobId`; both
 /// must agree when both are there.
 fn read_id(fields: &serde_json::Map<String, Value>) -> (Result<String, String>, Dialect) {
@@ -382,55 +399,6 @@ pub fn without_secrets(body: Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// A step of a job's life, as lifecycle events report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// The orchestrator consumed the job.
-    Received,
-    /// The job was sent to a worker.
-    Dispatched,
-    /// The job, redelivered, was taken over from the worker that already ran it.
-    Adopted,
-    /// The job ended; its status follows.
-    Finished,
-}
-
-/// A lifecycle event, published on the events routing key when enabled.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Event {
-    /// The job's id.
-    pub job_id: String,
-    /// What happened.
-    pub event: EventKind,
-    /// The worker involved (empty for `received`).
-    pub worker_id: String,
-    /// When (RFC 3339).
-    pub at: String,
-    /// The orchestrator that published it (`--instance-id`; set by its publisher).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub orchestrator_id: String,
-}
-
-impl Event {
-    /// An event that happens now.
-    pub fn now(job_id: &str, event: EventKind, worker_id: &str) -> Event {
-        Event {
-            job_id: job_id.to_string(),
-            event,
-            worker_id: worker_id.to_string(),
-            at: rfc3339(SystemTime::now()),
-            orchestrator_id: String::new(),
-        }
-    }
-
-    /// The JSON body of the event message.
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an event always serialises")
-    }
-}
-
 /// How a job ended, as the `outcome` field of its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -531,8 +499,10 @@ impl Status {
     }
 }
 
+mod event;
 mod fit;
 
+pub use event::{Event, EventKind};
 pub use fit::status_without_logs;
 
 #[cfg(test)]

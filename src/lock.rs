@@ -67,6 +67,11 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
     Ok(InstanceLock { _file: file })
 }
 
+/// The pid the holder of the lock at `path` wrote into it, if it did.
+pub fn holder(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub broker_blocked: IntGauge,
     /// The broker URL in use (masked); empty while disconnected. `/healthz` names it.
     broker_in_use: Mutex<String>,
+    /// Told `(connected, blocked)` whenever either changes (the gRPC health follows).
+    broker_watch: std::sync::OnceLock<BrokerWatch>,
     /// Statuses the broker returned as unroutable (each is published again).
     pub statuses_unroutable: IntCounter,
     /// Statuses the broker refused as they were, sent without their logs.
@@ -134,6 +136,7 @@ impl Metrics {
             )
             .expect("valid metric"),
             broker_in_use: Mutex::default(),
+            broker_watch: std::sync::OnceLock::new(),
             broker_blocked: IntGauge::new(
                 "blacktree_broker_blocked",
                 "1 while the broker blocks publishing (memory or disk alarm).",
@@ -182,7 +185,37 @@ impl Metrics {
     }
 }
 
+/// What is told of the broker connection: `(connected, blocked)`.
+type BrokerWatch = Box<dyn Fn(bool, bool) + Send + Sync>;
+
 impl Metrics {
+    /// Calls `watch(connected, blocked)` whenever the broker connection changes (set
+    /// once; later calls are ignored).
+    pub fn watch_broker(&self, watch: impl Fn(bool, bool) + Send + Sync + 'static) {
+        let _ = self.broker_watch.set(Box::new(watch));
+    }
+
+    /// Records whether the consumer is connected to the broker.
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.set(i64::from(connected));
+        self.tell_broker();
+    }
+
+    /// Records whether the broker blocks the publishing connection.
+    pub fn set_broker_blocked(&self, blocked: bool) {
+        self.broker_blocked.set(i64::from(blocked));
+        self.tell_broker();
+    }
+
+    fn tell_broker(&self) {
+        if let Some(watch) = self.broker_watch.get() {
+            watch(
+                self.broker_connected.get() == 1,
+                self.broker_blocked.get() == 1,
+            );
+        }
+    }
+
     /// Records the broker URL in use (masked; empty while disconnected).
     pub fn set_broker_in_use(&self, url: &str) {
         *self.broker_in_use.lock().expect("broker URL lock") = url.to_string();

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::build_env::TempDir;
+use common::build_env::{TempDir, WorkerProcess};
 use common::*;
 use serde_json::{json, Value};
 
@@ -18,26 +18,17 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
     let Setup { names, mq, orch } = Setup::new("cli-submit");
     let w = orch.worker("cli-w", Behaviour::default());
 
-    let mut watch = command()
-        .args([
-            "watch",
-            "--amqp-url",
-            SHARED_BROKER,
-            "--exchange",
-            &names.exchange,
-            "--count",
-            "1",
-            "--idle",
-            "60s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(watch.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    assert!(first.starts_with("watching"), "{first}");
+    let watch = Watch::start(&[
+        "watch",
+        "--amqp-url",
+        SHARED_BROKER,
+        "--exchange",
+        &names.exchange,
+        "--count",
+        "1",
+        "--idle",
+        "60s",
+    ]);
 
     let dir = TempDir::new("cli-token");
     let token_file = dir.0.join("token");
@@ -61,16 +52,8 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
     let job_id = text(&out.stdout).trim().to_string();
     assert_eq!(job_id.len(), 36, "a generated UUID: {job_id}");
 
-    let mut shown = String::new();
-    watch
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut shown)
-        .unwrap();
-    assert!(watch.wait().unwrap().success());
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
+    let (code, shown, rest) = watch.finish();
+    assert_eq!(code, Some(0));
     assert!(
         shown.starts_with(&format!("{job_id} succeeded worker=cli-w ")),
         "{shown}"
@@ -84,6 +67,19 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
     assert_eq!(statuses[0]["jobId"], job_id.as_str());
     assert_eq!(w.observed.jobs.lock().unwrap()[0], job_id);
     orch.assert_no_secret_logged();
+
+    // A misspelt field is refused with the nearest one, and nothing is queued.
+    let dir = TempDir::new("cli-typo");
+    let typo = dir.0.join("job.json");
+    std::fs::write(&typo, r#"{"jobId":"cli-typo","repoURL":"acme/app"}"#).unwrap();
+    let exchange = ["--amqp-url", SHARED_BROKER, "--exchange", &names.exchange];
+    let out = blacktree(&[&["submit", "--json", typo.to_str().unwrap()][..], &exchange].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(r#"unknown field "repoURL": did you mean "repoUrl"?"#),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A job from JSON on stdin keeps its own id.
     let mut submit = command()
@@ -100,7 +96,7 @@ fn submit_is_seen_by_watch_without_taking_it_from_the_control_plane() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let job = json!({"jobId": "cli-json-1", "repoUrl": "acme/app", "imageName": "acme/app:3", "extra": true});
+    let job = json!({"jobId": "cli-json-1", "repoUrl": "acme/app", "imageName": "acme/app:3"});
     std::io::Write::write_all(
         &mut submit.stdin.take().unwrap(),
         job.to_string().as_bytes(),
@@ -158,11 +154,11 @@ fn cancel_workers_and_healthcheck_talk_to_the_running_orchestrator() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let dead = "127.0.0.1:1".to_string();
     let out = blacktree(&["healthcheck", "--worker", &dead]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "unreachable");
     let reason = text(&out.stderr);
     assert_eq!(reason.lines().count(), 1, "{reason}");
     assert!(
-        reason.contains(&dead) && reason.contains("unhealthy"),
+        reason.contains(&dead) && reason.contains("cannot reach"),
         "{reason}"
     );
 }
@@ -390,8 +386,8 @@ fn grpc_runs_over_mutual_tls_and_refuses_peers_without_a_trusted_certificate() {
         blacktree(&["healthcheck", "--orchestrator", &addr])
             .status
             .code(),
-        Some(1),
-        "plaintext is refused"
+        Some(4),
+        "plaintext is refused: no connection"
     );
 
     let untrusted = stranger.issue("untrusted");
@@ -457,4 +453,202 @@ fn the_orchestrator_talks_to_rabbitmq_over_amqps() {
         "x",
     ]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+}
+
+#[test]
+fn healthcheck_and_workers_tell_the_roles_apart_and_a_worker_serves_once_registered() {
+    let check = |args: &[&str]| {
+        let out = blacktree(args);
+        (out.status.code(), text(&out.stderr))
+    };
+    // A worker whose orchestrator is not there yet answers NOT_SERVING (1), not 4.
+    let orchestrator_port = free_port();
+    let worker = WorkerProcess::start(
+        "health-w",
+        orchestrator_port,
+        &["--executor", "exec", "--exec-command", "true"],
+    );
+    let worker_addr = format!("127.0.0.1:{}", worker.port);
+    let (code, why) = check(&["healthcheck", "--worker", &worker_addr]);
+    assert_eq!(code, Some(1), "{why}");
+    assert!(why.contains("NOT_SERVING"), "{why}");
+
+    let names = Names::unique("cli-health");
+    let _mq = Mq::connect(SHARED_BROKER, &names);
+    let orch_addr = format!("127.0.0.1:{orchestrator_port}");
+    let _orch = Orchestrator::start(SHARED_BROKER, &names, &["--grpc-listen", &orch_addr]);
+    poll(LONG, "the worker to serve once registered", || {
+        (check(&["healthcheck", "--worker", &worker_addr]).0 == Some(0)).then_some(())
+    });
+    assert_eq!(
+        check(&["healthcheck", "--orchestrator", &orch_addr]).0,
+        Some(0)
+    );
+    // Each role has its named service, so a probe pointed at the other role says so.
+    let (code, why) = check(&["healthcheck", "--orchestrator", &worker_addr]);
+    assert_eq!(code, Some(1));
+    assert!(
+        why.contains("is a worker of Blacktree's, not an orchestrator"),
+        "{why}"
+    );
+    let (code, why) = check(&["healthcheck", "--worker", &orch_addr]);
+    assert_eq!(code, Some(1));
+    assert!(
+        why.contains("is an orchestrator of Blacktree's, not a worker"),
+        "{why}"
+    );
+    for service in ["", "blacktree.Worker"] {
+        let args = [
+            "healthcheck",
+            "--worker",
+            &worker_addr,
+            "--service",
+            service,
+        ];
+        assert_eq!(check(&args).0, Some(0), "service {service:?}");
+    }
+    let (code, why) = check(&["healthcheck", "--worker", &worker_addr, "--service", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(why.contains("no health service \"nope\""), "{why}");
+    // A worker's address where an orchestrator is expected: said so, by the CLI and by
+    // a worker told to register there.
+    let (code, why) = check(&["workers", "--orchestrator", &worker_addr]);
+    assert_eq!(code, Some(1), "{why}");
+    assert!(why.contains("is not a Blacktree orchestrator"), "{why}");
+    let misdirected = WorkerProcess::start(
+        "misdirected-w",
+        worker.port,
+        &["--executor", "exec", "--exec-command", "true"],
+    );
+    misdirected.wait_for_log("is not a Blacktree orchestrator", LONG);
+}
+
+#[test]
+fn submit_wait_and_watch_job_exit_by_the_outcome_and_submit_refuses_an_unroutable_job() {
+    let ok = Setup::new("cli-wait");
+    let _w = ok.worker("wait-w", Behaviour::default());
+    let failing = Setup::new("cli-wait-fail");
+    let broken = Behaviour {
+        fail_with: Some("the build broke".into()),
+        ..Behaviour::default()
+    };
+    let _f = failing.worker("wait-f", broken);
+    let submit = |setup: &Setup, extra: &[&str]| {
+        let exchange = setup.mq.names.exchange.as_str();
+        let base = [
+            "submit",
+            "--amqp-url",
+            SHARED_BROKER,
+            "--exchange",
+            exchange,
+            "--repo",
+            "acme/app",
+            "--image",
+            "acme/app:1",
+        ];
+        blacktree(&[&base[..], extra].concat())
+    };
+    // Succeeded: exit 0, the status line on stdout.
+    let out = submit(&ok, &["--wait", "--job-id", "wait-ok", "--timeout", "1m"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.starts_with("wait-ok succeeded worker=wait-w "),
+        "{shown}"
+    );
+    // `--output json`: the status as JSON.
+    let out = submit(
+        &ok,
+        &["--wait", "--job-id", "wait-json", "--output", "json"],
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON status");
+    assert_eq!(status["outcome"], "succeeded");
+    assert_eq!(ok.mq.statuses(2, LONG).len(), 2);
+
+    // A failed job: exit 1; `watch --job` for it (started before it ends) too.
+    let exchange = failing.mq.names.exchange.as_str();
+    let watch = Watch::start(&[
+        "watch",
+        "--amqp-url",
+        SHARED_BROKER,
+        "--exchange",
+        exchange,
+        "--job",
+        "wait-fail",
+        "--json",
+    ]);
+    let out = submit(&failing, &["--wait", "--job-id", "wait-fail"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.starts_with("wait-fail failed "), "{shown}");
+    assert!(text(&out.stderr).contains("job wait-fail ended failed"));
+    let (code, watched, _) = watch.finish();
+    assert_eq!(code, Some(1));
+    let line: Value = serde_json::from_str(watched.trim()).expect("one JSON line");
+    assert_eq!(line["type"], "status");
+    assert_eq!(line["jobId"], "wait-fail");
+
+    // A routing key no queue is bound to: an error naming it, no jobId printed.
+    let out = submit(&ok, &["--execute-key", "worker.exceute"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).is_empty());
+    let why = text(&out.stderr);
+    assert!(
+        why.contains("no queue is bound")
+            && why.contains("worker.exceute")
+            && why.contains("--execute-key"),
+        "{why}"
+    );
+    // An exchange that does not exist: said so.
+    let out = blacktree(&[
+        "submit",
+        "--amqp-url",
+        SHARED_BROKER,
+        "--exchange",
+        "bt.nowhere.x",
+        "--repo",
+        "a/b",
+        "--image",
+        "a:b",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let why = text(&out.stderr);
+    assert!(
+        why.contains("the exchange bt.nowhere.x does not exist"),
+        "{why}"
+    );
+    ok.mq.assert_no_more_statuses();
+}
+
+/// A `blacktree watch` running beside the test, started once it listens.
+struct Watch {
+    child: std::process::Child,
+    stderr: BufReader<std::process::ChildStderr>,
+}
+
+impl Watch {
+    /// Starts `blacktree args…` and waits for its `watching …` line.
+    fn start(args: &[&str]) -> Watch {
+        let mut child = command()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        stderr.read_line(&mut first).unwrap();
+        assert!(first.starts_with("watching"), "{first}");
+        Watch { child, stderr }
+    }
+
+    /// Waits for it to end: its exit code, standard output and the rest of its stderr.
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        let mut stdout = String::new();
+        let mut out = self.child.stdout.take().unwrap();
+        out.read_to_string(&mut stdout).unwrap();
+        let mut rest = String::new();
+        self.stderr.read_to_string(&mut rest).unwrap();
+        (self.child.wait().unwrap().code(), stdout, rest)
+    }
 }

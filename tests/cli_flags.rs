@@ -197,7 +197,8 @@ fn bad_usage_of_every_subcommand_exits_2_with_the_reason_on_stderr() {
         "127.0.0.1:0",
     ];
     let names_args = names.args();
-    orchestrator_args.extend(names_args.iter().map(String::as_str));
+    let names_args_str: Vec<&str> = names_args.iter().map(String::as_str).collect();
+    orchestrator_args.extend(names_args_str.iter().copied());
     let orchestrator: &[&str] = &orchestrator_args;
     let worker = [
         "worker",
@@ -279,6 +280,27 @@ fn bad_usage_of_every_subcommand_exits_2_with_the_reason_on_stderr() {
     bad(&[&worker, &exec], &[("BLACKTREE_CAPACITY", "none")], "none");
     bad(&[&worker, &["--executor", "podman"]], &[], "podman");
     bad(&[&worker, &["--executor", "exec"]], &[], "--exec-command");
+    // An exec command a docker worker would ignore is refused.
+    bad(
+        &[&worker, &["--exec-command", "true"]],
+        &[],
+        "--executor exec",
+    );
+    // Addresses are HOST:PORT, checked at start.
+    let unlistened = ["orchestrator", "--amqp-url", NOWHERE];
+    for address in ["127.0.0.1", "http://127.0.0.1:5051"] {
+        let expected = "expected HOST:PORT";
+        let grpc = ["--metrics-listen", "127.0.0.1:0", "--grpc-listen", address];
+        bad(&[&unlistened, &names_args_str, &grpc], &[], expected);
+        let metrics = ["--grpc-listen", "127.0.0.1:0", "--metrics-listen", address];
+        bad(&[&unlistened, &names_args_str, &metrics], &[], expected);
+        bad(
+            &[&worker, &exec, &["--orchestrator", address]],
+            &[],
+            expected,
+        );
+        bad(&[&worker, &exec, &["--advertise", address]], &[], expected);
+    }
     bad(
         &[&worker, &exec, &["--check-in-interval", "soon"]],
         &[],
@@ -356,7 +378,10 @@ fn a_second_worker_on_the_same_lock_file_exits_3_and_leaves_the_first_alone() {
     assert_eq!(second.code(), Some(3), "{second:?}");
     assert!(
         second.stderr.contains("another worker is already running")
-            && second.stderr.contains(lock.to_str().unwrap()),
+            && second.stderr.contains(lock.to_str().unwrap())
+            && second
+                .stderr
+                .contains(&format!("held by pid {}", first.pid())),
         "{}",
         second.stderr
     );
@@ -366,10 +391,10 @@ fn a_second_worker_on_the_same_lock_file_exits_3_and_leaves_the_first_alone() {
         std::fs::read_to_string(&lock).unwrap().trim(),
         first.pid().to_string()
     );
+    // It answers (NOT_SERVING: its orchestrator at 127.0.0.1:1 never registered it).
     let health = run(&["healthcheck", "--worker", &first_addr], &[]);
-    assert_eq!(
-        health.code(),
-        Some(0),
+    assert!(
+        health.code() == Some(1) && health.stderr.contains("NOT_SERVING"),
         "the first worker is undisturbed: {health:?}"
     );
 
@@ -389,11 +414,14 @@ fn a_second_worker_on_the_same_lock_file_exits_3_and_leaves_the_first_alone() {
         ],
         &[],
     );
-    assert_eq!(health.code(), Some(0), "{health:?}");
+    assert!(
+        health.code() == Some(1) && health.stderr.contains("NOT_SERVING"),
+        "{health:?}"
+    );
 }
 
 #[test]
-fn watch_and_cancel_exit_4_when_the_broker_is_unreachable_and_healthcheck_1() {
+fn watch_cancel_and_healthcheck_exit_4_when_their_target_is_unreachable() {
     for args in [
         vec!["watch", "--amqp-url", NOWHERE, "--idle", "1s"],
         vec!["cancel", "--amqp-url", NOWHERE, "job-1"],
@@ -409,17 +437,33 @@ fn watch_and_cancel_exit_4_when_the_broker_is_unreachable_and_healthcheck_1() {
         assert!(!out.stderr.contains("s3cret"), "{}", out.stderr);
     }
 
-    // `healthcheck` is a health probe: an orchestrator that does not answer is
-    // unhealthy (1), with one line naming the address (not 4, see the report).
-    let dead = format!("127.0.0.1:{}", free_port());
-    let out = run(&["healthcheck", "--orchestrator", &dead], &[]);
+    // A broker that answers and refuses the login is not a broker that is down: 1, and
+    // the message says to check the credentials (without showing them).
+    let refused = "amqp://guest:wrongpassword@127.0.0.1:5672/%2f";
+    let out = run(&["cancel", "--amqp-url", refused, "job-1"], &[]);
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(
-        out.stderr.contains(&dead) && out.stderr.contains("unhealthy"),
+        out.stderr.contains("refused the login") && out.stderr.contains("MQ_URL"),
         "{}",
         out.stderr
     );
+    assert!(!out.stderr.contains("wrongpassword"), "{}", out.stderr);
+
+    // `healthcheck` tells a target that does not answer (4) from an unhealthy one (1),
+    // with one line naming the address, for an orchestrator, a worker and /healthz.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{dead}/healthz");
+    for target in ["--orchestrator", "--worker", "--metrics"] {
+        let addr = if target == "--metrics" { &url } else { &dead };
+        let out = run(&["healthcheck", target, addr, "--timeout", "1s"], &[]);
+        assert_eq!(out.code(), Some(4), "{target}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert!(
+            out.stderr.contains(&dead) && out.stderr.contains("cannot reach"),
+            "{}",
+            out.stderr
+        );
+    }
 }
 
 #[test]
@@ -631,7 +675,12 @@ fn submit_cancel_and_watch_take_the_broker_and_exchange_from_the_environment() {
                         "durationMs": 7, "error": "boom"});
     publish(&mq, "api.result", &status);
     let out = watch.finish();
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    // A watched job that did not succeed: exit 1, with the count.
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("1 of 1 watched jobs did not succeed"),
+        "{out:?}"
+    );
     assert_eq!(out.stdout, "env-watch-1 failed worker=env-w 7ms error=boom");
 
     // MQ_URL is what they connect to (the default is the same broker, so show it with
@@ -847,4 +896,67 @@ fn the_worker_takes_its_id_capacity_and_executor_from_the_environment() {
             .contains("env-exec ran env-job-1"),
         "the exec command from BLACKTREE_EXEC_COMMAND ran: {status}"
     );
+}
+
+#[test]
+fn a_port_in_use_names_the_flag_and_the_variable_without_the_grpc_core_dump() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let names = Names::unique("cli-port");
+    let names_args = names.args();
+    let mut orchestrator = vec!["orchestrator", "--amqp-url", NOWHERE];
+    orchestrator.extend(names_args.iter().map(String::as_str));
+    let work_dir = TempDir::new("port-worker");
+    let worker = [
+        "worker",
+        "--orchestrator",
+        "127.0.0.1:1",
+        "--executor",
+        "exec",
+        "--exec-command",
+        "true",
+        "--work-dir",
+        work_dir.0.to_str().unwrap(),
+    ];
+    let cases: [(Vec<&str>, &str, &str); 3] = [
+        (
+            [
+                &orchestrator[..],
+                &["--metrics-listen", "127.0.0.1:0", "--grpc-listen", &addr],
+            ]
+            .concat(),
+            "--grpc-listen",
+            "BLACKTREE_GRPC_LISTEN",
+        ),
+        (
+            [
+                &orchestrator[..],
+                &["--grpc-listen", "127.0.0.1:0", "--metrics-listen", &addr],
+            ]
+            .concat(),
+            "--metrics-listen",
+            "BLACKTREE_METRICS_LISTEN",
+        ),
+        (
+            [&worker[..], &["--listen", &addr]].concat(),
+            "--listen",
+            "BLACKTREE_WORKER_LISTEN",
+        ),
+    ];
+    for (args, flag, variable) in cases {
+        let out = run(&args, &[]);
+        assert_eq!(out.code(), Some(1), "{args:?}: {out:?}");
+        assert!(
+            out.stderr
+                .contains(&format!("cannot listen on {addr} ({flag}, {variable})"))
+                && out.stderr.contains("another process listens there"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("chttp2"),
+            "the gRPC core's dump: {}",
+            out.stderr
+        );
+    }
 }

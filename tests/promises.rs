@@ -82,7 +82,7 @@ fn worker_states_ping_failures_and_health_rounds_show_in_the_metrics() {
 }
 
 #[test]
-fn healthz_and_broker_connected_follow_the_broker_from_before_the_first_connection() {
+fn healthz_grpc_health_and_broker_connected_follow_the_broker_from_before_the_first_connection() {
     let broker = PrivateBroker::start();
     broker.ctl(&["stop_app"]);
     let names = Names::unique("p-nobroker");
@@ -106,16 +106,25 @@ fn healthz_and_broker_connected_follow_the_broker_from_before_the_first_connecti
         ],
     );
     let port = ports[1];
+    // The gRPC health (`healthcheck --orchestrator`, grpc_health_probe) tells the same.
+    let grpc = format!("127.0.0.1:{}", ports[0]);
+    let grpc_health = |expected: i32| {
+        let out = blacktree(&["healthcheck", "--orchestrator", &grpc]);
+        (out.status.code() == Some(expected)).then_some(text(&out.stderr))
+    };
     orch.wait_for_log("broker: reconnecting in", LONG);
     assert!(!orch.log().contains("broker: connected"), "{}", orch.log());
     let (code, body) = http(port, "/healthz");
     assert_eq!(code, "503", "no broker connection yet: {body}");
     assert_eq!(sample(&metrics(port), CONNECTED), 0.0);
+    let why = grpc_health(1).expect("NOT_SERVING without a broker connection");
+    assert!(why.contains("NOT_SERVING"), "{why}");
 
     broker.ctl(&["start_app"]);
     poll(LONG, "/healthz to say 200 once connected", || {
         (http(port, "/healthz").0 == "200").then_some(())
     });
+    poll(LONG, "the gRPC health to say SERVING", || grpc_health(0));
     let m = metrics(port);
     assert_eq!(sample(&m, CONNECTED), 1.0);
     assert_eq!(
@@ -135,12 +144,18 @@ fn healthz_and_broker_connected_follow_the_broker_from_before_the_first_connecti
                 .then_some(())
         },
     );
+    poll(
+        LONG,
+        "the gRPC health to say NOT_SERVING in the outage",
+        || grpc_health(1),
+    );
     broker.ctl(&["start_app"]);
     let m = poll(LONG, "broker_connected 1 after the outage", || {
         let m = metrics(port);
         (sample(&m, CONNECTED) == 1.0).then_some(m)
     });
     assert_eq!(http(port, "/healthz").0, "200");
+    poll(LONG, "SERVING after the outage", || grpc_health(0));
     assert!(
         sample(&m, "blacktree_broker_reconnects_total") >= 1.0,
         "{m}"
@@ -168,7 +183,7 @@ fn a_job_outlasting_the_drain_timeout_is_left_to_the_broker_and_the_process_exit
     let out = blacktree(&["healthcheck", "--orchestrator", &addr]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("NotServing"),
+        text(&out.stderr).contains("NOT_SERVING"),
         "{}",
         text(&out.stderr)
     );

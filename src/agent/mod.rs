@@ -18,18 +18,20 @@ pub mod jobs;
 pub mod service;
 pub mod workspace;
 
+use std::collections::HashSet;
 use std::net::{ToSocketAddrs, UdpSocket};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
-use grpcio_health::{create_health, HealthService, ServingStatus};
+use grpcio_health::create_health;
 use log::{debug, info, warn};
 use protobuf::RepeatedField;
 
 use crate::config::{read_secret_file, WorkerConfig};
+use crate::grpc::serving::{Serving, WORKER_SERVICE};
 use crate::grpc::{self, Tls};
 use crate::job::Secret;
 use crate::proto::worker::{self, WorkerInfo};
@@ -59,13 +61,13 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         token: token.clone(),
         draining: Arc::default(),
     };
-    let health = HealthService::default();
-    health.set_serving_status("", ServingStatus::Serving);
+    let health = Arc::new(Serving::new(WORKER_SERVICE, &[REGISTERED]));
     let mut server = grpc::server_builder(env.clone())
         .register_service(service::job_service(agent.clone()))
-        .register_service(create_health(health.clone()))
+        .register_service(create_health(health.service()))
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
+    grpc::check_listen(&config.listen, "--listen", "BLACKTREE_WORKER_LISTEN")?;
     let port = server
         .add_listening_port(
             config.listen.as_str(),
@@ -82,6 +84,10 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         config.listen, config.capacity, config.executor
     );
     let info = registration_info(&config, &id, &advertise)?;
+    let registrations = Arc::new(Registrations {
+        with: Mutex::default(),
+        serving: health.clone(),
+    });
     for orchestrator in config.orchestrator.iter().filter(|o| !o.is_empty()) {
         let check_in = CheckIn {
             env: env.clone(),
@@ -90,6 +96,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
             info: info.clone(),
             token: token.clone(),
             interval: config.check_in_interval,
+            registrations: registrations.clone(),
         };
         let jobs = jobs.clone();
         std::thread::Builder::new()
@@ -130,11 +137,7 @@ fn registration_info(
 /// BUSY and RunJob RESOURCE_EXHAUSTED (nothing new starts), and the running jobs get up
 /// to `drain_timeout` to finish. What still runs then, or at a second signal, is
 /// stopped; the job threads get a moment to answer their calls before the process ends.
-fn wait_and_stop(
-    agent: &Agent,
-    health: &HealthService,
-    drain_timeout: Duration,
-) -> Result<(), String> {
+fn wait_and_stop(agent: &Agent, health: &Serving, drain_timeout: Duration) -> Result<(), String> {
     let (signal_tx, signal_rx) = bounded(2);
     ctrlc::set_handler(move || {
         let _ = signal_tx.try_send(());
@@ -142,7 +145,7 @@ fn wait_and_stop(
     .map_err(|e| format!("installing the signal handler: {e}"))?;
     let _ = signal_rx.recv();
     agent.draining.store(true, Ordering::SeqCst);
-    health.set_serving_status("", ServingStatus::NotServing);
+    health.set(RUNNING, false);
     let jobs = &agent.jobs;
     info!(
         "signal received: draining, {} running job(s) get up to {} to finish (a second signal stops them)",
@@ -198,6 +201,32 @@ fn local_ip_towards(target: &str) -> Result<std::net::IpAddr, String> {
         .map_err(|e| format!("no route to the orchestrator {target}: {e}; set --advertise"))
 }
 
+/// A health condition: registered with an orchestrator (one at least).
+const REGISTERED: &str = "registered with an orchestrator";
+/// A health condition: no drain started.
+const RUNNING: &str = "not draining";
+
+/// The orchestrators this worker is registered with now; its health is SERVING only
+/// while there is one (and it does not drain).
+struct Registrations {
+    with: Mutex<HashSet<String>>,
+    serving: Arc<Serving>,
+}
+
+impl Registrations {
+    /// Records whether this worker is registered with `orchestrator` (a ping it failed
+    /// to answer counts as not).
+    fn set(&self, orchestrator: &str, registered: bool) {
+        let mut with = self.with.lock().expect("registrations lock");
+        if registered {
+            with.insert(orchestrator.to_string());
+        } else {
+            with.remove(orchestrator);
+        }
+        self.serving.set(REGISTERED, !with.is_empty());
+    }
+}
+
 /// What one check-in thread needs: the orchestrator it keeps this worker registered
 /// with, and what it tells it.
 struct CheckIn {
@@ -207,6 +236,7 @@ struct CheckIn {
     info: WorkerInfo,
     token: Option<Secret>,
     interval: Duration,
+    registrations: Arc<Registrations>,
 }
 
 impl CheckIn {
@@ -220,6 +250,7 @@ impl CheckIn {
             info,
             token,
             interval,
+            registrations,
         } = self;
         let orchestrator = orchestrator.as_str();
         let channel = grpc::connect(ChannelBuilder::new(env), orchestrator, tls.as_ref());
@@ -242,6 +273,7 @@ impl CheckIn {
                         "registered with the orchestrator at {orchestrator}: {}",
                         ack.message
                     );
+                    registrations.set(orchestrator, true);
                     backoff = Duration::from_millis(200);
                     loop {
                         std::thread::sleep(interval);
@@ -252,7 +284,9 @@ impl CheckIn {
                             heldJobIds: RepeatedField::from_vec(held),
                             ..worker::PingRequest::default()
                         };
-                        match client.ping_opt(&ping, call()) {
+                        let answer = client.ping_opt(&ping, call());
+                        registrations.set(orchestrator, matches!(&answer, Ok(p) if p.healthy));
+                        match answer {
                             Ok(pong) if pong.healthy => {}
                             Ok(_) => {
                                 info!(
@@ -269,6 +303,15 @@ impl CheckIn {
                     "the orchestrator at {orchestrator} refused the registration: {}",
                     ack.message
                 ),
+                Err(grpcio::Error::RpcFailure(s))
+                    if s.code() == grpcio::RpcStatusCode::UNIMPLEMENTED =>
+                {
+                    warn!(
+                        "{orchestrator} is not a Blacktree orchestrator: it does not serve \
+                         WorkerService (check --orchestrator); retrying in {}",
+                        humantime::format_duration(backoff)
+                    )
+                }
                 Err(e) => warn!(
                     "cannot register with the orchestrator at {orchestrator}: {e}; retrying in {}",
                     humantime::format_duration(backoff)

@@ -228,7 +228,7 @@ impl Consumer {
             Ok(publishing) => publishing,
             Err(e) => {
                 let _ = connection.close();
-                return Err(e);
+                return Err(e.into());
             }
         };
         let mut setup =
@@ -253,7 +253,7 @@ impl Consumer {
                     self.links.metrics.broker_reconnects.inc();
                 }
                 self.node = node;
-                self.links.metrics.broker_connected.set(1);
+                self.links.metrics.set_broker_connected(true);
                 self.links.metrics.set_broker_in_use(&url);
                 info!(
                     "broker: connected to {url} (connection {})",
@@ -486,7 +486,7 @@ impl Consumer {
         if let Err(e) = result {
             warn!("broker: connection {} lost: {e}", self.generation);
         }
-        self.links.metrics.broker_connected.set(0);
+        self.links.metrics.set_broker_connected(false);
         self.links.metrics.set_broker_in_use("");
         let _ = connection.close();
         // Deliveries of a dead connection cannot be acked; the broker redelivers them.

@@ -125,57 +125,97 @@ impl AmqpUrl {
     }
 
     /// Opens a connection with `TCP_NODELAY` set, trying each address the host resolves to.
-    pub fn connect(&self) -> Result<Connection, String> {
+    pub fn connect(&self) -> Result<Connection, ConnectError> {
         let addrs = (self.host.as_str(), self.port)
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", self.masked))?;
+            .map_err(|e| {
+                ConnectError::Unreachable(format!("cannot resolve {}: {e}", self.masked))
+            })?;
         let mut last_error = format!("{} resolves to no address", self.masked);
         for addr in addrs {
             match self.connect_to(addr) {
                 Ok(connection) => return Ok(connection),
+                Err(ConnectError::LoginRefused(_)) => {
+                    return Err(ConnectError::LoginRefused(format!(
+                        "the broker at {} refused the login: check the user and password \
+                         in --amqp-url (MQ_URL)",
+                        self.masked
+                    )))
+                }
                 Err(e) => last_error = format!("cannot connect to {} ({addr}): {e}", self.masked),
             }
         }
-        Err(last_error)
+        Err(ConnectError::Unreachable(last_error))
     }
 
-    fn connect_to(&self, addr: std::net::SocketAddr) -> Result<Connection, String> {
-        let stream = TcpStream::connect_timeout(&addr, self.connection_timeout)
-            .map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| e.to_string())?;
+    fn connect_to(&self, addr: std::net::SocketAddr) -> Result<Connection, ConnectError> {
+        let io = |e: std::io::Error| ConnectError::Unreachable(e.to_string());
+        let stream = TcpStream::connect_timeout(&addr, self.connection_timeout).map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let stream = mio::net::TcpStream::from_stream(stream).map_err(io)?;
         let tuning = ConnectionTuning::default();
         let options = self.options.clone();
         if self.tls {
             let mut connector = native_tls::TlsConnector::builder();
             if let Some(file) = &self.ca_file {
-                let pem = std::fs::read_to_string(file)
-                    .map_err(|e| format!("reading cacertfile {}: {e}", file.display()))?;
+                let pem = std::fs::read_to_string(file).map_err(|e| {
+                    ConnectError::Unreachable(format!("reading cacertfile {}: {e}", file.display()))
+                })?;
                 let blocks = pem_certificates(&pem);
                 if blocks.is_empty() {
-                    return Err(format!(
+                    return Err(ConnectError::Unreachable(format!(
                         "cacertfile {} holds no PEM certificate",
                         file.display()
-                    ));
+                    )));
                 }
                 // A bundle: every certificate in it is trusted, not only the first.
                 for (i, block) in blocks.iter().enumerate() {
                     let ca = native_tls::Certificate::from_pem(block.as_bytes()).map_err(|e| {
-                        format!(
+                        ConnectError::Unreachable(format!(
                             "cacertfile {}: certificate {} is not valid: {e}",
                             file.display(),
                             i + 1
-                        )
+                        ))
                     })?;
                     connector.add_root_certificate(ca);
                 }
             }
-            let connector = connector.build().map_err(|e| e.to_string())?;
+            let connector = connector
+                .build()
+                .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
             Connection::open_tls_stream(connector, &self.host, stream, options, tuning)
         } else {
             Connection::insecure_open_stream(stream, options, tuning)
         }
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            amiquip::Error::InvalidCredentials => ConnectError::LoginRefused(e.to_string()),
+            e => ConnectError::Unreachable(e.to_string()),
+        })
+    }
+}
+
+/// Why no connection to the broker was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// A broker answered and refused the login: the same credentials will not do.
+    LoginRefused(String),
+    /// Nothing usable answered (refused, timed out, TLS failed, unresolvable).
+    Unreachable(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::LoginRefused(message) | ConnectError::Unreachable(message) => {
+                f.write_str(message)
+            }
+        }
+    }
+}
+
+impl From<ConnectError> for String {
+    fn from(error: ConnectError) -> String {
+        error.to_string()
     }
 }
 
@@ -219,17 +259,26 @@ impl Brokers {
     }
 
     /// Connects to the first URL that answers, trying them in turn from `start`;
-    /// returns the connection and the index of its URL, or every URL's error.
-    pub fn connect_from(&self, start: usize) -> Result<(Connection, usize), String> {
+    /// returns the connection and the index of its URL, or every URL's error (a refused
+    /// login when one of them refused it).
+    pub fn connect_from(&self, start: usize) -> Result<(Connection, usize), ConnectError> {
         let mut errors = Vec::new();
+        let mut refused = false;
         for offset in 0..self.urls.len() {
             let index = (start + offset) % self.urls.len();
             match self.urls[index].connect() {
                 Ok(connection) => return Ok((connection, index)),
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    refused |= matches!(e, ConnectError::LoginRefused(_));
+                    errors.push(e.to_string());
+                }
             }
         }
-        Err(errors.join("; "))
+        let errors = errors.join("; ");
+        Err(match refused {
+            true => ConnectError::LoginRefused(errors),
+            false => ConnectError::Unreachable(errors),
+        })
     }
 }
 

@@ -298,7 +298,7 @@ impl Publisher {
                 never()
             }
         };
-        self.metrics.broker_blocked.set(0);
+        self.metrics.set_broker_blocked(false);
         self.link = Some(Link {
             channel: connected.channel,
             _connection: connected.connection,
@@ -448,11 +448,11 @@ impl Publisher {
                 warn!(
                     "the broker blocks publishing ({reason}): statuses wait, and so do their acks"
                 );
-                self.metrics.broker_blocked.set(1);
+                self.metrics.set_broker_blocked(true);
             }
             ConnectionBlockedNotification::Unblocked => {
                 info!("the broker unblocked publishing");
-                self.metrics.broker_blocked.set(0);
+                self.metrics.set_broker_blocked(false);
             }
         }
     }

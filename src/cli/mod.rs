@@ -1,16 +1,19 @@
 //! The `blacktree` command line: one binary, one subcommand per role. Exit codes: 0
 //! success, 1 failure (or unhealthy), 2 bad usage, 3 another instance is running, 4 the
-//! broker or the orchestrator could not be reached.
+//! broker, the orchestrator or the checked target could not be reached.
 
+pub mod health;
+pub mod submit;
 pub mod tools;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::agent;
-use crate::config::{OrchestratorConfig, WorkerConfig};
+use crate::config::{ExecutorKind, OrchestratorConfig, WorkerConfig};
 use crate::lock;
 use crate::orchestrator;
 use tools::{CliError, EXIT_ALREADY_RUNNING, EXIT_FAILURE};
@@ -30,15 +33,15 @@ enum Command {
     /// Serve JobService on a build host: clone, build and push images.
     Worker(WorkerConfig),
     /// Publish a job; prints its jobId.
-    Submit(tools::SubmitArgs),
+    Submit(submit::SubmitArgs),
     /// Ask the orchestrator to cancel a job.
-    Cancel(tools::CancelArgs),
+    Cancel(submit::CancelArgs),
     /// Print statuses (and events) as they are published.
-    Watch(tools::WatchArgs),
+    Watch(watch::WatchArgs),
     /// List the orchestrator's workers.
     Workers(tools::WorkersArgs),
     /// Exit 0 when an orchestrator or worker is healthy.
-    Healthcheck(tools::HealthcheckArgs),
+    Healthcheck(health::HealthcheckArgs),
 }
 
 /// Parses the command line, runs the subcommand and turns its result into an exit code.
@@ -53,16 +56,26 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Worker(config) => {
+            if config.exec_command.is_some() && config.executor != ExecutorKind::Exec {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "--exec-command (BLACKTREE_EXEC_COMMAND) is only run by \
+                         --executor exec (BLACKTREE_EXECUTOR); this worker would build \
+                         with docker and ignore it",
+                    )
+                    .exit();
+            }
             let listen = config.listen.clone();
             service("worker", &listen, config.lock_file.clone(), || {
                 agent::run(config)
             })
         }
-        Command::Submit(args) => tools::submit(args),
-        Command::Cancel(args) => tools::cancel(args),
-        Command::Watch(args) => tools::watch(args),
+        Command::Submit(args) => submit::submit(args),
+        Command::Cancel(args) => submit::cancel(args),
+        Command::Watch(args) => watch::watch(args),
         Command::Workers(args) => tools::workers(args),
-        Command::Healthcheck(args) => tools::healthcheck(args),
+        Command::Healthcheck(args) => health::healthcheck(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,8 +119,9 @@ fn service(
             lock::LockError::Held(path) => CliError {
                 code: EXIT_ALREADY_RUNNING,
                 message: format!(
-                    "another {role} is already running (lock {} is held); not starting",
-                    path.display()
+                    "another {role} is already running (lock {} is held{}); not starting",
+                    path.display(),
+                    lock::holder(&path).map_or(String::new(), |pid| format!(" by pid {pid}"))
                 ),
             },
             lock::LockError::Io(message) => CliError {

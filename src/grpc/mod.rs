@@ -4,6 +4,7 @@
 //! call without an async runtime is in [`cancel`].
 
 pub mod cancel;
+pub mod serving;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,33 @@ impl Tls {
 /// mitigations (CVE-2023-44487), so a peer that opens and resets streams quickly still
 /// costs CPU; keep the gRPC ports on a private network (README, Security).
 pub const MAX_STREAMS_PER_CONNECTION: i32 = 256;
+
+/// Checks that `listen` can be bound before gRPC tries (the gRPC core would log a dump
+/// of its own and say only `BindFail`): an address in use or not ours is an error that
+/// names the flag and the variable setting it. Port 0 (any free port) always can.
+pub fn check_listen(listen: &str, flag: &str, variable: &str) -> Result<(), String> {
+    if listen.ends_with(":0") {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind(listen) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    "another process listens there (another instance?); pick another port"
+                }
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "no interface of this host has that address"
+                }
+                std::io::ErrorKind::PermissionDenied => "ports below 1024 need privileges",
+                _ => "check the address",
+            };
+            Err(format!(
+                "cannot listen on {listen} ({flag}, {variable}): {e}; {hint}"
+            ))
+        }
+    }
+}
 
 /// A server builder with the limits every Blacktree gRPC server has: concurrent streams
 /// per connection bounded, received messages at gRPC's default 4 MiB.

@@ -98,6 +98,11 @@ fn ping_all(
                     PingResult::Free(u32::try_from(pong.freeSlots).ok().filter(|&n| n > 0))
                 }
             }
+            Err(CallError::Grpc(grpcio::Error::RpcFailure(s)))
+                if s.code() == grpcio::RpcStatusCode::UNIMPLEMENTED =>
+            {
+                PingResult::Failed("its address is not a Blacktree worker (no JobService)".into())
+            }
             Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),
             Err(CallError::Cancelled(reason)) => PingResult::Failed(format!("{reason:?}")),
         };

@@ -18,6 +18,7 @@ pub fn serve(
     metrics: Arc<Metrics>,
     workers: Arc<Registry>,
 ) -> Result<(u16, JoinHandle<()>), String> {
+    crate::grpc::check_listen(listen, "--metrics-listen", "BLACKTREE_METRICS_LISTEN")?;
     let server = tiny_http::Server::http(listen)
         .map_err(|e| format!("metrics endpoint cannot listen on {listen}: {e}"))?;
     let port = server.server_addr().to_ip().map_or(0, |a| a.port());

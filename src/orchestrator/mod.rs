@@ -22,7 +22,6 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use grpcio::{EnvBuilder, Environment};
-use grpcio_health::ServingStatus;
 use log::{info, warn};
 
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks};
@@ -146,6 +145,11 @@ fn serve(
     crate::instance::show_in_logs(&id);
     info!("instance id {id}");
     let metrics = Arc::new(Metrics::for_instance(&id));
+    let health = server.health.clone();
+    metrics.watch_broker(move |connected, blocked| {
+        health.set(registration::CONNECTED, connected);
+        health.set(registration::UNBLOCKED, !blocked);
+    });
     if !config.metrics_listen.is_empty() {
         let (port, _) = http::serve(
             &config.metrics_listen,
@@ -279,9 +283,7 @@ fn wait_and_drain(
         "signal received: draining (up to {}); a second signal exits at once",
         humantime::format_duration(config.drain_timeout)
     );
-    server
-        .health
-        .set_serving_status("", ServingStatus::NotServing);
+    server.health.set(registration::RUNNING, false);
     std::thread::spawn(move || {
         if signals.recv().is_ok() {
             warn!("second signal: exiting without waiting for running jobs");

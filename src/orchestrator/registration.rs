@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grpcio::{Environment, RpcContext, RpcStatus, RpcStatusCode, Server, UnarySink};
-use grpcio_health::{create_health, HealthService, ServingStatus};
+use grpcio_health::create_health;
 use log::{info, warn};
 
 use super::registry::{Origin, Registry, Reported};
+use crate::grpc::serving::{Serving, ORCHESTRATOR_SERVICE};
 use crate::grpc::{admit, fail, reply, server_credentials, Tls};
 use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
 use crate::proto::job::PingRequest as JobPingRequest;
@@ -22,8 +23,9 @@ use crate::proto::worker_grpc::{create_worker_service, WorkerService};
 pub struct OrchestratorServer {
     /// Kept alive while the orchestrator runs; dropping it stops the server.
     _server: Server,
-    /// grpc.health.v1 status, set to NOT_SERVING when draining.
-    pub health: HealthService,
+    /// grpc.health.v1 status: SERVING while connected to the broker, not blocked by it
+    /// and not draining ([`CONNECTED`], [`UNBLOCKED`], [`RUNNING`]).
+    pub health: Arc<Serving>,
     /// The port it listens on (useful with `:0`).
     pub port: u16,
 }
@@ -39,6 +41,14 @@ pub struct Policy {
     pub ping_timeout: Duration,
 }
 
+/// A health condition: the consumer is connected to the broker.
+pub const CONNECTED: &str = "connected to the broker";
+/// A health condition: the broker does not block our publishing (no memory or disk
+/// alarm).
+pub const UNBLOCKED: &str = "not blocked by the broker";
+/// A health condition: no drain started.
+pub const RUNNING: &str = "not draining";
+
 /// Starts the orchestrator's gRPC server on `listen`.
 pub fn serve(
     env: Arc<Environment>,
@@ -47,17 +57,18 @@ pub fn serve(
     policy: Policy,
     tls: Option<&Tls>,
 ) -> Result<OrchestratorServer, String> {
-    let health = HealthService::default();
-    health.set_serving_status("", ServingStatus::Serving);
+    // No broker connection yet.
+    let health = Arc::new(Serving::new(ORCHESTRATOR_SERVICE, &[CONNECTED]));
     let service = WorkerServiceImpl {
         registry,
         policy: Arc::new(policy),
     };
     let mut server = crate::grpc::server_builder(env)
         .register_service(create_worker_service(service))
-        .register_service(create_health(health.clone()))
+        .register_service(create_health(health.service()))
         .build()
         .map_err(|e| format!("building the gRPC server: {e}"))?;
+    crate::grpc::check_listen(listen, "--grpc-listen", "BLACKTREE_GRPC_LISTEN")?;
     let port = server
         .add_listening_port(listen, server_credentials(tls))
         .map_err(|e| format!("gRPC server cannot listen on {listen}: {e}"))?;

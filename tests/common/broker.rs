@@ -101,7 +101,7 @@ impl Mq {
     fn open(url: &str) -> (Connection, Channel) {
         // Through blacktree's own connect: TCP_NODELAY, so a lone publish is not delayed.
         let mut connection = blacktree::amqp::AmqpUrl::parse(url)
-            .and_then(|u| u.connect())
+            .and_then(|u| u.connect().map_err(String::from))
             .expect("test connection to RabbitMQ");
         let channel = connection.open_channel(None).unwrap();
         (connection, channel)

@@ -33,10 +33,6 @@ mod early_cancels;
 /// How many jobIds the de-duplication window remembers at most.
 const RECENT_JOBS_CAPACITY: usize = 100_000;
 
-/// How long a job dropped unstarted on a lost connection is known as such: its
-/// redelivery comes as soon as the consumer is back.
-const RELEASED_WINDOW: Duration = Duration::from_secs(60);
-
 /// Settings of the ledger.
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -112,9 +108,6 @@ pub struct Ledger {
     backlog: VecDeque<Assignment>,
     /// Cancels of jobs not consumed yet.
     early_cancels: EarlyCancels,
-    /// Jobs this orchestrator consumed and dropped unstarted when their connection died:
-    /// their redeliveries need not wait for a worker to report them.
-    released: RecentJobs,
     drain_deadline: Option<Instant>,
     stats: Stats,
 }
@@ -129,7 +122,6 @@ impl Ledger {
         Ledger {
             recent: RecentJobs::new(config.dedupe_window, RECENT_JOBS_CAPACITY),
             early_cancels: EarlyCancels::new(config.cancel_ttl, remembered_cancels),
-            released: RecentJobs::new(RELEASED_WINDOW, RECENT_JOBS_CAPACITY),
             config,
             metrics,
             pending: HashMap::new(),
@@ -174,8 +166,6 @@ impl Ledger {
         }
         self.metrics.jobs_received.inc();
         info!("job {}: received", job.job_id);
-        // Dropped here unstarted when the connection died: no worker can run it.
-        let redelivered = !self.released.remove(&job.job_id) && redelivered;
         let token = CancelToken::default();
         let pending = Pending {
             tags: vec![tag],
@@ -335,9 +325,8 @@ impl Ledger {
     /// whose token is released), which come back with those redeliveries, here or at
     /// another orchestrator. Jobs running keep their entry, so their redeliveries are
     /// not run again; so do jobs cancelled while they waited, whose `cancelled` status
-    /// is published now. The jobs dropped
-    /// unstarted are known as such for a while: their redeliveries are not `redelivered`
-    /// for dispatch (no worker can be running them, so they need not wait for a report).
+    /// is published now. A redelivery of a job dropped here waits for a worker's report
+    /// like any other: between the two, another orchestrator may have started it.
     pub fn connection_lost(&mut self, unstarted: Vec<Assignment>) -> Vec<Action> {
         for pending in self.pending.values_mut() {
             pending.tags.clear();
@@ -350,21 +339,11 @@ impl Ledger {
                 actions.push(cancelled(&assignment.job));
             } else {
                 self.pending.remove(&assignment.job.job_id);
-                self.released.insert(assignment.job.job_id);
             }
         }
         // Jobs a dispatch thread holds, waiting for a slot or a report, must not start
         // either: another orchestrator may get their redelivery.
-        let waiting: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, pending)| pending.token.release())
-            .map(|(job_id, _)| job_id.clone())
-            .collect();
-        for job_id in waiting {
-            self.pending.remove(&job_id);
-            self.released.insert(job_id);
-        }
+        self.pending.retain(|_, pending| !pending.token.release());
         actions
     }
 
@@ -483,12 +462,6 @@ impl RecentJobs {
     fn contains(&mut self, job_id: &str) -> bool {
         self.expire();
         self.ids.contains_key(job_id)
-    }
-
-    /// Removes `job_id`; returns whether it was there.
-    fn remove(&mut self, job_id: &str) -> bool {
-        self.expire();
-        self.ids.remove(job_id).is_some()
     }
 
     fn expire(&mut self) {
