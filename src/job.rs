@@ -417,6 +417,20 @@ pub enum Outcome {
     Cancelled,
 }
 
+impl Outcome {
+    /// The outcome as statuses and logs spell it (`succeeded`, `worker_lost`, …).
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::WorkerLost => "worker_lost",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Rejected => "rejected",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// A job's final status, published on `status.queue`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -13,4 +13,5 @@ pub mod lock;
 pub mod metrics;
 pub mod orchestrator;
 pub mod pipeline;
+pub mod plural;
 pub mod proto;

@@ -133,7 +133,7 @@ fn after_a_short_drain_builds_are_handed_over_even_before_the_workers_check_in()
     orch.signal("TERM");
     assert_eq!(orch.wait_exit(LONG), Some(0));
     assert!(
-        orch.log().contains("handing over 2 running job(s)"),
+        orch.log().contains("handing over 2 running jobs"),
         "{}",
         orch.log()
     );

@@ -82,7 +82,7 @@ fn an_acked_early_cancel_survives_graceful_and_hard_orchestrator_restarts() {
         orch.wait_exit(LONG);
         orch = orch.restart();
     }
-    assert!(orch.log().contains("2 early cancel(s)"), "{}", orch.log());
+    assert!(orch.log().contains("2 early cancels"), "{}", orch.log());
     let w = orch.worker("early-r-w", Behaviour::default());
     for job in cancelled.iter().chain(&["early-r-other"]) {
         mq.publish_job(job, json!({}));

@@ -652,3 +652,38 @@ impl Watch {
         (self.child.wait().unwrap().code(), stdout, rest)
     }
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_ids_and_without_timestamps_when_asked() {
+    let flags = [
+        "--log-format",
+        "json",
+        "--log-timestamps",
+        "never",
+        "--instance-id",
+        "orch-json",
+    ];
+    let setup = Setup::with_flags("cli-jsonlog", &flags);
+    let _w = setup.worker("jsonlog-w", Behaviour::default());
+    setup.mq.publish_job("jsonlog-1", json!({}));
+    assert_eq!(setup.mq.statuses(1, LONG)[0]["outcome"], "succeeded");
+    let log = setup.orch.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l.get("time").is_none()), "{log}");
+    let finished = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap()
+                .contains("succeeded on worker")
+        })
+        .unwrap_or_else(|| panic!("no line of the job's end (lowercase outcome): {log}"));
+    assert_eq!(finished["jobId"], "jsonlog-1");
+    assert_eq!(finished["workerId"], "jsonlog-w");
+    assert_eq!(finished["orchestratorId"], "orch-json");
+    assert_eq!(finished["level"], "INFO");
+}

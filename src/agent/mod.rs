@@ -148,8 +148,8 @@ fn wait_and_stop(agent: &Agent, health: &Serving, drain_timeout: Duration) -> Re
     health.set(RUNNING, false);
     let jobs = &agent.jobs;
     info!(
-        "signal received: draining, {} running job(s) get up to {} to finish (a second signal stops them)",
-        jobs.running_count(),
+        "signal received: draining, {} get up to {} to finish (a second signal stops them)",
+        crate::plural::count(jobs.running_count(), "running job"),
         humantime::format_duration(drain_timeout)
     );
     let deadline = Instant::now() + drain_timeout;
@@ -162,7 +162,10 @@ fn wait_and_stop(agent: &Agent, health: &Serving, drain_timeout: Duration) -> Re
     }
     let running = jobs.running_controls();
     if !running.is_empty() {
-        warn!("{reason}: stopping {} running job(s)", running.len());
+        warn!(
+            "{reason}: stopping {}",
+            crate::plural::count(running.len(), "running job")
+        );
     }
     for control in &running {
         control.cancel("cancelled: the worker is shutting down");

@@ -210,9 +210,9 @@ impl Consumer {
         );
         if self.ledger.unfinished() > 0 {
             info!(
-                "handing over {} running job(s): the broker redelivers them to the next \
-                 orchestrator, which adopts the builds our workers keep running",
-                self.ledger.unfinished()
+                "handing over {}: the broker redelivers them to the next orchestrator, \
+                 which adopts the builds our workers keep running",
+                crate::plural::count(self.ledger.unfinished(), "running job")
             );
         }
     }

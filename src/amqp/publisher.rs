@@ -241,8 +241,7 @@ impl Publisher {
             } => status,
             _ => return,
         };
-        let outcome = serde_json::to_value(status.outcome).expect("an outcome serialises");
-        let outcome = outcome.as_str().expect("outcomes are strings");
+        let outcome = status.outcome.word();
         self.metrics
             .jobs_finished
             .with_label_values(&[outcome])

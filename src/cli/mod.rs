@@ -3,6 +3,7 @@
 //! broker, the orchestrator or the checked target could not be reached.
 
 pub mod health;
+pub mod logging;
 pub mod submit;
 pub mod tools;
 pub mod watch;
@@ -24,6 +25,8 @@ use tools::{CliError, EXIT_ALREADY_RUNNING, EXIT_FAILURE};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: logging::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,8 +49,8 @@ enum Command {
 
 /// Parses the command line, runs the subcommand and turns its result into an exit code.
 pub fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    logging::init(&cli.log);
     let result = match cli.command {
         Command::Orchestrator(config) => {
             let listen = config.grpc_listen.clone();
@@ -84,27 +87,6 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.code)
         }
     }
-}
-
-/// Logs to stderr (`RUST_LOG`, `info` by default); once an orchestrator knows its
-/// instance id, every line carries it after the level.
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            use std::io::Write;
-            let timestamp = buf.timestamp();
-            let level = record.level();
-            let target = record.target();
-            match crate::instance::in_logs() {
-                Some(id) => writeln!(
-                    buf,
-                    "[{timestamp} {level:<5} {id} {target}] {}",
-                    record.args()
-                ),
-                None => writeln!(buf, "[{timestamp} {level:<5} {target}] {}", record.args()),
-            }
-        })
-        .init();
 }
 
 /// Runs a long-lived service under its single-instance lock.

@@ -330,8 +330,10 @@ impl Dispatcher {
         };
         match &attempt {
             Attempt::Ended(status, _) => info!(
-                "job {}: {:?} on worker {worker} after {} ms",
-                job.job_id, status.outcome, status.duration_ms
+                "job {}: {} on worker {worker} after {} ms",
+                job.job_id,
+                status.outcome.word(),
+                status.duration_ms
             ),
             Attempt::Refused(why) => {
                 warn!("job {}: worker {worker} {why}; trying another", job.job_id)

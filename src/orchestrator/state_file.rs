@@ -166,9 +166,9 @@ impl StateFile {
         };
         file.update(|state| *state = remembered.clone())?;
         info!(
-            "state file {shown}: {} remembered worker(s), {} early cancel(s)",
-            remembered.workers.len(),
-            remembered.cancels.len()
+            "state file {shown}: {}, {}",
+            crate::plural::count(remembered.workers.len(), "remembered worker"),
+            crate::plural::count(remembered.cancels.len(), "early cancel")
         );
         Ok((file, remembered))
     }
