@@ -249,7 +249,10 @@ fn bad_usage_of_every_subcommand_exits_2_with_the_reason_on_stderr() {
     let out = run(&[], &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
-    assert!(out.stderr.contains("Usage: blacktree [OPTIONS] <COMMAND>"), "{out:?}");
+    assert!(
+        out.stderr.contains("Usage: blacktree [OPTIONS] <COMMAND>"),
+        "{out:?}"
+    );
 
     bad(&[orchestrator, &["--no-such-flag"]], &[], "--no-such-flag");
     bad(&[orchestrator, &["--health-interval", "xyz"]], &[], "xyz");
