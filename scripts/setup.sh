@@ -5,7 +5,7 @@ set -euo pipefail
 
 # Debian packages the build and the tests need.
 BLACKTREE_PACKAGES=(cmake pkg-config libssl-dev git g++ rabbitmq-server
-  docker.io docker-registry apache2-utils busybox-static curl)
+  docker.io docker-registry apache2-utils busybox-static curl runit)
 
 apt_install_missing() {
   local missing=()
@@ -50,7 +50,18 @@ ensure_docker() {
   done
 }
 
+# The unprivileged user the runit and systemd services run as (tests/services.rs runs
+# the runit service under runsv).
+ensure_service_user() {
+  id -u blacktree >/dev/null 2>&1 && return 0
+  echo "setup: creating the system user blacktree"
+  useradd --system --home-dir /var/lib/blacktree --shell /usr/sbin/nologin blacktree
+  getent group docker >/dev/null && usermod -aG docker blacktree
+  return 0
+}
+
 apt_install_missing "${BLACKTREE_PACKAGES[@]}"
+ensure_service_user
 ensure_rabbitmq
 ensure_docker
 command -v cargo >/dev/null || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }
