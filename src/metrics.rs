@@ -2,16 +2,24 @@
 //! imports it; it imports none of them (the HTTP endpoint that serves it is
 //! `orchestrator::http`).
 
-use std::sync::Mutex;
+mod load;
+mod process;
+
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, TextEncoder,
 };
 
+pub use load::{Load, Slots, Waiting};
+
 /// Every metric the orchestrator keeps.
 pub struct Metrics {
     registry: prometheus::Registry,
+    /// Jobs waiting for a worker, slots by state, busy dispatch threads.
+    pub load: Arc<Load>,
+    process: process::ProcessMetrics,
     /// The `orchestrator_id` label of every sample (empty: none).
     instance_id: String,
     /// Job messages consumed (valid ones).
@@ -54,17 +62,18 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
-    /// Metrics without the `orchestrator_id` label (unit tests).
+    /// Metrics without the `orchestrator_id` label, for 64 dispatch threads (unit tests).
     fn default() -> Metrics {
-        Metrics::labelled(None)
+        Metrics::labelled(None, 64)
     }
 }
 
 impl Metrics {
-    /// Metrics whose every sample carries `orchestrator_id="<instance_id>"`.
-    pub fn for_instance(instance_id: &str) -> Metrics {
+    /// Metrics whose every sample carries `orchestrator_id="<instance_id>"`, for an
+    /// orchestrator of `dispatch_threads` threads.
+    pub fn for_instance(instance_id: &str, dispatch_threads: u16) -> Metrics {
         let label = [("orchestrator_id".to_string(), instance_id.to_string())];
-        Metrics::labelled(Some(label.into_iter().collect()))
+        Metrics::labelled(Some(label.into_iter().collect()), dispatch_threads)
     }
 
     /// The orchestrator's instance id (empty for unlabelled metrics).
@@ -72,7 +81,10 @@ impl Metrics {
         &self.instance_id
     }
 
-    fn labelled(labels: Option<std::collections::HashMap<String, String>>) -> Metrics {
+    fn labelled(
+        labels: Option<std::collections::HashMap<String, String>>,
+        dispatch_threads: u16,
+    ) -> Metrics {
         let instance_id = labels
             .as_ref()
             .and_then(|l| l.get("orchestrator_id").cloned())
@@ -82,9 +94,23 @@ impl Metrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric")
         };
+        let registry =
+            prometheus::Registry::new_custom(None, labels).expect("a valid orchestrator_id label");
+        let build_info = IntGaugeVec::new(
+            Opts::new("blacktree_build_info", "The running version (value 1)."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("metric names are unique");
         let metrics = Metrics {
-            registry: prometheus::Registry::new_custom(None, labels)
-                .expect("a valid orchestrator_id label"),
+            load: Arc::new(Load::new(&registry, u64::from(dispatch_threads))),
+            process: process::ProcessMetrics::new(&registry),
+            registry,
             instance_id,
             jobs_received: counter("blacktree_jobs_received_total", "Job messages consumed."),
             jobs_dispatched: counter("blacktree_jobs_dispatched_total", "Jobs sent to a worker."),
@@ -175,13 +201,20 @@ impl Metrics {
             Box::new(metrics.statuses_shrunk.clone()),
             Box::new(metrics.workers.clone()),
         ];
-        for collector in collectors {
-            metrics
-                .registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
+        register(&metrics.registry, collectors);
         metrics
+    }
+}
+
+/// Registers `collectors` in `registry` (their names are unique by construction).
+fn register(
+    registry: &prometheus::Registry,
+    collectors: impl IntoIterator<Item = Box<dyn prometheus::core::Collector>>,
+) {
+    for collector in collectors {
+        registry
+            .register(collector)
+            .expect("metric names are unique");
     }
 }
 
@@ -227,8 +260,15 @@ impl Metrics {
     }
 
     /// The Prometheus text of every metric, with `blacktree_workers` counted from the
-    /// workers' current states (`free`, `busy`, `unhealthy`).
-    pub fn render<'a>(&self, worker_states: impl IntoIterator<Item = &'a str>) -> String {
+    /// workers' current states (`free`, `busy`, `unhealthy`) and `blacktree_worker_slots`
+    /// from their `slots`.
+    pub fn render<'a>(
+        &self,
+        worker_states: impl IntoIterator<Item = &'a str>,
+        slots: Slots,
+    ) -> String {
+        self.process.update();
+        self.load.update(slots);
         for state in ["free", "busy", "unhealthy"] {
             self.workers.with_label_values(&[state]).set(0);
         }

@@ -23,6 +23,9 @@ pub struct Assignment {
     /// The broker delivered it before (AMQP `redelivered`): a worker may already run it
     /// for an orchestrator that is gone.
     pub redelivered: bool,
+    /// Counts it as waiting for a worker until dropped (at its first attempt, or when
+    /// it ends without one).
+    pub waiting: Option<crate::metrics::Waiting>,
 }
 
 /// What a delivery waits for before it is acked.

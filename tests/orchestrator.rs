@@ -433,3 +433,63 @@ fn a_static_worker_named_on_the_command_line_runs_jobs_once_it_answers_pings() {
     assert!(first_ping < first_job, "pinged before its first job");
     orch.assert_no_secret_logged();
 }
+
+#[test]
+fn load_metrics_show_waiting_jobs_slots_busy_threads_and_slots_the_threads_cannot_use() {
+    let flags = ["--dispatch-threads", "2", "--prefetch", "5"];
+    let setup = Setup::with_flags("load-metrics", &flags);
+    let (open_gate, gate) = crossbeam_channel::bounded::<()>(0);
+    let held = Behaviour {
+        capacity: 3,
+        gate: Some(gate),
+        ..Behaviour::default()
+    };
+    let worker = setup.worker("load-w", held);
+    for i in 0..5 {
+        setup.mq.publish_job(&format!("load-{i}"), json!({}));
+    }
+    let port = setup.orch.metrics_port;
+    // Two threads run two jobs on the worker's three slots; three jobs wait behind them.
+    let metrics = poll(LONG, "two running and three waiting", || {
+        let text = http(port, "/metrics").1;
+        (find_sample(&text, "blacktree_jobs_waiting") == Some(3.0)
+            && find_sample(&text, "blacktree_dispatch_threads_busy") == Some(2.0))
+        .then_some(text)
+    });
+    assert!(sample(&metrics, "blacktree_oldest_waiting_job_age_seconds") > 0.0);
+    assert_eq!(
+        sample(&metrics, "blacktree_worker_slots{state=\"busy\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample(&metrics, "blacktree_worker_slots{state=\"free\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&metrics, "blacktree_slots_beyond_dispatch_threads"),
+        1.0
+    );
+    setup
+        .orch
+        .wait_for_log("3 slots and there are 2 dispatch threads", LONG);
+    let version = format!(
+        "blacktree_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&metrics, &version), 1.0);
+    assert!(sample(&metrics, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&metrics, "process_open_fds") > 3.0);
+    assert!(sample(&metrics, "process_start_time_seconds") > 1.7e9);
+    assert!(sample(&metrics, "process_cpu_seconds_total") > 0.0);
+
+    drop(open_gate);
+    assert_eq!(setup.mq.statuses(5, LONG).len(), 5);
+    poll(LONG, "nothing waiting and no thread busy", || {
+        let text = http(port, "/metrics").1;
+        (find_sample(&text, "blacktree_jobs_waiting") == Some(0.0)
+            && find_sample(&text, "blacktree_dispatch_threads_busy") == Some(0.0)
+            && find_sample(&text, "blacktree_oldest_waiting_job_age_seconds") == Some(0.0))
+        .then_some(())
+    });
+    assert_eq!(worker.observed.job_count(), 5);
+}

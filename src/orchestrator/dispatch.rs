@@ -123,7 +123,10 @@ impl Dispatcher {
                 },
                 recv(self.links.shutdown) -> _ => return,
             };
+            let busy = &self.links.metrics.load.dispatch_threads_busy;
+            busy.inc();
             self.dispatch(job);
+            busy.dec();
         }
     }
 
@@ -134,6 +137,7 @@ impl Dispatcher {
             token,
             received,
             redelivered,
+            mut waiting,
         }: Assignment,
     ) {
         let mut adopted = if redelivered {
@@ -161,6 +165,8 @@ impl Dispatcher {
                     .release(&claim, &job.job_id, Release::Done);
                 return self.unstarted(job, &token, Wait::Cancelled);
             }
+            // On a worker now: no longer waiting.
+            drop(waiting.take());
             let metrics = &self.links.metrics;
             if kind == EventKind::Adopted {
                 info!("job {}: adopted from worker {}", job.job_id, claim.worker);
@@ -186,6 +192,8 @@ impl Dispatcher {
             match attempt {
                 Attempt::Refused(_) => {
                     token.attempt_refused();
+                    // Waiting again, for another worker.
+                    waiting = Some(self.links.metrics.load.waiting());
                     self.links
                         .registry
                         .release(&claim, &job.job_id, Release::Withheld)

@@ -29,6 +29,9 @@ pub fn spawn(
             let failures = round(&registry, timeout);
             metrics.ping_failures.inc_by(failures);
             metrics.health_round.set(started.elapsed().as_secs_f64());
+            // The load gauges stay fresh between scrapes (and too many slots are warned
+            // about once, scraped or not).
+            metrics.load.update(registry.slots());
             registry.forget_expired();
             std::thread::sleep(interval.saturating_sub(started.elapsed()));
         })

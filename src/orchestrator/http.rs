@@ -29,9 +29,14 @@ pub fn serve(
             for request in server.incoming_requests() {
                 let (status, content_type, body) = match request.url() {
                     "/metrics" => {
+                        let slots = workers.slots();
                         let workers = workers.list();
                         let states = workers.iter().map(|w| w.state.as_str());
-                        (200, "text/plain; version=0.0.4", metrics.render(states))
+                        (
+                            200,
+                            "text/plain; version=0.0.4",
+                            metrics.render(states, slots),
+                        )
                     }
                     "/healthz" if metrics.broker_connected.get() != 1 => (
                         503,

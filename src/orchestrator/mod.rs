@@ -144,7 +144,7 @@ fn serve(
         .unwrap_or_else(|| crate::instance::default_id(server.port));
     crate::instance::show_in_logs(&id);
     info!("instance id {id}");
-    let metrics = Arc::new(Metrics::for_instance(&id));
+    let metrics = Arc::new(Metrics::for_instance(&id, config.dispatch_threads));
     let health = server.health.clone();
     metrics.watch_broker(move |connected, blocked| {
         health.set(registration::CONNECTED, connected);

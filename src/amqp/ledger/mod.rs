@@ -187,6 +187,7 @@ impl Ledger {
                 token,
                 received: Instant::now(),
                 redelivered,
+                waiting: Some(self.metrics.load.waiting()),
             });
         }
         actions

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::Registry;
+use crate::metrics::Slots;
 use crate::proto::worker::WorkerState;
 
 /// A worker as `blacktree workers` and `/workers` show it.
@@ -62,5 +64,27 @@ impl WorkerView {
             "inFlight": self.in_flight, "region": self.region,
             "lastPingMsAgo": self.last_ping.map(|d| d.as_millis() as u64),
         })
+    }
+}
+
+impl Registry {
+    /// Every worker's slots by state (`blacktree_worker_slots`).
+    pub fn slots(&self) -> Slots {
+        let mut slots = Slots::default();
+        for worker in self.lock().values() {
+            let capacity = u64::from(worker.capacity);
+            let taken = u64::from(worker.in_flight()).min(capacity);
+            if !worker.healthy {
+                slots.unhealthy += capacity;
+            } else if worker.busy {
+                slots.busy += taken;
+                slots.withheld += capacity - taken;
+            } else {
+                let free = u64::from(worker.free_slots());
+                slots.free += free;
+                slots.busy += capacity - free;
+            }
+        }
+        slots
     }
 }

@@ -1,0 +1,183 @@
+//! The metrics an autoscaler acts on: jobs waiting for a worker and how long the oldest
+//! has waited, worker slots by state, busy dispatch threads, and the registered slots
+//! the dispatch threads cannot use.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus::{Gauge, IntGauge, IntGaugeVec, Opts};
+
+/// Worker slots by state, summed over the workers (what `blacktree_worker_slots` shows).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// Free for a job now.
+    pub free: u64,
+    /// Running a job (ours or another orchestrator's).
+    pub busy: u64,
+    /// On workers that do not answer pings.
+    pub unhealthy: u64,
+    /// On workers that said BUSY or refused a job: none until a ping says FREE.
+    pub withheld: u64,
+}
+
+/// The gauges, and the jobs waiting now (consumed, not yet on a worker).
+pub struct Load {
+    jobs_waiting: IntGauge,
+    oldest_waiting: Gauge,
+    slots: IntGaugeVec,
+    /// Dispatch threads with a job (waiting for a slot, or running it).
+    pub dispatch_threads_busy: IntGauge,
+    slots_beyond_threads: IntGauge,
+    dispatch_threads: u64,
+    /// Whether the slots beyond the dispatch threads were warned about.
+    warned: AtomicBool,
+    /// When each waiting job started to wait, by a number of its own.
+    waiting: Mutex<BTreeMap<u64, Instant>>,
+    next: AtomicU64,
+}
+
+/// A job waiting for a worker: it stops waiting when dropped.
+pub struct Waiting {
+    load: Arc<Load>,
+    id: u64,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.load
+            .waiting
+            .lock()
+            .expect("waiting jobs lock")
+            .remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Waiting({})", self.id)
+    }
+}
+
+impl Load {
+    /// The gauges, registered in `registry`; `dispatch_threads` is `--dispatch-threads`.
+    pub fn new(registry: &prometheus::Registry, dispatch_threads: u64) -> Load {
+        let int = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let load = Load {
+            jobs_waiting: int(
+                "blacktree_jobs_waiting",
+                "Jobs consumed and not yet on a worker (the queue behind the workers).",
+            ),
+            oldest_waiting: Gauge::new(
+                "blacktree_oldest_waiting_job_age_seconds",
+                "How long the job waiting longest has waited for a worker (0: none waits).",
+            )
+            .expect("valid metric"),
+            slots: IntGaugeVec::new(
+                Opts::new("blacktree_worker_slots", "Worker slots by state."),
+                &["state"],
+            )
+            .expect("valid metric"),
+            dispatch_threads_busy: int(
+                "blacktree_dispatch_threads_busy",
+                "Dispatch threads with a job (waiting for a slot or running it).",
+            ),
+            slots_beyond_threads: int(
+                "blacktree_slots_beyond_dispatch_threads",
+                "Registered healthy slots beyond --dispatch-threads: they cannot all be used.",
+            ),
+            dispatch_threads,
+            warned: AtomicBool::new(false),
+            waiting: Mutex::default(),
+            next: AtomicU64::new(0),
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 5] = [
+            Box::new(load.jobs_waiting.clone()),
+            Box::new(load.oldest_waiting.clone()),
+            Box::new(load.slots.clone()),
+            Box::new(load.dispatch_threads_busy.clone()),
+            Box::new(load.slots_beyond_threads.clone()),
+        ];
+        super::register(registry, collectors);
+        load
+    }
+
+    /// A job starts to wait for a worker; it waits until the returned value is dropped.
+    pub fn waiting(self: &Arc<Load>) -> Waiting {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.waiting
+            .lock()
+            .expect("waiting jobs lock")
+            .insert(id, Instant::now());
+        Waiting {
+            load: self.clone(),
+            id,
+        }
+    }
+
+    /// Sets the gauges from the waiting jobs and the workers' `slots`; returns the
+    /// registered healthy slots beyond the dispatch threads (warned about once).
+    pub fn update(&self, slots: Slots) -> u64 {
+        let waiting = self.waiting.lock().expect("waiting jobs lock");
+        self.jobs_waiting.set(waiting.len() as i64);
+        let oldest = waiting
+            .values()
+            .next()
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        drop(waiting);
+        self.oldest_waiting.set(oldest);
+        for (state, n) in [
+            ("free", slots.free),
+            ("busy", slots.busy),
+            ("unhealthy", slots.unhealthy),
+            ("withheld", slots.withheld),
+        ] {
+            self.slots.with_label_values(&[state]).set(n as i64);
+        }
+        let healthy = slots.free + slots.busy + slots.withheld;
+        let beyond = healthy.saturating_sub(self.dispatch_threads);
+        self.slots_beyond_threads.set(beyond as i64);
+        if beyond > 0 && !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "the workers have {healthy} slots and there are {} dispatch threads: at most {} \
+                 jobs run at once; raise --dispatch-threads (blacktree_slots_beyond_dispatch_threads)",
+                self.dispatch_threads,
+                self.dispatch_threads
+            );
+        }
+        beyond
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_jobs_are_counted_until_they_are_dropped() {
+        let registry = prometheus::Registry::new();
+        let load = Arc::new(Load::new(&registry, 4));
+        let first = load.waiting();
+        let second = load.waiting();
+        let slots = Slots {
+            free: 3,
+            busy: 2,
+            unhealthy: 1,
+            withheld: 1,
+        };
+        assert_eq!(load.update(slots), 2, "6 healthy slots, 4 threads");
+        assert_eq!(load.jobs_waiting.get(), 2);
+        assert!(load.oldest_waiting.get() >= 0.0);
+        drop(first);
+        load.update(Slots::default());
+        assert_eq!(load.jobs_waiting.get(), 1);
+        drop(second);
+        load.update(Slots::default());
+        assert_eq!(
+            (load.jobs_waiting.get(), load.oldest_waiting.get()),
+            (0, 0.0)
+        );
+        assert_eq!(load.slots.with_label_values(&["free"]).get(), 0);
+    }
+}
