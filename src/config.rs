@@ -422,6 +422,12 @@ pub struct WorkerConfig {
     #[command(flatten)]
     pub tls: TlsArgs,
 
+    /// Address of the worker's `/metrics` (slots, jobs by outcome, step durations);
+    /// empty: off.
+    #[arg(long = "metrics-listen", env = "BLACKTREE_WORKER_METRICS_LISTEN", default_value = "",
+          value_parser = parse_optional_host_port)]
+    pub metrics_listen: String,
+
     /// Address the worker's JobService listens on.
     #[arg(long, env = "BLACKTREE_WORKER_LISTEN", default_value = "0.0.0.0:6000",
           value_parser = parse_host_port)]

@@ -15,3 +15,4 @@ pub mod orchestrator;
 pub mod pipeline;
 pub mod plural;
 pub mod proto;
+pub mod web;

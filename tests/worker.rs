@@ -53,7 +53,14 @@ fn the_exec_executor_runs_its_command_in_the_checkout_with_the_job_in_its_enviro
     let worker = WorkerProcess::start(
         "exec-w",
         NO_ORCHESTRATOR,
-        &["--executor", "exec", "--exec-command", command],
+        &[
+            "--executor",
+            "exec",
+            "--exec-command",
+            command,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
 
     let answer = run(worker.port, &job("exec-1", &repo, "acme/app:1"));
@@ -81,6 +88,31 @@ fn the_exec_executor_runs_its_command_in_the_checkout_with_the_job_in_its_enviro
         "workspaces are removed after each job"
     );
     assert!(!worker.log().contains(TOKEN));
+
+    // The worker's /metrics: jobs by outcome, its steps timed, its slots.
+    let port: u16 = worker
+        .log()
+        .split("metrics listening on port ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("the worker's metrics port in its log");
+    let metrics = http(port, "/metrics").1;
+    for (name, value) in [
+        ("blacktree_worker_jobs_total{outcome=\"succeeded\"}", 1.0),
+        ("blacktree_worker_jobs_total{outcome=\"failed\"}", 1.0),
+        (
+            "blacktree_worker_step_duration_seconds_count{step=\"clone\"}",
+            2.0,
+        ),
+        (
+            "blacktree_worker_step_duration_seconds_count{step=\"exec\"}",
+            2.0,
+        ),
+        ("blacktree_worker_slots{state=\"free\"}", 1.0),
+        ("blacktree_worker_slots{state=\"busy\"}", 0.0),
+    ] {
+        assert_eq!(sample(&metrics, name), value, "{name} in\n{metrics}");
+    }
 }
 
 #[test]

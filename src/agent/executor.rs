@@ -159,11 +159,17 @@ pub struct Executor {
     max_log_bytes: usize,
     work_dir: WorkDir,
     docker: String,
+    /// Seconds each step took, by step (the worker's `/metrics`).
+    step_seconds: prometheus::HistogramVec,
 }
 
 impl Executor {
-    /// Opens the work directory and reads the registry password file.
-    pub fn new(config: &WorkerConfig) -> Result<Executor, String> {
+    /// Opens the work directory and reads the registry password file; step durations
+    /// go to `step_seconds`.
+    pub fn new(
+        config: &WorkerConfig,
+        step_seconds: prometheus::HistogramVec,
+    ) -> Result<Executor, String> {
         let work_dir = WorkDir::open(&config.work_dir)?;
         let credentials = match (&config.registry_user, &config.registry_password_file) {
             (Some(user), Some(file)) => {
@@ -189,6 +195,7 @@ impl Executor {
             max_log_bytes: config.max_log_bytes,
             work_dir,
             docker: config.docker.clone(),
+            step_seconds,
         })
     }
 
@@ -275,7 +282,7 @@ impl Executor {
                     cmd.env(format!("BLACKTREE_{name}"), value);
                 }
                 cmd.env("BLACKTREE_WORKSPACE", workspace.path());
-                run_step("exec command", cmd, None, log, control)?;
+                self.step("exec command", cmd, None, log, control)?;
                 Ok(String::new())
             }
             ExecutorKind::Docker => {
@@ -321,7 +328,7 @@ impl Executor {
             .arg(source)
             .arg(checkout)
             .env("GIT_TERMINAL_PROMPT", "0");
-        run_step("git clone", cmd, None, log, control)
+        self.step("git clone", cmd, None, log, control)
     }
 
     fn build_and_push(
@@ -350,7 +357,7 @@ impl Executor {
             .arg("-t")
             .arg(&tag)
             .arg(&context);
-        run_step("docker build", build, None, log, control)?;
+        self.step("docker build", build, None, log, control)?;
         let Some(registry) = &self.registry else {
             return Ok(tag);
         };
@@ -363,7 +370,7 @@ impl Executor {
                 user,
                 "--password-stdin",
             ]);
-            run_step(
+            self.step(
                 "docker login",
                 login,
                 Some(password.expose().as_bytes()),
@@ -373,7 +380,7 @@ impl Executor {
         }
         let mut push = self.docker_command();
         push.arg("push").arg(&tag);
-        run_step("docker push", push, None, log, control)?;
+        self.step("docker push", push, None, log, control)?;
         Ok(tag)
     }
 
@@ -398,6 +405,30 @@ fn inside(base: &Path, relative: &Path, field: &str) -> Result<PathBuf, StepErro
         Ok(path)
     } else {
         Err(fail("must stay inside the repository"))
+    }
+}
+
+impl Executor {
+    /// [`run_step`], timed into `step_seconds` under the step's kind (the last word of
+    /// its title: `clone`, `build`, `login`, `push`, or `exec` for the exec command).
+    fn step(
+        &self,
+        title: &str,
+        cmd: Command,
+        stdin: Option<&[u8]>,
+        log: &mut JobLog,
+        control: &JobControl,
+    ) -> Result<(), StepError> {
+        let started = std::time::Instant::now();
+        let result = run_step(title, cmd, stdin, log, control);
+        let kind = match title {
+            "exec command" => "exec",
+            title => title.rsplit(' ').next().unwrap_or(title),
+        };
+        self.step_seconds
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 }
 

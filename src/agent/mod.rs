@@ -15,6 +15,7 @@
 pub mod checks;
 pub mod executor;
 pub mod jobs;
+pub mod metrics;
 pub mod service;
 pub mod workspace;
 
@@ -43,7 +44,8 @@ use service::Agent;
 /// Runs the worker agent until SIGINT/SIGTERM.
 pub fn run(config: WorkerConfig) -> Result<(), String> {
     let id = config.id.clone().unwrap_or_else(default_id);
-    let executor = Arc::new(Executor::new(&config)?);
+    let metrics = Arc::new(metrics::WorkerMetrics::default());
+    let executor = Arc::new(Executor::new(&config, metrics.steps.clone())?);
     let tls = Tls::load(&config.tls)?;
     let token = read_secret_file(
         config.registration_token_file.as_deref(),
@@ -60,6 +62,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         executor,
         token: token.clone(),
         draining: Arc::default(),
+        metrics: metrics.clone(),
     };
     let health = Arc::new(Serving::new(WORKER_SERVICE, &[REGISTERED]));
     let mut server = grpc::server_builder(env.clone())
@@ -83,6 +86,13 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         "worker {id} listening on port {port} ({}), advertised as {advertise}, capacity {}, {:?} executor",
         config.listen, config.capacity, config.executor
     );
+    if !config.metrics_listen.is_empty() {
+        let port = metrics.serve(&config.metrics_listen, jobs.clone())?;
+        info!(
+            "metrics listening on port {port} ({})",
+            config.metrics_listen
+        );
+    }
     let info = registration_info(&config, &id, &advertise)?;
     let registrations = Arc::new(Registrations {
         with: Mutex::default(),

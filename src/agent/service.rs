@@ -42,6 +42,8 @@ pub struct Agent {
     pub token: Option<Secret>,
     /// Set at SIGTERM: nothing new starts.
     pub draining: Arc<AtomicBool>,
+    /// Jobs by outcome and step durations (the worker's `/metrics`).
+    pub metrics: Arc<super::metrics::WorkerMetrics>,
 }
 
 /// `RunJob` served as a server-streaming method that sends exactly one message: on the
@@ -269,6 +271,8 @@ impl Agent {
         }
         let answer = self.executor.run(&job, &control);
         drop(done);
+        self.metrics
+            .job_ended(answer.success, control.reason().as_deref());
         info!(
             "job {job_id}: {} after {} ms{}",
             if answer.success {

@@ -151,7 +151,7 @@ fn serve(
         health.set(registration::UNBLOCKED, !blocked);
     });
     if !config.metrics_listen.is_empty() {
-        let (port, _) = http::serve(
+        let port = http::serve(
             &config.metrics_listen,
             &id,
             metrics.clone(),
