@@ -8,7 +8,8 @@
 #   scripts/cluster.sh stop     stops the three nodes and removes their data
 # BLACKTREE_CLUSTER_DIR (default /tmp/blacktree-cluster) holds their data and logs;
 # BLACKTREE_CLUSTER_PORT (default 5701) is the first AMQP port (the nodes' distribution
-# ports are 20000 higher); BLACKTREE_CLUSTER_NAME (default btc) prefixes the node names.
+# ports are 20000 higher, or lower near the top); BLACKTREE_CLUSTER_NAME (default btc)
+# prefixes the node names.
 # Run as root (the nodes run as the rabbitmq user, as the Debian package's server
 # script does).
 set -euo pipefail
@@ -20,6 +21,12 @@ name="${BLACKTREE_CLUSTER_NAME:-btc}"
 
 node() { echo "$name$1@localhost"; }
 port() { echo $((base + $1 - 1)); }
+# The node's distribution port: 20000 above its AMQP port, or below when that is past
+# the last port.
+dist_port() {
+  local p; p=$(port "$1")
+  if [ $((p + 20000)) -le 65535 ]; then echo $((p + 20000)); else echo $((p - 20000)); fi
+}
 
 urls() {
   local list=()
@@ -35,21 +42,24 @@ start_node() {
   echo "[]." > "$d/advanced.config"
   chown -R rabbitmq:rabbitmq "$d"
   RABBITMQ_NODENAME="$(node "$i")" RABBITMQ_NODE_PORT="$(port "$i")" \
-  RABBITMQ_DIST_PORT=$((20000 + $(port "$i"))) \
+  RABBITMQ_DIST_PORT="$(dist_port "$i")" \
   RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" \
   RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" \
   RABBITMQ_ENABLED_PLUGINS_FILE="$d/plugins" RABBITMQ_FEATURE_FLAGS_FILE="$d/ff" \
   RABBITMQ_PID_FILE="$d/pid" rabbitmq-server -detached
 }
 
+# Waits up to 2 minutes for node $1's Erlang node to answer, then for its app.
 wait_node() {
-  local i=$1
-  for _ in $(seq 1 240); do
-    if rabbitmqctl -q -n "$(node "$i")" await_startup >/dev/null 2>&1; then return 0; fi
+  local i=$1 deadline=$((SECONDS + 120))
+  until rabbitmqctl -q -n "$(node "$i")" ping >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "node $(node "$i") did not start; its log is in $dir/$name$i/log" >&2
+      return 1
+    fi
     sleep 0.5
   done
-  echo "node $(node "$i") did not start; its log is in $dir/$name$i/log" >&2
-  return 1
+  rabbitmqctl -q -n "$(node "$i")" await_startup --timeout 120 >/dev/null
 }
 
 case "${1:-}" in
