@@ -100,14 +100,13 @@ fn the_runit_orchestrator_runs_as_its_user_passes_sv_check_logs_through_svlogd_a
     }
     let mut runsv = Command::new("runsv").arg(&service).spawn().expect("runsv");
     // `sv check` runs ./check: the orchestrator's health on the port the env file names.
-    poll(LONG, "sv check to pass", || {
-        sv(&["check"], &service).status.success().then_some(())
+    // Polled with runsv's pid of the service: both must say it runs.
+    let pid: u32 = poll(LONG, "the service running and sv check passing", || {
+        let running = text(&sv(&["status"], &service).stdout).starts_with("run:");
+        let pid = std::fs::read_to_string(service.join("supervise/pid")).ok()?;
+        let pid = pid.trim().parse().ok()?;
+        (running && sv(&["check"], &service).status.success()).then_some(pid)
     });
-    let pid: u32 = std::fs::read_to_string(service.join("supervise/pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
     let user = Command::new("ps")
         .args(["-o", "user=", "-p", &pid.to_string()])
         .output()
