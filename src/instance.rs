@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 /// The id every log line of this process carries, once set.
 static IN_LOGS: OnceLock<String> = OnceLock::new();
 
-/// The machine's host name (`worker` when it cannot be read).
+/// The machine's host name (`localhost` when it cannot be read).
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())

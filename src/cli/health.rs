@@ -115,9 +115,9 @@ pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
                     role.a
                 )))
             }
-            _ => return Err(unreachable(&who, &failure.to_string(), args.timeout)),
+            _ => return Err(no_answer(&who, &failure.to_string(), args.timeout)),
         },
-        Err(e) => return Err(unreachable(&who, &e.to_string(), args.timeout)),
+        Err(e) => return Err(no_answer(&who, &e.to_string(), args.timeout)),
     };
     if status == ServingStatus::Serving {
         println!("{who} is healthy");
@@ -135,7 +135,7 @@ pub fn healthcheck(args: HealthcheckArgs) -> Result<(), CliError> {
 }
 
 /// The error of a target that did not answer.
-fn unreachable(who: &str, error: &str, timeout: Duration) -> CliError {
+fn no_answer(who: &str, error: &str, timeout: Duration) -> CliError {
     CliError {
         code: EXIT_UNREACHABLE,
         message: format!(
