@@ -11,6 +11,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::labels::Labels;
+
 /// The longest `jobId` accepted, in bytes; job ids end up in logs, message ids and gRPC
 /// calls. A jobId is the AMQP `message_id` of its status and events, a short string of
 /// at most 255 bytes: amiquip would write a longer one's length in a single, wrapped
@@ -125,6 +127,8 @@ pub struct Job {
     pub github_token: Secret,
     /// The job's own deadline, overriding `--job-timeout`; at most [`MAX_TIMEOUT_SECONDS`].
     pub timeout_seconds: Option<u64>,
+    /// The labels a worker must have to run it (none: any worker).
+    pub labels: Labels,
     /// The words it came in. A deployment without `imageName` gets
     /// `--derived-image-prefix` + its id as image name (see [`Job::derive_image_name`]).
     pub dialect: Dialect,
@@ -205,7 +209,9 @@ impl Job {
                 }
             },
         };
+        let labels = Labels::from_json(fields.get("labels").unwrap_or(&Value::Null));
         Ok(Job {
+            labels: labels.map_err(reject)?,
             repo_url: text("repoUrl")?,
             branch: text("branch")?,
             dockerfile_path: text("dockerfilePath")?,
@@ -240,6 +246,9 @@ impl Job {
         if let Some(t) = self.timeout_seconds {
             fields["timeoutSeconds"] = t.into();
         }
+        if !self.labels.is_empty() {
+            fields["labels"] = self.labels.to_json();
+        }
         fields
     }
 }
@@ -252,7 +261,7 @@ const ALIASES: [(&str, &str); 3] = [
 ];
 
 /// Every field of a job message in either dialect (`createdAt` is read by nothing).
-pub const FIELDS: [&str; 13] = [
+pub const FIELDS: [&str; 14] = [
     "jobId",
     "repoUrl",
     "branch",
@@ -261,6 +270,7 @@ pub const FIELDS: [&str; 13] = [
     "imageName",
     "githubToken",
     "timeoutSeconds",
+    "labels",
     "deploymentId",
     "repository",
     "dockerFilePath",

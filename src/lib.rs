@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod instance;
 pub mod job;
+pub mod labels;
 pub mod lock;
 pub mod metrics;
 pub mod orchestrator;

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub jobs_finished: IntCounterVec,
     /// Messages moved to the rejected queue.
     pub jobs_rejected: IntCounter,
+    /// Jobs held back for their labels that ended `rejected` (`--unroutable-after`).
+    pub jobs_unroutable: IntCounter,
     /// Jobs running on workers now.
     pub jobs_in_flight: IntGauge,
     /// Seconds from a job's arrival to its dispatch.
@@ -134,6 +136,10 @@ impl Metrics {
                 "blacktree_jobs_rejected_total",
                 "Messages moved to the rejected queue.",
             ),
+            jobs_unroutable: counter(
+                "blacktree_jobs_unroutable_total",
+                "Jobs that no registered worker had the labels of for --unroutable-after.",
+            ),
             jobs_in_flight: IntGauge::new("blacktree_jobs_in_flight", "Jobs running on workers.")
                 .expect("valid metric"),
             dispatch_latency: histogram(
@@ -189,6 +195,7 @@ impl Metrics {
             Box::new(metrics.jobs_redispatched.clone()),
             Box::new(metrics.jobs_finished.clone()),
             Box::new(metrics.jobs_rejected.clone()),
+            Box::new(metrics.jobs_unroutable.clone()),
             Box::new(metrics.jobs_in_flight.clone()),
             Box::new(metrics.dispatch_latency.clone()),
             Box::new(metrics.job_duration.clone()),
@@ -260,7 +267,8 @@ impl Metrics {
     }
 
     /// The Prometheus text of every metric, with `blacktree_workers` counted from the
-    /// workers' current states (`free`, `busy`, `unhealthy`) and `blacktree_worker_slots`
+    /// workers' current states (`free`, `busy`, `draining`, `unhealthy`) and
+    /// `blacktree_worker_slots`
     /// from their `slots`.
     pub fn render<'a>(
         &self,
@@ -269,7 +277,7 @@ impl Metrics {
     ) -> String {
         self.process.update();
         self.load.update(slots);
-        for state in ["free", "busy", "unhealthy"] {
+        for state in ["free", "busy", "draining", "unhealthy"] {
             self.workers.with_label_values(&[state]).set(0);
         }
         for state in worker_states {

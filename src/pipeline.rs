@@ -10,6 +10,15 @@ use crossbeam_channel::Receiver;
 
 use crate::grpc::cancel::CancelToken;
 use crate::job::{Event, Job, Status};
+use crate::labels::Labels;
+
+/// Whether a job with these labels has a worker that can take it (the registry
+/// answers): the consumer holds back the jobs that have none, so that they wait without
+/// a dispatch thread.
+pub trait Router: Send + Sync {
+    /// Whether a healthy worker has every one of `labels` (always, for none).
+    fn routable(&self, labels: &Labels) -> bool;
+}
 
 /// A job handed to the dispatch pool, with the token that stops it (fired by the
 /// consumer thread on a cancel, or by the registry when its worker is lost).
@@ -26,6 +35,14 @@ pub struct Assignment {
     /// Counts it as waiting for a worker until dropped (at its first attempt, or when
     /// it ends without one).
     pub waiting: Option<crate::metrics::Waiting>,
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignment")
+            .field("job_id", &self.job.job_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a delivery waits for before it is acked.
@@ -46,6 +63,9 @@ pub enum ConsumerMsg {
     PublisherLost(u64),
     /// A dispatch thread gives back a job it never started (drain): requeue it.
     Requeue(String),
+    /// A dispatch thread gives back a job whose labels no healthy worker has any more:
+    /// held back until one has them.
+    Unroutable(Box<Assignment>),
     /// Stop consuming, requeue what was not started, and end once running jobs are
     /// confirmed or the drain timeout passes.
     Drain,

@@ -452,7 +452,7 @@ fn load_metrics_show_waiting_jobs_slots_busy_threads_and_slots_the_threads_canno
     // Two threads run two jobs on the worker's three slots; three jobs wait behind them.
     let metrics = poll(LONG, "two running and three waiting", || {
         let text = http(port, "/metrics").1;
-        (find_sample(&text, "blacktree_jobs_waiting") == Some(3.0)
+        (find_sample(&text, r#"blacktree_jobs_waiting{labels=""}"#) == Some(3.0)
             && find_sample(&text, "blacktree_dispatch_threads_busy") == Some(2.0))
         .then_some(text)
     });
@@ -486,7 +486,7 @@ fn load_metrics_show_waiting_jobs_slots_busy_threads_and_slots_the_threads_canno
     assert_eq!(setup.mq.statuses(5, LONG).len(), 5);
     poll(LONG, "nothing waiting and no thread busy", || {
         let text = http(port, "/metrics").1;
-        (find_sample(&text, "blacktree_jobs_waiting") == Some(0.0)
+        (find_sample(&text, r#"blacktree_jobs_waiting{labels=""}"#) == Some(0.0)
             && find_sample(&text, "blacktree_dispatch_threads_busy") == Some(0.0)
             && find_sample(&text, "blacktree_oldest_waiting_job_age_seconds") == Some(0.0))
         .then_some(())

@@ -1,6 +1,6 @@
 //! Shared code of the fuzz targets in `fuzz_targets/`.
 //!
-//! `job` is `src/job.rs` itself, compiled into this crate through `#[path]` rather than
+//! `job` is `src/job.rs` itself (with `labels`, the one module it uses), compiled into this crate through `#[path]` rather than
 //! by depending on the `blacktree` crate: that crate links grpcio, whose gRPC C core takes
 //! about 20 minutes to build, and `src/job.rs` needs only std, serde, serde_json and
 //! humantime. The fuzzed code is therefore exactly the code the orchestrator runs.
@@ -9,6 +9,8 @@
 
 #[path = "../../src/job.rs"]
 pub mod job;
+#[path = "../../src/labels.rs"]
+pub mod labels;
 
 use serde_json::Value;
 

@@ -121,8 +121,8 @@ impl JobTable {
         self.inner.lock().expect("job table lock")
     }
 
-    /// What a call for `job_id` does; `draining`: no new job may start.
-    pub fn begin(&self, job_id: &str, draining: bool) -> Begin {
+    /// What a call for `job_id` does; `closed`: why no new job may start (draining).
+    pub fn begin(&self, job_id: &str, closed: Option<&'static str>) -> Begin {
         let mut inner = self.lock();
         inner.expire();
         if let Some(running) = inner.running.get(job_id) {
@@ -131,8 +131,8 @@ impl JobTable {
         if let Some(held) = inner.held.get(job_id) {
             return Begin::Held(held.answer.clone());
         }
-        if draining {
-            return Begin::Full("the worker is shutting down");
+        if let Some(why) = closed {
+            return Begin::Full(why);
         }
         if inner.running.len() >= self.capacity {
             return Begin::Full("no free slot");

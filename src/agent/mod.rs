@@ -35,6 +35,7 @@ use crate::config::{read_secret_file, WorkerConfig};
 use crate::grpc::serving::{Serving, WORKER_SERVICE};
 use crate::grpc::{self, Tls};
 use crate::job::Secret;
+use crate::labels::Labels;
 use crate::proto::worker::{self, WorkerInfo};
 use crate::proto::worker_grpc::WorkerServiceClient;
 use executor::Executor;
@@ -62,6 +63,7 @@ pub fn run(config: WorkerConfig) -> Result<(), String> {
         executor,
         token: token.clone(),
         draining: Arc::default(),
+        drained: Arc::default(),
         metrics: metrics.clone(),
     };
     let health = Arc::new(Serving::new(WORKER_SERVICE, &[REGISTERED]));
@@ -139,6 +141,11 @@ fn registration_info(
         port,
         region: config.region.clone(),
         capacity: config.capacity as i32,
+        labels: Labels::new(config.labels.clone())
+            .map_err(|e| format!("--label: {e}"))?
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..WorkerInfo::default()
     })
 }

@@ -26,7 +26,7 @@ use crate::grpc;
 use crate::job::Secret;
 use crate::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
-    WorkerStatus,
+    SetDrainingRequest, SetDrainingResponse, WorkerStatus,
 };
 
 /// What the handlers share.
@@ -42,6 +42,9 @@ pub struct Agent {
     pub token: Option<Secret>,
     /// Set at SIGTERM: nothing new starts.
     pub draining: Arc<AtomicBool>,
+    /// Set by an operator (`blacktree workers drain`, through `SetDraining`): nothing
+    /// new starts until resumed.
+    pub drained: Arc<AtomicBool>,
     /// Jobs by outcome and step durations (the worker's `/metrics`).
     pub metrics: Arc<super::metrics::WorkerMetrics>,
 }
@@ -55,6 +58,8 @@ const PING: Method<PingRequest, PingResponse> =
     pb_method(MethodType::Unary, "/job.JobService/Ping");
 const CANCEL_JOB: Method<CancelJobRequest, CancelJobResponse> =
     pb_method(MethodType::Unary, "/job.JobService/CancelJob");
+const SET_DRAINING: Method<SetDrainingRequest, SetDrainingResponse> =
+    pb_method(MethodType::Unary, "/job.JobService/SetDraining");
 
 /// A method of `proto/job.proto` with protobuf (de)serialisation.
 const fn pb_method<Req: protobuf::Message, Resp: protobuf::Message>(
@@ -77,12 +82,15 @@ const fn pb_method<Req: protobuf::Message, Resp: protobuf::Message>(
 
 /// The worker's `JobService`.
 pub fn job_service(agent: Agent) -> grpcio::Service {
-    let (run, ping, cancel) = (agent.clone(), agent.clone(), agent);
+    let (run, ping, cancel, drain) = (agent.clone(), agent.clone(), agent.clone(), agent);
     ServiceBuilder::new()
         .add_server_streaming_handler(&RUN_JOB, move |ctx, job, sink| run.run_job(ctx, job, sink))
         .add_unary_handler(&PING, move |ctx, _req, sink| ping.ping(ctx, sink))
         .add_unary_handler(&CANCEL_JOB, move |ctx, req, sink| {
             cancel.cancel_job(ctx, req, sink)
+        })
+        .add_unary_handler(&SET_DRAINING, move |ctx, req, sink| {
+            drain.set_draining(ctx, req, sink)
         })
         .build()
 }
@@ -118,10 +126,7 @@ impl Agent {
             return refuse(&ctx, sink, status);
         }
         let job_id = job.jobId.clone();
-        let running = match self
-            .jobs
-            .begin(&job_id, self.draining.load(Ordering::SeqCst))
-        {
+        let running = match self.jobs.begin(&job_id, self.closed()) {
             Begin::Full(why) => {
                 let status = RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why.into());
                 return refuse(&ctx, sink, status);
@@ -206,15 +211,24 @@ impl Agent {
             .map(drop)
     }
 
+    /// Why no new job may start, if none may: the worker is stopping, or drained.
+    fn closed(&self) -> Option<&'static str> {
+        if self.draining.load(Ordering::SeqCst) {
+            Some("the worker is shutting down")
+        } else if self.drained.load(Ordering::SeqCst) {
+            Some("the worker was drained by an operator")
+        } else {
+            None
+        }
+    }
+
     fn ping(&self, ctx: RpcContext, sink: UnarySink<PingResponse>) {
         let Some(sink) = grpc::admit(&ctx, sink, self.token.as_ref()) else {
             return;
         };
         let (running, held) = self.jobs.report();
-        let free = match self.draining.load(Ordering::SeqCst) {
-            true => 0,
-            false => self.jobs.free_slots(),
-        };
+        let closed = self.closed().is_some();
+        let free = if closed { 0 } else { self.jobs.free_slots() };
         let pong = PingResponse {
             workerId: self.id.clone(),
             status: if free == 0 {
@@ -225,9 +239,40 @@ impl Agent {
             jobIds: RepeatedField::from_vec(running),
             heldJobIds: RepeatedField::from_vec(held),
             freeSlots: i32::try_from(free).unwrap_or(i32::MAX),
+            draining: closed,
             ..PingResponse::default()
         };
         grpc::reply(&ctx, sink, pong);
+    }
+
+    /// `blacktree workers drain|resume`, relayed by an orchestrator.
+    fn set_draining(
+        &self,
+        ctx: RpcContext,
+        req: SetDrainingRequest,
+        sink: UnarySink<SetDrainingResponse>,
+    ) {
+        let Some(sink) = grpc::admit(&ctx, sink, self.token.as_ref()) else {
+            return;
+        };
+        let was = self.drained.swap(req.draining, Ordering::SeqCst);
+        let running = self.jobs.report().0.len();
+        if was != req.draining {
+            if req.draining {
+                info!(
+                    "drained by an operator: no new jobs; {} running",
+                    crate::plural::count(running, "job")
+                );
+            } else {
+                info!("resumed by an operator: taking jobs again");
+            }
+        }
+        let answer = SetDrainingResponse {
+            draining: self.closed().is_some(),
+            running: i32::try_from(running).unwrap_or(i32::MAX),
+            ..SetDrainingResponse::default()
+        };
+        grpc::reply(&ctx, sink, answer);
     }
 
     fn cancel_job(

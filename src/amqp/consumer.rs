@@ -35,11 +35,11 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, info, warn};
 
 use super::ledger::{Action, Ledger, LedgerConfig, Stats, CANCEL_TAG};
-use super::{declare_instance_cancel_queue, declare_topology, queue_type_mismatch, Brokers};
+use super::Brokers;
 use crate::config::Topology;
 use crate::metrics::Metrics;
 use crate::orchestrator::state_file::{EarlyCancel, StateFile};
-use crate::pipeline::{Assignment, Connected, ConsumerMsg, Publication};
+use crate::pipeline::{Assignment, Connected, ConsumerMsg, Publication, Router};
 
 /// First and longest pause between two connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -47,8 +47,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The exit code when the broker refuses the configuration itself (a queue of another
 /// type than `--queue-type`): the command line's usage error.
 const EXIT_MISCONFIGURED: i32 = 2;
+/// How long a cancelled consumer's `ClientCancelled` may take once the broker
+/// confirmed the cancel (it follows at once).
+const CANCEL_OK_WAIT: Duration = Duration::from_secs(10);
 /// A connection that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
+
+mod connect;
 
 /// The consuming channels of one connection.
 struct Channels {
@@ -76,8 +81,10 @@ pub struct ConsumerConfig {
     pub topology: Topology,
     /// This orchestrator's `--instance-id`: it names its own cancel queue.
     pub instance_id: String,
-    /// Most unacknowledged deliveries at once.
+    /// Most unacknowledged deliveries at once (jobs held back for their labels apart).
     pub prefetch: u16,
+    /// The most jobs held back for their labels outside the prefetch window.
+    pub max_parked: usize,
     /// The ledger's settings.
     pub ledger: LedgerConfig,
     /// Early cancels the state file remembered at start.
@@ -100,6 +107,10 @@ pub struct ConsumerLinks {
     pub metrics: Arc<Metrics>,
     /// Where early cancels are remembered, if anywhere.
     pub state_file: Option<Arc<StateFile>>,
+    /// Signalled when workers changed (jobs held back for their labels may go now).
+    pub routing: Receiver<()>,
+    /// Which labels a worker can take now.
+    pub router: Arc<dyn Router>,
 }
 
 /// Starts the consumer thread; it returns when a drain has finished.
@@ -109,11 +120,13 @@ pub fn spawn(config: ConsumerConfig, links: ConsumerLinks) -> JoinHandle<()> {
             config.ledger.clone(),
             links.metrics.clone(),
             config.remembered_cancels.clone(),
-        ),
+        )
+        .with_router(links.router.clone()),
         config,
         links,
         generation: 0,
         node: 0,
+        window: 0,
         deliveries: HashMap::new(),
     };
     std::thread::Builder::new()
@@ -134,6 +147,8 @@ struct Consumer {
     /// The live channels' deliveries not acked or nacked yet, by ledger tag (amiquip
     /// acks a `Delivery`, not a tag).
     deliveries: HashMap<u64, Delivery>,
+    /// Counts the consumers of the execute queue (see [`Consumer::widen_window`]).
+    window: u64,
 }
 
 /// Which queue a consumer reads.
@@ -166,7 +181,9 @@ enum Input {
     Inbox(ConsumerMsg),
     /// A job went to the dispatch pool.
     Sent,
-    /// The drain deadline passed.
+    /// Workers changed: jobs held back for their labels may go now.
+    RoutingChanged,
+    /// The drain deadline passed, or a job held back reached `--unroutable-after`.
     Tick,
 }
 
@@ -217,75 +234,6 @@ impl Consumer {
         }
     }
 
-    /// Opens the consuming connection (jobs and cancels) and the publishing one, whose
-    /// channel goes to the publisher thread.
-    fn connect(&mut self) -> Result<(Connection, Channels, String), String> {
-        let brokers = &self.config.brokers;
-        let (mut connection, node) = brokers.connect_from(self.node)?;
-        let url = brokers.url(node).masked().to_string();
-        // Both connections go to the same node.
-        let mut publishing = match brokers.url(node).connect() {
-            Ok(publishing) => publishing,
-            Err(e) => {
-                let _ = connection.close();
-                return Err(e.into());
-            }
-        };
-        let mut setup =
-            || -> Result<(Channels, Channel, Receiver<amiquip::Confirm>, _, String), amiquip::Error> {
-                let jobs = connection.open_channel(None)?;
-                let topology = &self.config.topology;
-                declare_topology(&jobs, topology)?;
-                let own = declare_instance_cancel_queue(&jobs, topology, &self.config.instance_id)?;
-                jobs.qos(0, self.config.prefetch, false)?;
-                let cancels = connection.open_channel(None)?;
-                cancels.qos(0, self.config.prefetch, false)?;
-                let blocked = publishing.listen_for_connection_blocked()?;
-                let publish = publishing.open_channel(None)?;
-                let confirms = publish.listen_for_publisher_confirms()?;
-                publish.enable_publisher_confirms()?;
-                Ok((Channels { jobs, cancels }, publish, confirms, blocked, own))
-            };
-        match setup() {
-            Ok((channels, publish, confirms, blocked, own_cancels)) => {
-                self.generation += 1;
-                if self.generation > 1 {
-                    self.links.metrics.broker_reconnects.inc();
-                }
-                self.node = node;
-                self.links.metrics.set_broker_connected(true);
-                self.links.metrics.set_broker_in_use(&url);
-                info!(
-                    "broker: connected to {url} (connection {})",
-                    self.generation
-                );
-                let connected = Connected {
-                    connection: publishing,
-                    channel: publish,
-                    blocked,
-                    confirms,
-                    generation: self.generation,
-                };
-                self.links
-                    .connections
-                    .send(connected)
-                    .map_err(|_| "the status publisher has stopped".to_string())?;
-                Ok((connection, channels, own_cancels))
-            }
-            Err(e) => {
-                let _ = connection.close();
-                let _ = publishing.close();
-                if let Some(mismatch) = queue_type_mismatch(&e, self.config.topology.queue_type) {
-                    // Retrying cannot help: the operator must change the flag or the queue.
-                    log::error!("{mismatch}");
-                    eprintln!("blacktree: {mismatch}");
-                    std::process::exit(EXIT_MISCONFIGURED);
-                }
-                Err(format!("setting up {url}: {e}"))
-            }
-        }
-    }
-
     /// Consumes until the connection fails (`Err`) or the drain finished (`Ok`): jobs,
     /// and cancels from the shared cancel queue and from this orchestrator's own.
     fn consume(&mut self, channels: &Channels, own_cancels: &str) -> Result<(), String> {
@@ -309,13 +257,73 @@ impl Consumer {
                 .map_err(|e| format!("consuming {queue}: {e}"))?;
             consumers.push((source, consumer, true));
         }
+        self.window += 1;
+        self.ledger.new_window(self.window);
         if self.ledger.drain_deadline().is_some() {
             stop_consuming(&consumers)?;
         }
         while !self.ledger.drain_finished() {
             let event = self.next_event(&consumers)?;
             self.handle_event(channels, &mut consumers, event)?;
+            self.widen_window(channels, &mut consumers)?;
         }
+        Ok(())
+    }
+
+    /// Keeps the jobs held back for their labels out of the prefetch window, which
+    /// RabbitMQ counts per consumer: once they fill half of it, the execute queue's
+    /// consumer is cancelled and a new one takes its place with a window of its own.
+    /// Their deliveries stay unacked on the channel (acked there as usual), so they
+    /// take room in no window; `--max-parked-jobs` bounds them, and so that jobs not
+    /// held back cannot pile up either, this waits while more of those are in hand than
+    /// twice the prefetch.
+    ///
+    /// Everything the old consumer was sent comes before its `ClientCancelled`; it is
+    /// all read before the new consumer starts, so deliveries are still read in tag
+    /// order (multiple acks rely on it).
+    fn widen_window<'a>(
+        &mut self,
+        channels: &'a Channels,
+        consumers: &mut Consumers<'a>,
+    ) -> Result<(), String> {
+        let prefetch = usize::from(self.config.prefetch);
+        let (parked, in_window) = self.ledger.parked();
+        let in_hand = self.ledger.unfinished().saturating_sub(parked);
+        if in_window < (prefetch / 2).max(1)
+            || parked >= self.config.max_parked
+            || in_hand > 2 * prefetch
+            || self.ledger.drain_deadline().is_some()
+        {
+            return Ok(());
+        }
+        let Some(i) = consumers
+            .iter()
+            .position(|(source, _, active)| *source == Source::Jobs && *active)
+        else {
+            return Ok(());
+        };
+        consumers[i].1.cancel().map_err(|e| e.to_string())?;
+        loop {
+            let message = consumers[i]
+                .1
+                .receiver()
+                .recv_timeout(CANCEL_OK_WAIT)
+                .map_err(|_| "the execute queue's consumer did not end".to_string())?;
+            if matches!(message, ConsumerMessage::ClientCancelled) {
+                break;
+            }
+            self.handle_event(channels, consumers, Input::Delivery(i, Ok(message)))?;
+        }
+        consumers.remove(i);
+        let queue = self.config.topology.execute_queue.as_str();
+        let consumer = channels
+            .jobs
+            .basic_consume(queue, ConsumerOptions::default())
+            .map_err(|e| format!("consuming {queue}: {e}"))?;
+        consumers.push((Source::Jobs, consumer, true));
+        self.window += 1;
+        self.ledger.new_window(self.window);
+        debug!("{parked} jobs held back for their labels: consuming {queue} afresh");
         Ok(())
     }
 
@@ -330,11 +338,16 @@ impl Consumer {
             .map(|(i, (_, consumer, _))| (sel.recv(consumer.receiver()), i))
             .collect();
         let inbox = sel.recv(&self.links.inbox);
+        let routing = sel.recv(&self.links.routing);
         let send = self
             .ledger
             .has_backlog()
             .then(|| sel.send(&self.links.jobs));
-        let selected = match self.ledger.drain_deadline() {
+        let deadline = match (self.ledger.drain_deadline(), self.ledger.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let selected = match deadline {
             Some(deadline) => sel.select_deadline(deadline).ok(),
             None => Some(sel.select()),
         };
@@ -346,6 +359,11 @@ impl Consumer {
                 .recv(&self.links.inbox)
                 .map(Input::Inbox)
                 .map_err(|_| "the orchestrator stopped".to_string());
+        }
+        if op.index() == routing {
+            // The registry outlives this thread.
+            let _ = op.recv(&self.links.routing);
+            return Ok(Input::RoutingChanged);
         }
         if Some(op.index()) == send {
             let assignment = self.ledger.next_job().expect("the backlog is not empty");
@@ -400,7 +418,15 @@ impl Consumer {
                 }
                 self.inbox(msg, Some(channels))
             }
-            Input::Sent | Input::Tick => Ok(()),
+            Input::RoutingChanged => {
+                self.ledger.routing_changed();
+                Ok(())
+            }
+            Input::Tick => {
+                let actions = self.ledger.expire_unroutable();
+                self.apply(Some(channels), actions)
+            }
+            Input::Sent => Ok(()),
         }
     }
 
@@ -424,6 +450,7 @@ impl Consumer {
         let actions = match msg {
             ConsumerMsg::Confirmed(keys) => self.ledger.confirmed(keys),
             ConsumerMsg::Requeue(job_id) => self.ledger.requeue(&job_id),
+            ConsumerMsg::Unroutable(assignment) => self.ledger.unroutable(*assignment),
             ConsumerMsg::Drain => {
                 let unstarted = self.links.unstarted.try_iter().collect();
                 self.ledger.start_drain(unstarted)

@@ -7,6 +7,7 @@ pub mod logging;
 pub mod submit;
 pub mod tools;
 pub mod watch;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,8 +42,9 @@ enum Command {
     Cancel(submit::CancelArgs),
     /// Print statuses (and events) as they are published.
     Watch(watch::WatchArgs),
-    /// List the orchestrator's workers.
-    Workers(tools::WorkersArgs),
+    /// List the orchestrator's workers; `workers drain ID` / `workers resume ID` take one
+    /// out of rotation and back.
+    Workers(workers::WorkersArgs),
     /// Exit 0 when an orchestrator or worker is healthy.
     Healthcheck(health::HealthcheckArgs),
 }
@@ -77,7 +79,7 @@ pub fn main() -> ExitCode {
         Command::Submit(args) => submit::submit(args),
         Command::Cancel(args) => submit::cancel(args),
         Command::Watch(args) => watch::watch(args),
-        Command::Workers(args) => tools::workers(args),
+        Command::Workers(args) => workers::workers(args),
         Command::Healthcheck(args) => health::healthcheck(args),
     };
     match result {

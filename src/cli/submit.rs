@@ -13,6 +13,7 @@ use super::tools::{BrokerArgs, CliError};
 use super::watch::{own_queue, status_line, wait_for_status, Verdict};
 use crate::config::read_secret_file;
 use crate::job::{Dialect, Job, Secret, FIELDS};
+use crate::labels::{parse_label, Label, Labels};
 
 /// `blacktree submit`.
 #[derive(Args, Debug)]
@@ -48,6 +49,9 @@ pub struct SubmitArgs {
     /// The job's id (default: a new UUID).
     #[arg(long)]
     job_id: Option<String>,
+    /// A label the worker must have, `KEY=VALUE` (repeatable).
+    #[arg(long = "label", value_parser = parse_label, conflicts_with = "json")]
+    labels: Vec<Label>,
     /// Wait for the job's status and print it: exit 0 only when it succeeded, 1 when it
     /// did not (or no status came within `--timeout`), 4 when the broker is unreachable.
     #[arg(long)]
@@ -116,6 +120,7 @@ fn job_message(args: &SubmitArgs) -> Result<(Vec<u8>, Job), CliError> {
                 image_name: args.image.clone().unwrap_or_default(),
                 github_token: token,
                 timeout_seconds: None,
+                labels: Labels::new(args.labels.clone()).map_err(CliError::failed)?,
                 dialect: Dialect::Blacktree,
             };
             job.to_json()

@@ -1,23 +1,16 @@
-//! What the operator's commands share, and `workers`: each command fails with a
-//! [`CliError`] that names what it tried to reach and a hint, and an exit code scripts
-//! can test; [`BrokerArgs`] connects and publishes (`submit`, `cancel` and `watch` are
-//! in [`super::submit`] and [`super::watch`], `healthcheck` in [`super::health`]).
+//! What the operator's commands share: each command fails with a [`CliError`] that
+//! names what it tried to reach and a hint, and an exit code scripts can test;
+//! [`BrokerArgs`] connects and publishes (`submit`, `cancel` and `watch` are in
+//! [`super::submit`] and [`super::watch`], `healthcheck` in [`super::health`],
+//! `workers` in [`super::workers`]).
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use amiquip::{AmqpProperties, Channel, Confirm, Connection, Publish};
 use clap::Args;
-use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
-use serde_json::Value;
 
 use crate::amqp::{Brokers, ConnectError};
-use crate::config::{read_secret_file, BrokerUrl, TlsArgs, Topology};
-use crate::grpc::{self, Tls};
-use crate::orchestrator::registry::WorkerView;
-use crate::proto::worker::ListWorkersRequest;
-use crate::proto::worker_grpc::WorkerServiceClient;
+use crate::config::{BrokerUrl, Topology};
 
 /// Exit code: something failed.
 pub const EXIT_FAILURE: u8 = 1;
@@ -127,88 +120,5 @@ impl BrokerArgs {
                 "the broker did not confirm the message within 10 s",
             )),
         }
-    }
-}
-
-/// `blacktree workers`.
-#[derive(Args, Debug)]
-pub struct WorkersArgs {
-    #[command(flatten)]
-    tls: TlsArgs,
-    /// The orchestrator's gRPC address.
-    #[arg(long, env = "BLACKTREE_ORCHESTRATOR", default_value = "127.0.0.1:5051",
-          value_parser = crate::config::parse_host_port)]
-    orchestrator: String,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-    /// File holding the orchestrator's registration token, when it requires one.
-    #[arg(long, env = "BLACKTREE_REGISTRATION_TOKEN_FILE")]
-    registration_token_file: Option<PathBuf>,
-}
-
-/// Lists the orchestrator's workers.
-pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let tls = Tls::load(&args.tls).map_err(CliError::failed)?;
-    let channel = grpc::connect(ChannelBuilder::new(env), &args.orchestrator, tls.as_ref());
-    let client = WorkerServiceClient::new(channel);
-    let token = read_secret_file(
-        args.registration_token_file.as_deref(),
-        "registration token",
-    )
-    .map_err(CliError::failed)?;
-    let options = grpc::with_token(
-        CallOption::default().timeout(Duration::from_secs(5)),
-        token.as_ref(),
-    );
-    let answer = client
-        .list_workers_opt(&ListWorkersRequest::default(), options)
-        .map_err(|e| orchestrator_error(&args.orchestrator, e))?;
-    let views: Vec<WorkerView> = answer.workers.iter().map(WorkerView::from_proto).collect();
-    if args.json {
-        println!(
-            "{}",
-            Value::Array(views.iter().map(WorkerView::to_json).collect())
-        );
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}",
-        "ID", "ADDRESS", "STATE", "CAPACITY", "IN FLIGHT", "LAST PING"
-    );
-    for w in &views {
-        let last = w
-            .last_ping
-            .map_or("never".to_string(), |d| format!("{}ms ago", d.as_millis()));
-        println!(
-            "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}",
-            w.id, w.addr, w.state, w.capacity, w.in_flight, last
-        );
-    }
-    Ok(())
-}
-
-/// A failed call to the orchestrator: refused (wrong token) or unreachable.
-fn orchestrator_error(addr: &str, e: grpcio::Error) -> CliError {
-    match e {
-        grpcio::Error::RpcFailure(s) if s.code() == grpcio::RpcStatusCode::UNAUTHENTICATED => {
-            CliError::failed(format!(
-                "the orchestrator at {addr} refused the call: {} (set --registration-token-file)",
-                s.message()
-            ))
-        }
-        grpcio::Error::RpcFailure(s) if s.code() == grpcio::RpcStatusCode::UNIMPLEMENTED => {
-            CliError::failed(format!(
-                "{addr} is not a Blacktree orchestrator: it does not serve WorkerService \
-                 (a worker's address? set --orchestrator to the orchestrator's gRPC address)"
-            ))
-        }
-        e => CliError {
-            code: EXIT_UNREACHABLE,
-            message: format!(
-                "cannot reach the orchestrator at {addr}: {e} (is it running? set --orchestrator or BLACKTREE_ORCHESTRATOR)"
-            ),
-        },
     }
 }

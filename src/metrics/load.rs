@@ -2,12 +2,14 @@
 //! has waited, worker slots by state, busy dispatch threads, and the registered slots
 //! the dispatch threads cannot use.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus::{Gauge, IntGauge, IntGaugeVec, Opts};
+
+use crate::labels::Labels;
 
 /// Worker slots by state, summed over the workers (what `blacktree_worker_slots` shows).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +26,11 @@ pub struct Slots {
 
 /// The gauges, and the jobs waiting now (consumed, not yet on a worker).
 pub struct Load {
-    jobs_waiting: IntGauge,
+    /// By the labels the jobs require (`""`: none); a label set's series goes when no
+    /// job with it waits, so their number is bounded by the jobs held.
+    jobs_waiting: IntGaugeVec,
+    /// The label sets `jobs_waiting` has a series for.
+    shown: Mutex<HashSet<Arc<str>>>,
     oldest_waiting: Gauge,
     slots: IntGaugeVec,
     /// Dispatch threads with a job (waiting for a slot, or running it).
@@ -33,8 +39,9 @@ pub struct Load {
     dispatch_threads: u64,
     /// Whether the slots beyond the dispatch threads were warned about.
     warned: AtomicBool,
-    /// When each waiting job started to wait, by a number of its own.
-    waiting: Mutex<BTreeMap<u64, Instant>>,
+    /// When each waiting job started to wait and the labels it requires, by a number
+    /// of its own.
+    waiting: Mutex<BTreeMap<u64, (Instant, Arc<str>)>>,
     next: AtomicU64,
 }
 
@@ -65,10 +72,16 @@ impl Load {
     pub fn new(registry: &prometheus::Registry, dispatch_threads: u64) -> Load {
         let int = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
         let load = Load {
-            jobs_waiting: int(
-                "blacktree_jobs_waiting",
-                "Jobs consumed and not yet on a worker (the queue behind the workers).",
-            ),
+            jobs_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "blacktree_jobs_waiting",
+                    "Jobs consumed and not yet on a worker (the queue behind the workers), \
+                     by the labels they require (\"\": none).",
+                ),
+                &["labels"],
+            )
+            .expect("valid metric"),
+            shown: Mutex::default(),
             oldest_waiting: Gauge::new(
                 "blacktree_oldest_waiting_job_age_seconds",
                 "How long the job waiting longest has waited for a worker (0: none waits).",
@@ -103,13 +116,15 @@ impl Load {
         load
     }
 
-    /// A job starts to wait for a worker; it waits until the returned value is dropped.
-    pub fn waiting(self: &Arc<Load>) -> Waiting {
+    /// A job that requires `labels` starts to wait for a worker; it waits until the
+    /// returned value is dropped.
+    pub fn waiting(self: &Arc<Load>, labels: &Labels) -> Waiting {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let labels: Arc<str> = labels.to_string().into();
         self.waiting
             .lock()
             .expect("waiting jobs lock")
-            .insert(id, Instant::now());
+            .insert(id, (Instant::now(), labels));
         Waiting {
             load: self.clone(),
             id,
@@ -120,13 +135,25 @@ impl Load {
     /// registered healthy slots beyond the dispatch threads (warned about once).
     pub fn update(&self, slots: Slots) -> u64 {
         let waiting = self.waiting.lock().expect("waiting jobs lock");
-        self.jobs_waiting.set(waiting.len() as i64);
+        let mut counts: HashMap<Arc<str>, i64> = HashMap::from([("".into(), 0)]);
+        for (_, labels) in waiting.values() {
+            *counts.entry(labels.clone()).or_default() += 1;
+        }
         let oldest = waiting
             .values()
             .next()
-            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+            .map_or(0.0, |(t, _)| t.elapsed().as_secs_f64());
         drop(waiting);
         self.oldest_waiting.set(oldest);
+        let mut shown = self.shown.lock().expect("shown label sets lock");
+        for gone in shown.iter().filter(|labels| !counts.contains_key(*labels)) {
+            let _ = self.jobs_waiting.remove_label_values(&[gone]);
+        }
+        for (labels, n) in &counts {
+            self.jobs_waiting.with_label_values(&[labels]).set(*n);
+        }
+        *shown = counts.into_keys().collect();
+        drop(shown);
         for (state, n) in [
             ("free", slots.free),
             ("busy", slots.busy),
@@ -158,8 +185,9 @@ mod tests {
     fn waiting_jobs_are_counted_until_they_are_dropped() {
         let registry = prometheus::Registry::new();
         let load = Arc::new(Load::new(&registry, 4));
-        let first = load.waiting();
-        let second = load.waiting();
+        let arm: Labels = Labels::new([("arch".into(), "arm64".into())]).unwrap();
+        let first = load.waiting(&Labels::default());
+        let second = load.waiting(&arm);
         let slots = Slots {
             free: 3,
             busy: 2,
@@ -167,16 +195,20 @@ mod tests {
             withheld: 1,
         };
         assert_eq!(load.update(slots), 2, "6 healthy slots, 4 threads");
-        assert_eq!(load.jobs_waiting.get(), 2);
+        let waiting = |labels: &str| load.jobs_waiting.with_label_values(&[labels]).get();
+        assert_eq!((waiting(""), waiting("arch=arm64")), (1, 1));
         assert!(load.oldest_waiting.get() >= 0.0);
         drop(first);
         load.update(Slots::default());
-        assert_eq!(load.jobs_waiting.get(), 1);
+        assert_eq!((waiting(""), waiting("arch=arm64")), (0, 1));
         drop(second);
         load.update(Slots::default());
-        assert_eq!(
-            (load.jobs_waiting.get(), load.oldest_waiting.get()),
-            (0, 0.0)
+        assert_eq!((waiting(""), load.oldest_waiting.get()), (0, 0.0));
+        let series = registry.gather();
+        let text = format!("{series:?}");
+        assert!(
+            !text.contains("arm64"),
+            "a label set none waits with is gone"
         );
         assert_eq!(load.slots.with_label_values(&["free"]).get(), 0);
     }

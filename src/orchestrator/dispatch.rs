@@ -21,15 +21,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
-use grpcio::RpcStatusCode;
 use log::{info, warn};
 
 use super::registry::{Claim, Hint, Registry, Release};
-use crate::grpc::cancel::{self, CallError, CancelReason, CancelToken};
+use crate::grpc::cancel::{self, CallError, CancelToken};
 use crate::job::{Event, EventKind, Job, Outcome, Status};
 use crate::metrics::Metrics;
 use crate::pipeline::{Assignment, ConsumerMsg, Publication};
-use crate::proto::job::{CancelJobRequest, JobRequest, JobResponse};
+use crate::proto::job::JobRequest;
+use ending::{answered, failed_call, stop_on_worker, Ending, Then};
 
 /// The whole message of the deployed Go worker's UNKNOWN answer when it runs a job
 /// already (it started nothing).
@@ -101,6 +101,8 @@ enum Wait {
     Draining,
     /// The job was cancelled while it waited.
     Cancelled,
+    /// No healthy worker has the labels the job requires: the consumer holds it back.
+    Unroutable,
 }
 
 /// How one `RunJob` attempt ended.
@@ -141,7 +143,7 @@ impl Dispatcher {
         }: Assignment,
     ) {
         let mut adopted = if redelivered {
-            match self.wait_for_report(&job, &token) {
+            match self.wait_for_report(&job, &token, received) {
                 Some(Wait::Claimed(claim)) => Some(claim),
                 Some(ending) => return self.unstarted(job, &token, ending),
                 None => None,
@@ -156,6 +158,22 @@ impl Dispatcher {
                 Some(claim) => (claim, EventKind::Adopted),
                 None => match self.claim(&job, &token) {
                     Wait::Claimed(claim) => (claim, EventKind::Dispatched),
+                    Wait::Unroutable => {
+                        info!(
+                            "job {}: no healthy worker has the labels {} any more; held back",
+                            job.job_id, job.labels
+                        );
+                        let assignment = Assignment {
+                            job,
+                            token,
+                            received,
+                            redelivered,
+                            waiting,
+                        };
+                        let back = ConsumerMsg::Unroutable(Box::new(assignment));
+                        let _ = self.links.consumer.send(back);
+                        return;
+                    }
                     ending => return self.unstarted(job, &token, ending),
                 },
             };
@@ -193,7 +211,7 @@ impl Dispatcher {
                 Attempt::Refused(_) => {
                     token.attempt_refused();
                     // Waiting again, for another worker.
-                    waiting = Some(self.links.metrics.load.waiting());
+                    waiting = Some(self.links.metrics.load.waiting(&job.labels));
                     self.links
                         .registry
                         .release(&claim, &job.job_id, Release::Withheld)
@@ -228,11 +246,13 @@ impl Dispatcher {
         }
     }
 
-    /// Waits up to `--adopt-wait` for a worker to report the redelivered `job` (a
-    /// build that outlived the orchestrator that started it); `None`: none did, it is
-    /// dispatched afresh.
-    fn wait_for_report(&self, job: &Job, token: &CancelToken) -> Option<Wait> {
-        let deadline = Instant::now() + self.settings.adopt_wait;
+    /// Waits until `--adopt-wait` after its delivery (`received`) for a worker to report
+    /// the redelivered `job` (a build that outlived the orchestrator that started it);
+    /// `None`: none did, it is dispatched afresh. A job that waited that long already
+    /// (held back for its labels, or behind busy dispatch threads) does not wait again:
+    /// the workers' check-ins had the time to report it.
+    fn wait_for_report(&self, job: &Job, token: &CancelToken, received: Instant) -> Option<Wait> {
+        let deadline = received + self.settings.adopt_wait;
         loop {
             if token.reason().is_some() {
                 return Some(Wait::Cancelled);
@@ -270,6 +290,9 @@ impl Dispatcher {
         if token.reason().is_some() {
             return Wait::Cancelled;
         }
+        if !job.labels.is_empty() {
+            return self.claim_labelled(job, token);
+        }
         loop {
             select! {
                 recv(self.links.hints) -> hint => {
@@ -278,6 +301,27 @@ impl Dispatcher {
                         return Wait::Claimed(claim);
                     }
                 }
+                recv(token.fired()) -> _ => return Wait::Cancelled,
+                recv(self.links.shutdown) -> _ => return Wait::Draining,
+            }
+        }
+    }
+
+    /// Waits for a free slot on a worker with the job's labels (hints name any worker:
+    /// the registry finds one, and wakes this thread when one may be free), or until
+    /// no healthy worker has them.
+    fn claim_labelled(&self, job: &Job, token: &CancelToken) -> Wait {
+        let registry = &self.links.registry;
+        loop {
+            if !registry.routable(&job.labels) {
+                return Wait::Unroutable;
+            }
+            let wait = match registry.claim_matching(&job.labels, &job.job_id, token) {
+                Ok(claim) => return Wait::Claimed(claim),
+                Err(wait) => wait,
+            };
+            select! {
+                recv(wait.woken) -> _ => {}
                 recv(token.fired()) -> _ => return Wait::Cancelled,
                 recv(self.links.shutdown) -> _ => return Wait::Draining,
             }
@@ -356,153 +400,7 @@ impl Dispatcher {
     }
 }
 
-/// How a `RunJob` call that brought no answer ended, for the job and for its slot.
-#[derive(Debug, PartialEq, Eq)]
-enum Ending {
-    /// The worker started nothing (it is full, already runs this jobId, or does not
-    /// accept us): the job goes to another worker. Says why, for the log.
-    Refused(String),
-    /// The job's one status: its outcome and error, and what becomes of the slot.
-    Ended {
-        outcome: Outcome,
-        then: Then,
-        error: String,
-    },
-}
-
-/// What becomes of the slot of a call that ended without an answer.
-#[derive(Debug, PartialEq, Eq)]
-enum Then {
-    /// Release it so.
-    Release(Release),
-    /// Ask the worker to stop the job (`CancelJob`); its answer says how to release.
-    StopOnWorker,
-}
-
-/// Maps every way a `RunJob` call can fail to its ending (pure, so every gRPC code is
-/// unit-tested). `worker` names the worker in the error; `timeout` was the deadline.
-fn failed_call(error: &CallError, worker: &str, timeout: Duration) -> Ending {
-    let ended = |outcome, then, error| Ending::Ended {
-        outcome,
-        then,
-        error,
-    };
-    match error {
-        CallError::Cancelled(CancelReason::WorkerLost) => ended(
-            Outcome::WorkerLost,
-            Then::Release(Release::Done),
-            format!("worker {worker} stopped answering health pings while running the job"),
-        ),
-        CallError::Cancelled(CancelReason::Cancelled) => {
-            ended(Outcome::Cancelled, Then::StopOnWorker, "cancelled".into())
-        }
-        CallError::Grpc(grpcio::Error::RpcFailure(status)) => match status.code() {
-            RpcStatusCode::RESOURCE_EXHAUSTED => Ending::Refused("is full".into()),
-            // How the deployed Go workers say they are full: they started nothing.
-            RpcStatusCode::UNKNOWN if status.message().trim() == GO_WORKER_BUSY => {
-                Ending::Refused("is full".into())
-            }
-            // Codes that say the worker turned the call away before starting anything.
-            code @ (RpcStatusCode::ALREADY_EXISTS
-            | RpcStatusCode::UNAUTHENTICATED
-            | RpcStatusCode::PERMISSION_DENIED
-            | RpcStatusCode::UNIMPLEMENTED) => Ending::Refused(format!(
-                "refused the job without starting it ({code} {:?})",
-                status.message().chars().take(200).collect::<String>()
-            )),
-            RpcStatusCode::DEADLINE_EXCEEDED => ended(
-                Outcome::TimedOut,
-                Then::StopOnWorker,
-                format!(
-                    "no answer from worker {worker} within {}",
-                    humantime::format_duration(timeout)
-                ),
-            ),
-            RpcStatusCode::UNAVAILABLE | RpcStatusCode::CANCELLED => ended(
-                Outcome::WorkerLost,
-                Then::Release(Release::Unreachable),
-                format!(
-                    "lost worker {worker}: {} {}",
-                    status.code(),
-                    status.message()
-                ),
-            ),
-            code => ended(
-                Outcome::Failed,
-                Then::Release(Release::Done),
-                format!(
-                    "worker {worker} failed the call: {code} {}",
-                    status.message()
-                ),
-            ),
-        },
-        CallError::Grpc(e) => ended(
-            Outcome::Failed,
-            Then::Release(Release::Done),
-            format!("call to worker {worker} failed: {e}"),
-        ),
-    }
-}
-
-/// Asks the worker to stop a job whose call we gave up on; says how to release its
-/// slot: at once when the worker confirms, withheld until a Ping says FREE when it does
-/// not know `CancelJob` (older workers), unreachable when it does not answer.
-fn stop_on_worker(registry: &Registry, claim: &Claim, job_id: &str) -> Release {
-    let request = CancelJobRequest {
-        jobId: job_id.to_string(),
-        ..CancelJobRequest::default()
-    };
-    let call = claim
-        .client
-        .cancel_job_async_opt(&request, registry.call_options(CANCEL_TIMEOUT))
-        .map_err(CallError::Grpc)
-        .and_then(|mut call| cancel::wait(&mut call, None));
-    match call {
-        Ok(_) => Release::Done,
-        Err(CallError::Grpc(grpcio::Error::RpcFailure(s)))
-            if s.code() == RpcStatusCode::UNIMPLEMENTED =>
-        {
-            info!(
-                "job {job_id}: worker {} has no CancelJob; its slot waits for a FREE ping",
-                claim.worker
-            );
-            Release::Withheld
-        }
-        Err(e) => {
-            warn!(
-                "job {job_id}: could not ask worker {} to stop it: {e:?}",
-                claim.worker
-            );
-            Release::Unreachable
-        }
-    }
-}
-
-/// The status of a job the worker answered.
-fn answered(job: &Job, worker: &str, response: JobResponse) -> Status {
-    if response.jobId != job.job_id {
-        warn!(
-            "job {}: worker {worker} answered for job {:?}; keeping ours",
-            job.job_id, response.jobId
-        );
-    }
-    let token = &job.github_token;
-    Status {
-        job_id: job.job_id.clone(),
-        success: response.success,
-        logs: token.redact(&response.logs),
-        image_url: token.redact(&response.imageUrl),
-        error: token.redact(&response.error),
-        worker_id: worker.to_string(),
-        outcome: if response.success {
-            Outcome::Succeeded
-        } else {
-            Outcome::Failed
-        },
-        ..Status::without_answer(&job.job_id, Outcome::Failed, worker, String::new())
-            .in_dialect(job.dialect)
-    }
-}
+mod ending;
 
 #[cfg(test)]
 mod tests;

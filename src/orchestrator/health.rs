@@ -95,7 +95,9 @@ fn ping_all(
                         log::warn!("worker {}: ping report ignored: {reason}", target.worker)
                     }
                 }
-                if pong.status == WorkerStatus::BUSY {
+                if pong.draining {
+                    PingResult::Draining
+                } else if pong.status == WorkerStatus::BUSY {
                     PingResult::Busy
                 } else {
                     PingResult::Free(u32::try_from(pong.freeSlots).ok().filter(|&n| n > 0))

@@ -30,6 +30,7 @@ use crate::amqp::{publisher, Brokers};
 use crate::config::{read_secret_file, OrchestratorConfig, StaticWorker};
 use crate::grpc::Tls;
 use crate::job::Secret;
+use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::pipeline::ConsumerMsg;
 use dispatch::{DispatchLinks, DispatchSettings};
@@ -78,7 +79,14 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
     };
     restore(&registry, &remembered.workers, &config.workers);
     for worker in &config.workers {
-        registry.register(&worker.id, &worker.addr, "", 1, Origin::Static);
+        registry.register(
+            &worker.id,
+            &worker.addr,
+            "",
+            &Labels::default(),
+            1,
+            Origin::Static,
+        );
     }
     // Attached once the start's registrations are in: one write for all of them.
     let registry = Arc::new(match &state_file {
@@ -117,6 +125,7 @@ fn restore(registry: &Registry, remembered: &[Remembered], named: &[StaticWorker
             &worker.id,
             &worker.address,
             &worker.region,
+            &worker.labels,
             worker.capacity,
             Origin::Restored,
         );
@@ -213,6 +222,7 @@ fn spawn_threads(
             topology: config.topology.clone(),
             instance_id: metrics.instance_id().to_string(),
             prefetch: config.prefetch(),
+            max_parked: config.max_parked_jobs,
             ledger: LedgerConfig {
                 max_message_bytes: config.max_message_bytes,
                 dedupe_window: config.dedupe_window,
@@ -220,6 +230,7 @@ fn spawn_threads(
                 cancel_ttl: config.cancel_ttl,
                 events,
                 derived_image_prefix: config.derived_image_prefix.clone(),
+                unroutable_after: config.unroutable_after,
             },
             remembered_cancels: memory.cancels,
         },
@@ -231,6 +242,8 @@ fn spawn_threads(
             connections: connections_tx,
             metrics: metrics.clone(),
             state_file: memory.file,
+            routing: registry.routing_changes(),
+            router: registry.clone(),
         },
     );
     dispatch::spawn_pool(

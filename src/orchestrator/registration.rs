@@ -13,9 +13,11 @@ use super::registry::{Origin, Registry, Reported};
 use crate::grpc::serving::{Serving, ORCHESTRATOR_SERVICE};
 use crate::grpc::{admit, fail, reply, server_credentials, Tls};
 use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
-use crate::proto::job::PingRequest as JobPingRequest;
+use crate::labels::Labels;
+use crate::proto::job::{PingRequest as JobPingRequest, SetDrainingRequest};
 use crate::proto::worker::{
-    ListWorkersRequest, ListWorkersResponse, PingRequest, PongResponse, RegisterAck, WorkerInfo,
+    DrainWorkerRequest, DrainWorkerResponse, ListWorkersRequest, ListWorkersResponse, PingRequest,
+    PongResponse, RegisterAck, WorkerInfo,
 };
 use crate::proto::worker_grpc::{create_worker_service, WorkerService};
 
@@ -92,6 +94,7 @@ struct Checked {
     id: String,
     addr: String,
     region: String,
+    labels: Labels,
     capacity: u32,
     reported: Reported,
 }
@@ -103,12 +106,13 @@ impl WorkerServiceImpl {
             id,
             addr,
             region,
+            labels,
             capacity,
             reported,
         } = worker;
         let Some(generation) =
             self.registry
-                .register(id, addr, region, *capacity, Origin::Registered)
+                .register(id, addr, region, labels, *capacity, Origin::Registered)
         else {
             warn!("refused a registration from {peer}: the registry is full");
             return Err(RpcStatus::with_message(
@@ -118,7 +122,7 @@ impl WorkerServiceImpl {
         };
         self.registry.report(id, reported.clone());
         info!(
-            "worker {id} registered at {addr} (capacity {capacity}, region {region:?}, generation {generation}{})",
+            "worker {id} registered at {addr} (capacity {capacity}, region {region:?}, labels {{{labels}}}, generation {generation}{})",
             describe(reported)
         );
         Ok(RegisterAck {
@@ -206,6 +210,80 @@ impl WorkerService for WorkerServiceImpl {
         reply(&ctx, sink, pong);
     }
 
+    /// Relays `blacktree workers drain|resume` to the worker's `SetDraining` (with our
+    /// token) and records its answer; the worker's own flag is the truth, so every
+    /// orchestrator it checks in with sees it at its next ping.
+    fn drain_worker(
+        &mut self,
+        ctx: RpcContext,
+        req: DrainWorkerRequest,
+        sink: UnarySink<DrainWorkerResponse>,
+    ) {
+        let Some(sink) = admit(&ctx, sink, self.policy.token.as_ref()) else {
+            return;
+        };
+        let id = req.id;
+        let Some((_, client)) = self.registry.address_of(&id) else {
+            let status = RpcStatus::with_message(
+                RpcStatusCode::NOT_FOUND,
+                format!("no worker {id:?} is registered here"),
+            );
+            return fail(&ctx, sink, status);
+        };
+        let request = SetDrainingRequest {
+            draining: req.drain,
+            ..SetDrainingRequest::default()
+        };
+        let options = self.registry.call_options(self.policy.ping_timeout);
+        let call = client.set_draining_async_opt(&request, options);
+        let registry = self.registry.clone();
+        ctx.spawn(async move {
+            let answer = match call {
+                Ok(call) => call.await,
+                Err(e) => Err(e),
+            };
+            let sent = match answer {
+                Ok(answer) => {
+                    registry.set_draining(&id, answer.draining);
+                    info!(
+                        "worker {id}: {} by an operator ({} running)",
+                        if answer.draining {
+                            "drained"
+                        } else {
+                            "resumed"
+                        },
+                        answer.running
+                    );
+                    let reply = DrainWorkerResponse {
+                        draining: answer.draining,
+                        running: answer.running,
+                        ..DrainWorkerResponse::default()
+                    };
+                    sink.success(reply).await
+                }
+                Err(grpcio::Error::RpcFailure(s)) if s.code() == RpcStatusCode::UNIMPLEMENTED => {
+                    let why = format!(
+                        "worker {id:?} cannot be drained: it does not serve SetDraining \
+                         (an older or Go worker); stop sending it jobs by stopping it"
+                    );
+                    sink.fail(RpcStatus::with_message(
+                        RpcStatusCode::FAILED_PRECONDITION,
+                        why,
+                    ))
+                    .await
+                }
+                Err(e) => {
+                    let why = format!("worker {id:?} did not answer: {e}");
+                    sink.fail(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, why))
+                        .await
+                }
+            };
+            if let Err(e) = sent {
+                log::debug!("could not answer a drain request: {e}");
+            }
+        });
+    }
+
     fn list_workers(
         &mut self,
         ctx: RpcContext,
@@ -264,6 +342,8 @@ fn checked_registration(info: &WorkerInfo, max_capacity: u32) -> Result<Checked,
             "worker {id}: region must be at most {MAX_REGION_CHARS} printable characters"
         ));
     }
+    let labels = Labels::new(info.labels.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .map_err(|reason| format!("worker {id}: {reason}"))?;
     let capacity = match info.capacity {
         0 => 1,
         c if c < 0 => return Err(format!("worker {id}: capacity {c} is negative")),
@@ -285,6 +365,7 @@ fn checked_registration(info: &WorkerInfo, max_capacity: u32) -> Result<Checked,
         id: id.to_string(),
         addr: format!("{host}:{port}"),
         region: region.to_string(),
+        labels,
         capacity,
         reported,
     })

@@ -31,11 +31,13 @@ use crate::agent::jobs::MAX_HELD;
 use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::grpc::{self, Tls};
 use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
+use crate::labels::Labels;
 use crate::proto::job_grpc::JobServiceClient;
 pub use liveness::{PingResult, PingTarget};
 pub use view::WorkerView;
 
 mod liveness;
+mod routing;
 mod view;
 
 /// A hint that a worker may have a free slot.
@@ -153,11 +155,15 @@ pub struct Registry {
     /// Which worker reports each jobId (running or held), so that every consumed job
     /// can look for its worker without a scan. Taken after `state`, never before.
     reported_by: Mutex<HashMap<String, Arc<str>>>,
+    /// Dispatch threads waiting for a labelled slot, and the consumer's signal.
+    signals: routing::Signals,
 }
 
 struct Worker {
     addr: String,
     region: String,
+    /// The labels it offers, `region=<region>` among them.
+    labels: Labels,
     /// When it last answered a ping.
     last_seen: Option<Instant>,
     generation: u64,
@@ -167,6 +173,8 @@ struct Worker {
     healthy: bool,
     /// Reported BUSY while running none of our jobs (or refused one).
     busy: bool,
+    /// Takes no new job (`blacktree workers drain`, or it is stopping).
+    draining: bool,
     failures: u32,
     unhealthy_since: Option<Instant>,
     /// Named on the command line: never forgotten.
@@ -210,7 +218,7 @@ impl Worker {
     /// answer said were free (another orchestrator's jobs take slots too), less our jobs
     /// started since and plus ours ended since.
     fn free_slots(&self) -> u32 {
-        if !self.healthy || self.busy {
+        if !self.healthy || self.busy || self.draining {
             return 0;
         }
         let free = self.capacity.saturating_sub(self.in_flight());
@@ -236,6 +244,7 @@ impl Registry {
             settings,
             state_file: None,
             reported_by: Mutex::default(),
+            signals: routing::Signals::default(),
         }
     }
 
@@ -258,15 +267,23 @@ impl Registry {
     /// state file, or `None` when a registered worker with a new id would take the
     /// registry past `max_workers`. A registered worker starts healthy (it just reached
     /// us); a static or restored one starts unhealthy until a ping answers. Hints of an
-    /// earlier registration under the same id become stale.
+    /// earlier registration under the same id become stale. The worker offers `labels`
+    /// and `region=<region>` (when the region is a valid label value).
     pub fn register(
         &self,
         id: &str,
         addr: &str,
         region: &str,
+        labels: &Labels,
         capacity: u32,
         origin: Origin,
     ) -> Option<u64> {
+        let labels = match region {
+            "" => labels.clone(),
+            region => labels
+                .with("region", region)
+                .unwrap_or_else(|| labels.clone()),
+        };
         let is_static = origin == Origin::Static;
         let generation = self
             .next_generation
@@ -288,12 +305,14 @@ impl Registry {
         let worker = workers.entry(id.clone()).insert_entry(Worker {
             addr: addr.to_string(),
             region: region.to_string(),
+            labels,
             last_seen: None,
             generation,
             capacity: capacity.max(1),
             hinted: 0,
             healthy,
             busy: false,
+            draining: false,
             failures: 0,
             // A restored worker that never answers is forgotten `forget_after` from now.
             unhealthy_since: (origin == Origin::Restored).then(Instant::now),
@@ -307,6 +326,7 @@ impl Registry {
         });
         self.top_up(&id, worker.into_mut());
         drop(workers);
+        self.routing_changed();
         self.remember();
         Some(generation)
     }
@@ -332,6 +352,7 @@ impl Registry {
                     id: id.to_string(),
                     address: w.addr.clone(),
                     region: w.region.clone(),
+                    labels: w.labels.clone(),
                     capacity: w.capacity,
                     is_static: w.is_static,
                 })
@@ -350,15 +371,20 @@ impl Registry {
         )
     }
 
-    /// Sends the hints a worker's free slots are missing.
+    /// Sends the hints a worker's free slots are missing, and wakes the dispatch
+    /// threads waiting for a slot with labels it has.
     fn top_up(&self, id: &Arc<str>, worker: &mut Worker) {
-        while worker.hinted < worker.free_slots() {
+        let free = worker.free_slots();
+        while worker.hinted < free {
             worker.hinted += 1;
             // The receiving side lives in the dispatch pool for the whole process.
             let _ = self.hints.send(Hint {
                 worker: id.clone(),
                 generation: worker.generation,
             });
+        }
+        if free > 0 {
+            self.wake_waiters(worker);
         }
     }
 
@@ -483,32 +509,7 @@ impl Registry {
         for token in worker.running.values() {
             token.cancel(CancelReason::WorkerLost);
         }
-    }
-
-    /// What the registry knows of each worker, sorted by id.
-    pub fn list(&self) -> Vec<WorkerView> {
-        let mut list: Vec<WorkerView> = self
-            .lock()
-            .iter()
-            .map(|(id, w)| WorkerView {
-                id: id.to_string(),
-                addr: w.addr.clone(),
-                region: w.region.clone(),
-                state: if !w.healthy {
-                    "unhealthy"
-                } else if w.free_slots() == 0 {
-                    "busy"
-                } else {
-                    "free"
-                }
-                .to_string(),
-                capacity: w.capacity,
-                in_flight: w.in_flight(),
-                last_ping: w.last_seen.map(|t| t.elapsed()),
-            })
-            .collect();
-        list.sort_by(|a, b| a.id.cmp(&b.id));
-        list
+        self.routing_changed();
     }
 }
 

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::labels::Labels;
 use crate::lock::{self, InstanceLock, LockError};
 
 /// Where the state file is kept unless `--state-file` says otherwise; the systemd unit's
@@ -41,6 +42,9 @@ pub struct Remembered {
     /// The region it reported.
     #[serde(default)]
     pub region: String,
+    /// The labels it offered (its region among them); files of older versions have none.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     /// Jobs it runs at once.
     pub capacity: u32,
     /// Named by `--worker` rather than registered.

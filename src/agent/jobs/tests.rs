@@ -28,10 +28,10 @@ impl Wake for Counter {
 #[test]
 fn a_job_id_runs_once_and_later_calls_attach_or_get_the_held_answer() {
     let table = JobTable::new(2, Duration::from_secs(3600));
-    let Begin::Start(running) = table.begin("a", false) else {
+    let Begin::Start(running) = table.begin("a", None) else {
         panic!("a new job starts");
     };
-    let Begin::Attach(attached) = table.begin("a", false) else {
+    let Begin::Attach(attached) = table.begin("a", None) else {
         panic!("a second call attaches");
     };
     assert!(Arc::ptr_eq(&running, &attached));
@@ -49,7 +49,7 @@ fn a_job_id_runs_once_and_later_calls_attach_or_get_the_held_answer() {
     );
     assert_eq!(attached.answer_or_wait(waiter, &waker).unwrap().jobId, "a");
     assert_eq!(table.report(), (vec![], vec!["a".to_string()]));
-    let Begin::Held(held) = table.begin("a", false) else {
+    let Begin::Held(held) = table.begin("a", None) else {
         panic!("a call after the end gets the held answer");
     };
     assert_eq!(held.logs, "xxx");
@@ -59,16 +59,16 @@ fn a_job_id_runs_once_and_later_calls_attach_or_get_the_held_answer() {
         (vec![], vec!["a".to_string()]),
         "a received answer stays held for a redelivery"
     );
-    assert!(matches!(table.begin("a", false), Begin::Held(_)));
+    assert!(matches!(table.begin("a", None), Begin::Held(_)));
 
     // Kept at most --hold-results (here nothing) once received.
     let table = JobTable::new(1, Duration::ZERO);
-    assert!(matches!(table.begin("b", false), Begin::Start(_)));
+    assert!(matches!(table.begin("b", None), Begin::Start(_)));
     table.finish("b", answer("b", 1));
     table.delivered("b");
     assert_eq!(table.report(), (vec![], vec![]));
     assert!(
-        matches!(table.begin("b", false), Begin::Start(_)),
+        matches!(table.begin("b", None), Begin::Start(_)),
         "an answer received and past its time is not held"
     );
 }
@@ -76,17 +76,26 @@ fn a_job_id_runs_once_and_later_calls_attach_or_get_the_held_answer() {
 #[test]
 fn capacity_and_draining_refuse_new_jobs_but_not_calls_for_known_ones() {
     let table = JobTable::new(1, Duration::from_secs(3600));
-    assert!(matches!(table.begin("a", false), Begin::Start(_)));
+    assert!(matches!(table.begin("a", None), Begin::Start(_)));
     assert!(matches!(
-        table.begin("b", false),
+        table.begin("b", None),
         Begin::Full("no free slot")
     ));
-    assert!(matches!(table.begin("a", true), Begin::Attach(_)));
+    assert!(matches!(
+        table.begin("a", Some("the worker is shutting down")),
+        Begin::Attach(_)
+    ));
     table.finish("a", answer("a", 0));
-    assert!(matches!(table.begin("a", true), Begin::Held(_)));
-    assert!(matches!(table.begin("b", true), Begin::Full(_)));
+    assert!(matches!(
+        table.begin("a", Some("the worker is shutting down")),
+        Begin::Held(_)
+    ));
+    assert!(matches!(
+        table.begin("b", Some("the worker is shutting down")),
+        Begin::Full(_)
+    ));
     assert!(
-        matches!(table.begin("b", false), Begin::Start(_)),
+        matches!(table.begin("b", None), Begin::Start(_)),
         "a held answer takes no slot"
     );
 }
@@ -94,7 +103,7 @@ fn capacity_and_draining_refuse_new_jobs_but_not_calls_for_known_ones() {
 #[test]
 fn a_cancel_stops_a_running_job_or_drops_a_held_answer() {
     let table = JobTable::new(2, Duration::from_secs(3600));
-    let Begin::Start(running) = table.begin("a", false) else {
+    let Begin::Start(running) = table.begin("a", None) else {
         panic!();
     };
     assert!(table.cancel("a", "cancelled"));
@@ -111,14 +120,14 @@ fn a_cancel_stops_a_running_job_or_drops_a_held_answer() {
 #[test]
 fn held_answers_expire_and_are_bounded() {
     let table = JobTable::new(1, Duration::ZERO);
-    table.begin("a", false);
+    table.begin("a", None);
     table.finish("a", answer("a", 0));
     assert_eq!(table.report(), (vec![], vec![]), "held for no time");
 
     let table = JobTable::new(1, Duration::from_secs(3600));
     for i in 0..MAX_HELD + 3 {
         let id = format!("job-{i}");
-        table.begin(&id, false);
+        table.begin(&id, None);
         table.finish(&id, answer(&id, 0));
     }
     let (_, held) = table.report();
@@ -128,7 +137,7 @@ fn held_answers_expire_and_are_bounded() {
     let table = JobTable::new(1, Duration::from_secs(3600));
     let big = MAX_HELD_BYTES / 2 + 1;
     for id in ["a", "b"] {
-        table.begin(id, false);
+        table.begin(id, None);
         table.finish(id, answer(id, big));
     }
     assert_eq!(table.report().1, ["b"], "bounded in bytes");
@@ -137,7 +146,7 @@ fn held_answers_expire_and_are_bounded() {
 #[test]
 fn an_abandoned_job_is_not_held() {
     let table = JobTable::new(1, Duration::from_secs(3600));
-    table.begin("a", false);
+    table.begin("a", None);
     table.abandon("a", answer("a", 0));
     assert_eq!(table.report(), (vec![], vec![]));
 }

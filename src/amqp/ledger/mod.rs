@@ -25,10 +25,14 @@ use crate::grpc::cancel::{CancelReason, CancelToken};
 use crate::job::{self, decode_cancel, EventKind, Job, Outcome, Rejection, Status};
 use crate::metrics::Metrics;
 use crate::orchestrator::state_file::EarlyCancel;
-use crate::pipeline::{AckKey, Assignment, Publication};
+use crate::pipeline::{AckKey, Assignment, Publication, Router};
 use early_cancels::EarlyCancels;
+use parked::Parked;
+use recent::RecentJobs;
 
 mod early_cancels;
+mod parked;
+mod recent;
 
 /// How many jobIds the de-duplication window remembers at most.
 const RECENT_JOBS_CAPACITY: usize = 100_000;
@@ -48,6 +52,8 @@ pub struct LedgerConfig {
     pub events: bool,
     /// A deployment without `imageName` builds this + its id.
     pub derived_image_prefix: String,
+    /// A job held back this long for its labels ends `rejected` (`--unroutable-after`).
+    pub unroutable_after: Option<Duration>,
 }
 
 /// What the consumer thread must do on the live channel, in order.
@@ -75,6 +81,8 @@ struct Pending {
     tags: Vec<u64>,
     /// Stops it wherever it is in dispatch.
     token: CancelToken,
+    /// The consumer window its first delivery came in.
+    window: u64,
 }
 
 /// Counts for the consumer's last log line.
@@ -106,6 +114,12 @@ pub struct Ledger {
     recent: RecentJobs,
     /// Jobs consumed and not yet taken by a dispatch thread, oldest first.
     backlog: VecDeque<Assignment>,
+    /// Jobs held back because no healthy worker has their labels.
+    parked: Parked,
+    /// Which labels a worker can take now.
+    router: Arc<dyn Router>,
+    /// The consumer window deliveries come in now (see [`Ledger::new_window`]).
+    window: u64,
     /// Cancels of jobs not consumed yet.
     early_cancels: EarlyCancels,
     drain_deadline: Option<Instant>,
@@ -129,9 +143,17 @@ impl Ledger {
             next_rejected: 0,
             unacked: BTreeSet::new(),
             backlog: VecDeque::new(),
+            parked: Parked::default(),
+            router: Arc::new(parked::EveryLabel),
+            window: 0,
             drain_deadline: None,
             stats: Stats::default(),
         }
+    }
+
+    /// The same ledger, asking `router` which labels a worker can take (until then: all).
+    pub fn with_router(self, router: Arc<dyn Router>) -> Ledger {
+        Ledger { router, ..self }
     }
 
     /// A message on the execute queue, with its delivery tag and whether the broker
@@ -170,6 +192,7 @@ impl Ledger {
         let pending = Pending {
             tags: vec![tag],
             token: token.clone(),
+            window: self.window,
         };
         self.pending.insert(job.job_id.clone(), pending);
         let mut actions = Vec::new();
@@ -182,13 +205,19 @@ impl Ledger {
             actions.push(cancelled(&job));
             actions.push(Action::Remember(self.early_cancels.snapshot()));
         } else {
-            self.backlog.push_back(Assignment {
+            let waiting = Some(self.metrics.load.waiting(&job.labels));
+            let assignment = Assignment {
                 job,
                 token,
                 received: Instant::now(),
                 redelivered,
-                waiting: Some(self.metrics.load.waiting()),
-            });
+                waiting,
+            };
+            if self.router.routable(&assignment.job.labels) {
+                self.backlog.push_back(assignment);
+            } else {
+                self.park(assignment);
+            }
         }
         actions
     }
@@ -211,8 +240,11 @@ impl Ledger {
     /// `jobs` channel, in dispatch or on a worker (its token tells the dispatch thread
     /// that has or takes it), not consumed yet (remembered), or finished (nothing to do).
     fn cancel(&mut self, job_id: String) -> Vec<Action> {
-        if let Some(i) = self.backlog.iter().position(|a| a.job.job_id == job_id) {
-            let assignment = self.backlog.remove(i).expect("found in the backlog");
+        let waiting = match self.backlog.iter().position(|a| a.job.job_id == job_id) {
+            Some(i) => self.backlog.remove(i),
+            None => self.parked.take(&job_id),
+        };
+        if let Some(assignment) = waiting {
             info!("job {job_id}: cancelled before dispatch");
             return vec![cancelled(&assignment.job)];
         }
@@ -381,6 +413,7 @@ impl Ledger {
     }
 
     fn with_backlog(&mut self, mut unstarted: Vec<Assignment>) -> Vec<Assignment> {
+        unstarted.extend(self.parked.take_all());
         unstarted.extend(self.backlog.drain(..));
         unstarted
     }
@@ -424,64 +457,6 @@ fn oldest_run(unacked: &BTreeSet<u64>, tags: &[u64]) -> usize {
         .zip(tags)
         .take_while(|(unacked, tag)| unacked == tag)
         .count()
-}
-
-/// The jobIds seen within a time window, bounded in number.
-#[derive(Debug)]
-struct RecentJobs {
-    window: Duration,
-    capacity: usize,
-    /// Insertions, oldest first; an entry whose id was removed (or inserted again since)
-    /// no longer matches `ids` and is skipped.
-    order: VecDeque<(Instant, String)>,
-    ids: HashMap<String, Instant>,
-}
-
-impl RecentJobs {
-    fn new(window: Duration, capacity: usize) -> RecentJobs {
-        RecentJobs {
-            window,
-            capacity,
-            order: VecDeque::new(),
-            ids: HashMap::new(),
-        }
-    }
-
-    fn insert(&mut self, job_id: String) {
-        self.expire();
-        if self.ids.contains_key(&job_id) {
-            return;
-        }
-        let now = Instant::now();
-        self.ids.insert(job_id.clone(), now);
-        self.order.push_back((now, job_id));
-        while self.ids.len() > self.capacity {
-            self.pop_oldest();
-        }
-    }
-
-    fn contains(&mut self, job_id: &str) -> bool {
-        self.expire();
-        self.ids.contains_key(job_id)
-    }
-
-    fn expire(&mut self) {
-        while let Some((at, _)) = self.order.front() {
-            if at.elapsed() < self.window {
-                break;
-            }
-            self.pop_oldest();
-        }
-    }
-
-    fn pop_oldest(&mut self) {
-        let Some((at, id)) = self.order.pop_front() else {
-            return;
-        };
-        if self.ids.get(&id) == Some(&at) {
-            self.ids.remove(&id);
-        }
-    }
 }
 
 #[cfg(test)]

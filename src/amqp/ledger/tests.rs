@@ -14,6 +14,7 @@ fn ledger_with(dedupe_window: Duration) -> Ledger {
         cancel_ttl: Duration::from_secs(3600),
         events: false,
         derived_image_prefix: "blacktree/".into(),
+        unroutable_after: None,
     };
     Ledger::new(config, Arc::new(Metrics::default()), Vec::new())
 }

@@ -1,7 +1,9 @@
 //! Unit tests of the mapping from a `RunJob` call's end to the job's status.
 
+use super::ending::*;
 use super::*;
-use grpcio::RpcStatus;
+use crate::grpc::cancel::CancelReason;
+use grpcio::{RpcStatus, RpcStatusCode};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 

@@ -18,6 +18,8 @@ pub enum PingResult {
     Free(Option<u32>),
     /// The worker answered BUSY.
     Busy,
+    /// The worker takes no new job (drained by an operator, or stopping).
+    Draining,
     /// No answer, or an error.
     Failed(String),
 }
@@ -66,12 +68,13 @@ impl Registry {
         }
         let mut suspect = false;
         match result {
-            PingResult::Free(_) | PingResult::Busy => {
+            PingResult::Free(_) | PingResult::Busy | PingResult::Draining => {
                 if !worker.healthy {
                     info!(
                         "worker {} ({}) answers pings: healthy",
                         target.worker, worker.addr
                     );
+                    self.routing_changed();
                 }
                 worker.healthy = true;
                 worker.failures = 0;
@@ -82,6 +85,21 @@ impl Registry {
                     || worker.in_flight() > 0
                     || worker.started != target.started;
                 worker.busy = result == PingResult::Busy && !ours;
+                let draining = result == PingResult::Draining;
+                if worker.draining != draining {
+                    info!(
+                        "worker {} ({}) {}",
+                        target.worker,
+                        worker.addr,
+                        if draining {
+                            "is draining: no new jobs"
+                        } else {
+                            "takes jobs again"
+                        }
+                    );
+                    worker.draining = draining;
+                    self.routing_changed();
+                }
                 worker.pinged = match result {
                     PingResult::Free(Some(free)) => Some(super::PingedSlots {
                         free: free.min(worker.capacity),

@@ -1,6 +1,7 @@
 //! Unit tests of the worker registry and its slot accounting.
 
 use super::*;
+use crate::labels::Labels;
 use crossbeam_channel::{unbounded, Receiver};
 
 fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
@@ -28,6 +29,11 @@ fn claim_all(registry: &Registry, hints: &Receiver<Hint>, token: &CancelToken) -
     claims
 }
 
+/// Registers a worker without region or labels.
+fn add(registry: &Registry, id: &str, addr: &str, capacity: u32, origin: Origin) -> Option<u64> {
+    registry.register(id, addr, "", &Labels::default(), capacity, origin)
+}
+
 fn target(registry: &Registry, id: &str) -> PingTarget {
     registry
         .ping_targets()
@@ -40,8 +46,8 @@ fn target(registry: &Registry, id: &str) -> PingTarget {
 fn a_worker_never_gets_more_than_its_capacity() {
     let (registry, hints) = registry(2);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 3, Origin::Registered);
-    registry.register("w", "127.0.0.1:1", "", 3, Origin::Registered); // re-registration: old hints stale
+    add(&registry, "w", "127.0.0.1:1", 3, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 3, Origin::Registered); // re-registration: old hints stale
     let claims = claim_all(&registry, &hints, &token);
     assert_eq!(claims.len(), 3);
     assert!(hints.is_empty());
@@ -54,7 +60,7 @@ fn a_worker_never_gets_more_than_its_capacity() {
 fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
     let (registry, hints) = registry(2);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 2, Origin::Registered);
     for _ in 0..2 {
         registry.record_ping(
             &target(&registry, "w"),
@@ -76,7 +82,7 @@ fn unhealthy_or_busy_workers_get_no_job_and_recover_their_slots() {
 fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
     let (registry, hints) = registry(2);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 1, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 1, Origin::Registered);
     let ping = target(&registry, "w");
     let claim = claim_all(&registry, &hints, &token)
         .pop()
@@ -90,7 +96,7 @@ fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
 fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
     let (registry, hints) = registry(1);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 2, Origin::Registered);
     let claims = claim_all(&registry, &hints, &token);
     registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
     assert_eq!(token.reason(), Some(CancelReason::WorkerLost));
@@ -99,7 +105,7 @@ fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
     }
     assert!(claim_all(&registry, &hints, &token).is_empty());
 
-    registry.register("v", "127.0.0.1:2", "", 1, Origin::Registered);
+    add(&registry, "v", "127.0.0.1:2", 1, Origin::Registered);
     let claim = claim_all(&registry, &hints, &token)
         .pop()
         .expect("one slot");
@@ -110,7 +116,7 @@ fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
 #[test]
 fn a_failed_ping_makes_a_suspect_until_the_worker_is_unhealthy_or_answers() {
     let (registry, _hints) = registry(3);
-    registry.register("w", "127.0.0.1:1", "", 1, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 1, Origin::Registered);
     let fail = || registry.record_ping(&target(&registry, "w"), PingResult::Failed("x".into()));
     assert!(fail(), "first failure: still healthy, ping again");
     assert!(fail(), "second failure");
@@ -123,8 +129,8 @@ fn a_failed_ping_makes_a_suspect_until_the_worker_is_unhealthy_or_answers() {
 #[test]
 fn registered_workers_are_forgotten_static_ones_are_not() {
     let (registry, _hints) = registry(1);
-    registry.register("dyn", "127.0.0.1:1", "", 1, Origin::Registered);
-    registry.register("static", "127.0.0.1:2", "", 1, Origin::Static);
+    add(&registry, "dyn", "127.0.0.1:1", 1, Origin::Registered);
+    add(&registry, "static", "127.0.0.1:2", 1, Origin::Static);
     registry.record_ping(&target(&registry, "static"), PingResult::Free(None));
     for id in ["dyn", "static"] {
         registry.record_ping(&target(&registry, id), PingResult::Failed("down".into()));
@@ -140,6 +146,11 @@ fn a_worker_view_survives_list_workers() {
         id: "w1".into(),
         addr: "10.0.0.2:6000".into(),
         region: "eu".into(),
+        labels: Labels::new([
+            ("arch".into(), "arm64".into()),
+            ("region".into(), "eu".into()),
+        ])
+        .unwrap(),
         state: "busy".into(),
         capacity: 3,
         in_flight: 2,
@@ -157,7 +168,7 @@ fn a_worker_view_survives_list_workers() {
 #[test]
 fn a_restored_worker_gets_no_job_until_it_answers_a_ping() {
     let (registry, hints) = registry(1);
-    registry.register("r", "127.0.0.1:1", "", 2, Origin::Restored);
+    add(&registry, "r", "127.0.0.1:1", 2, Origin::Restored);
     assert_eq!(registry.list()[0].state, "unhealthy");
     assert!(hints.try_iter().next().is_none(), "no hint before a ping");
     registry.record_ping(&target(&registry, "r"), PingResult::Free(None));
@@ -170,7 +181,7 @@ fn a_restored_worker_gets_no_job_until_it_answers_a_ping() {
 #[test]
 fn a_restored_worker_that_never_answers_is_forgotten() {
     let (registry, _hints) = registry(1);
-    registry.register("r", "127.0.0.1:1", "", 1, Origin::Restored);
+    add(&registry, "r", "127.0.0.1:1", 1, Origin::Restored);
     registry.forget_expired(); // forget_after is zero here
     assert!(!registry.is_registered("r"));
 }
@@ -198,8 +209,15 @@ fn every_change_of_the_set_of_workers_reaches_the_state_file() {
             })
             .collect()
     };
-    registry.register("dyn", "127.0.0.1:1", "eu", 3, Origin::Registered);
-    registry.register("fixed", "127.0.0.1:2", "", 1, Origin::Static);
+    registry.register(
+        "dyn",
+        "127.0.0.1:1",
+        "eu",
+        &Labels::default(),
+        3,
+        Origin::Registered,
+    );
+    add(&registry, "fixed", "127.0.0.1:2", 1, Origin::Static);
     assert_eq!(
         remembered(),
         [
@@ -207,7 +225,14 @@ fn every_change_of_the_set_of_workers_reaches_the_state_file() {
             ("fixed".into(), "127.0.0.1:2".into(), true)
         ]
     );
-    registry.register("dyn", "127.0.0.1:9", "eu", 3, Origin::Registered); // it moved
+    registry.register(
+        "dyn",
+        "127.0.0.1:9",
+        "eu",
+        &Labels::default(),
+        3,
+        Origin::Registered,
+    ); // it moved
     assert_eq!(remembered()[0], ("dyn".into(), "127.0.0.1:9".into(), false));
     registry.record_ping(&target(&registry, "dyn"), PingResult::Failed("down".into()));
     registry.forget_expired();
@@ -218,20 +243,14 @@ fn every_change_of_the_set_of_workers_reaches_the_state_file() {
 fn registrations_beyond_max_workers_are_refused_but_known_ids_and_static_ones_are_not() {
     let (registry, _hints) = registry(1); // max_workers: 3
     for id in ["a", "b", "c"] {
-        assert!(registry
-            .register(id, "127.0.0.1:1", "", 1, Origin::Registered)
-            .is_some());
+        assert!(add(&registry, id, "127.0.0.1:1", 1, Origin::Registered).is_some());
     }
     assert_eq!(
-        registry.register("d", "127.0.0.1:1", "", 1, Origin::Registered),
+        add(&registry, "d", "127.0.0.1:1", 1, Origin::Registered),
         None
     );
-    assert!(registry
-        .register("a", "127.0.0.1:2", "", 1, Origin::Registered)
-        .is_some());
-    assert!(registry
-        .register("s", "127.0.0.1:3", "", 1, Origin::Static)
-        .is_some());
+    assert!(add(&registry, "a", "127.0.0.1:2", 1, Origin::Registered).is_some());
+    assert!(add(&registry, "s", "127.0.0.1:3", 1, Origin::Static).is_some());
     assert_eq!(registry.list().len(), 4);
 }
 
@@ -247,7 +266,7 @@ fn reported(running: &[&str], held: &[&str]) -> Reported {
 fn reported_builds_take_slots_and_are_adopted_without_one() {
     let (registry, hints) = registry(2);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 3, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 3, Origin::Registered);
     // A build started by an earlier orchestrator runs there, and one answer is held.
     registry.report("w", reported(&["orphan"], &["done"]));
     let claims = claim_all(&registry, &hints, &token);
@@ -285,12 +304,12 @@ fn reports_are_bounded_and_checked() {
 fn a_worker_registering_again_or_reporting_anew_no_longer_offers_what_it_reported() {
     let (registry, _hints) = registry(2);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 2, Origin::Registered);
     registry.report("w", reported(&["a"], &["b"]));
     registry.report("w", reported(&["c"], &[]));
     assert!(registry.adopt("a", &token).is_none(), "no longer reported");
     assert!(registry.adopt("b", &token).is_none());
-    registry.register("w", "127.0.0.1:1", "", 2, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 2, Origin::Registered);
     assert!(
         registry.adopt("c", &token).is_none(),
         "a new registration reports nothing yet"
@@ -305,7 +324,7 @@ fn a_worker_registering_again_or_reporting_anew_no_longer_offers_what_it_reporte
 fn free_slots_a_ping_reports_bound_ours_when_another_orchestrator_shares_the_worker() {
     let (registry, hints) = registry(2);
     let token = CancelToken::default();
-    registry.register("w", "127.0.0.1:1", "", 4, Origin::Registered);
+    add(&registry, "w", "127.0.0.1:1", 4, Origin::Registered);
     // Another orchestrator runs three jobs there: one slot is free.
     registry.record_ping(&target(&registry, "w"), PingResult::Free(Some(1)));
     let claims = claim_all(&registry, &hints, &token);
@@ -319,7 +338,7 @@ fn free_slots_a_ping_reports_bound_ours_when_another_orchestrator_shares_the_wor
     assert_eq!(claim_all(&registry, &hints, &token).len(), 2);
     assert_eq!(registry.list()[0].state, "busy");
     // A worker that does not report slots (older ones) is bounded by its capacity alone.
-    registry.register("old", "127.0.0.1:2", "", 2, Origin::Registered);
+    add(&registry, "old", "127.0.0.1:2", 2, Origin::Registered);
     registry.record_ping(&target(&registry, "old"), PingResult::Free(None));
     assert_eq!(claim_all(&registry, &hints, &token).len(), 2);
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::Registry;
+use crate::labels::Labels;
 use crate::metrics::Slots;
 use crate::proto::worker::WorkerState;
 
@@ -15,7 +16,9 @@ pub struct WorkerView {
     pub addr: String,
     /// Region it reported.
     pub region: String,
-    /// `free`, `busy` or `unhealthy`.
+    /// The labels it offers, its region among them.
+    pub labels: Labels,
+    /// `free`, `busy`, `draining` or `unhealthy`.
     pub state: String,
     /// Jobs it runs at once.
     pub capacity: u32,
@@ -26,6 +29,12 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
+    /// Whether it was drained and nothing runs on it (from any orchestrator): it can be
+    /// stopped without losing a build.
+    pub fn safe_to_stop(&self) -> bool {
+        self.state == "draining" && self.in_flight == 0
+    }
+
     /// As `ListWorkers` sends it (`lastPingMsAgo` -1: never answered).
     pub fn to_proto(&self) -> WorkerState {
         WorkerState {
@@ -38,6 +47,11 @@ impl WorkerView {
                 .last_ping
                 .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             region: self.region.clone(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..WorkerState::default()
         }
     }
@@ -48,6 +62,9 @@ impl WorkerView {
             id: state.id.clone(),
             addr: state.address.clone(),
             region: state.region.clone(),
+            // What an orchestrator sends is checked there; anything else shows as none.
+            labels: Labels::new(state.labels.iter().map(|(k, v)| (k.clone(), v.clone())))
+                .unwrap_or_default(),
             state: state.state.clone(),
             capacity: u32::try_from(state.capacity).unwrap_or(0),
             in_flight: u32::try_from(state.inFlight).unwrap_or(0),
@@ -61,13 +78,42 @@ impl WorkerView {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "id": self.id, "address": self.addr, "state": self.state, "capacity": self.capacity,
-            "inFlight": self.in_flight, "region": self.region,
+            "inFlight": self.in_flight, "region": self.region, "labels": self.labels.to_json(),
+            "safeToStop": self.safe_to_stop(),
             "lastPingMsAgo": self.last_ping.map(|d| d.as_millis() as u64),
         })
     }
 }
 
 impl Registry {
+    /// What the registry knows of each worker, sorted by id.
+    pub fn list(&self) -> Vec<WorkerView> {
+        let mut list: Vec<WorkerView> = self
+            .lock()
+            .iter()
+            .map(|(id, w)| WorkerView {
+                id: id.to_string(),
+                addr: w.addr.clone(),
+                region: w.region.clone(),
+                labels: w.labels.clone(),
+                state: if !w.healthy {
+                    "unhealthy"
+                } else if w.draining {
+                    "draining"
+                } else if w.free_slots() == 0 {
+                    "busy"
+                } else {
+                    "free"
+                }
+                .to_string(),
+                capacity: w.capacity,
+                in_flight: w.in_flight(),
+                last_ping: w.last_seen.map(|t| t.elapsed()),
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
     /// Every worker's slots by state (`blacktree_worker_slots`).
     pub fn slots(&self) -> Slots {
         let mut slots = Slots::default();
@@ -76,7 +122,7 @@ impl Registry {
             let taken = u64::from(worker.in_flight()).min(capacity);
             if !worker.healthy {
                 slots.unhealthy += capacity;
-            } else if worker.busy {
+            } else if worker.busy || worker.draining {
                 slots.busy += taken;
                 slots.withheld += capacity - taken;
             } else {

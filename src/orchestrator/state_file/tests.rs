@@ -16,6 +16,7 @@ fn worker(id: &str, port: u16) -> Remembered {
         id: id.into(),
         address: format!("10.0.0.1:{port}"),
         region: "eu".into(),
+        labels: crate::labels::Labels::new([("arch".into(), "arm64".into())]).unwrap(),
         capacity: 2,
         is_static: false,
     }
