@@ -147,6 +147,10 @@ pub struct Topology {
     /// Routing key of lifecycle events (received, dispatched, finished); empty: no events.
     #[arg(long, env = "BLACKTREE_EVENTS_KEY", default_value = "")]
     pub events_key: String,
+    /// Routing key of live build output (`{"jobId", "deploymentId", "seq", "lines"}`,
+    /// non-persistent, on the exchange; a control plane binds its own queue); empty: off.
+    #[arg(long, env = "BLACKTREE_LOGS_KEY", default_value = "")]
+    pub logs_key: String,
     /// Durable queue bound to the events key, when events are on.
     #[arg(long, env = "BLACKTREE_EVENTS_QUEUE", default_value = "events.queue")]
     pub events_queue: String,
@@ -179,6 +183,11 @@ impl Topology {
     /// Whether lifecycle events are published (`--events-key` is set).
     pub fn events_on(&self) -> bool {
         !self.events_key.is_empty()
+    }
+
+    /// Whether live build output is published (`--logs-key` is set).
+    pub fn logs_on(&self) -> bool {
+        !self.logs_key.is_empty()
     }
 }
 
@@ -361,7 +370,7 @@ impl fmt::Display for OrchestratorConfig {
         write!(
             f,
             "amqp-url={} exchange={} execute-queue={} execute-key={} status-queue={} \
-             status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} \
+             status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} logs-key={} \
              events-queue={} queue-type={} grpc-listen={} instance-id={} dispatch-threads={} prefetch={} \
              unroutable-after={} max-parked-jobs={} job-timeout={} \
              health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
@@ -379,6 +388,7 @@ impl fmt::Display for OrchestratorConfig {
             t.cancel_queue,
             t.cancel_key,
             t.events_key,
+            t.logs_key,
             t.events_queue,
             t.queue_type.name(),
             self.grpc_listen,

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub jobs_rejected: IntCounter,
     /// Jobs held back for their labels that ended `rejected` (`--unroutable-after`).
     pub jobs_unroutable: IntCounter,
+    /// Messages of live build output published (`--logs-key`).
+    pub log_messages: IntCounter,
+    /// Lines of live build output dropped: by workers whose caller read slower than
+    /// the build printed, or here, beyond the bytes the orchestrator holds.
+    pub log_lines_dropped: IntCounter,
     /// Jobs running on workers now.
     pub jobs_in_flight: IntGauge,
     /// Seconds from a job's arrival to its dispatch.
@@ -140,6 +145,14 @@ impl Metrics {
                 "blacktree_jobs_unroutable_total",
                 "Jobs that no registered worker had the labels of for --unroutable-after.",
             ),
+            log_messages: counter(
+                "blacktree_log_messages_published_total",
+                "Messages of live build output published on --logs-key.",
+            ),
+            log_lines_dropped: counter(
+                "blacktree_log_lines_dropped_total",
+                "Lines of live build output dropped under back-pressure (worker or here).",
+            ),
             jobs_in_flight: IntGauge::new("blacktree_jobs_in_flight", "Jobs running on workers.")
                 .expect("valid metric"),
             dispatch_latency: histogram(
@@ -196,6 +209,8 @@ impl Metrics {
             Box::new(metrics.jobs_finished.clone()),
             Box::new(metrics.jobs_rejected.clone()),
             Box::new(metrics.jobs_unroutable.clone()),
+            Box::new(metrics.log_messages.clone()),
+            Box::new(metrics.log_lines_dropped.clone()),
             Box::new(metrics.jobs_in_flight.clone()),
             Box::new(metrics.dispatch_latency.clone()),
             Box::new(metrics.job_duration.clone()),

@@ -71,6 +71,57 @@ pub enum ConsumerMsg {
     Drain,
 }
 
+/// Lines of a running job's output, for the publisher to batch and publish on
+/// `--logs-key`.
+#[derive(Debug)]
+pub struct LogLines {
+    /// The job.
+    pub job_id: String,
+    /// Its id again when it came as a deployment.
+    pub deployment_id: Option<String>,
+    /// The lines, secrets redacted by the worker.
+    pub lines: Vec<String>,
+    /// Lines dropped before these (by the worker or for the budget).
+    pub dropped: u64,
+    /// The bytes of [`LogBudget`] they hold.
+    pub bytes: usize,
+}
+
+/// The bytes of live output the orchestrator holds at once (between a dispatch thread
+/// and the broker's confirm): lines beyond it are dropped, and counted, so that a build
+/// printing at full speed grows no memory and never slows the statuses.
+#[derive(Debug)]
+pub struct LogBudget {
+    held: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl LogBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> LogBudget {
+        LogBudget {
+            held: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `bytes` if they fit.
+    pub fn try_take(&self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + bytes <= self.limit).then_some(held + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `bytes` taken before.
+    pub fn give_back(&self, bytes: usize) {
+        self.held
+            .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// What the publisher is asked to publish.
 #[derive(Debug)]
 pub enum Publication {
@@ -79,6 +130,8 @@ pub enum Publication {
     Status(Status),
     /// A lifecycle event; senders send none when events are off (one is dropped then).
     Event(Event),
+    /// Lines of a running job's output (only when `--logs-key` is set).
+    Logs(LogLines),
     /// A message that is not a valid job: a copy goes to the rejected queue with the
     /// reason in a header, and a `rejected` status when its jobId could be read.
     Rejected {

@@ -76,14 +76,33 @@ fn by_id(statuses: &[Value]) -> HashMap<String, Value> {
 
 #[test]
 fn jobs_no_worker_can_take_wait_apart_while_the_others_run_even_across_a_broker_restart() {
+    no_head_of_line_blocking(false);
+}
+
+/// The same on quorum queues: the consumer consumes afresh there too, and the held
+/// jobs' deliveries are acked on the channel after their consumer was cancelled.
+#[test]
+fn on_quorum_queues_too_jobs_no_worker_can_take_do_not_block_the_others() {
+    no_head_of_line_blocking(true);
+}
+
+fn no_head_of_line_blocking(quorum: bool) {
     let broker = PrivateBroker::start();
+    let names = Names::unique(if quorum {
+        "labels-hol-qq"
+    } else {
+        "labels-hol"
+    });
+    let first_mq = if quorum {
+        Mq::on_quorum(&broker, &names)
+    } else {
+        Mq::on(&broker, &names)
+    };
     // Four dispatch threads and a prefetch of four: sixty jobs held anywhere in either
     // would block every job behind them.
-    let Setup {
-        mq: first_mq,
-        orch,
-        names,
-    } = Setup::on(&broker, "labels-hol", &["--dispatch-threads", "4"]);
+    let queue_type = if quorum { "quorum" } else { "classic" };
+    let flags = ["--dispatch-threads", "4", "--queue-type", queue_type];
+    let orch = Orchestrator::start(&broker.url(), &names, &flags);
     let mq = &first_mq;
     let dir = TempDir::new("labels-runs");
     let amd_runs = format!("{}/amd", dir.0.display());
@@ -122,7 +141,11 @@ fn jobs_no_worker_can_take_wait_apart_while_the_others_run_even_across_a_broker_
         orch.log().contains("(connection 2)").then_some(())
     });
     // The test's own connection died too (`first_mq` stays, and so do the queues).
-    let mq = &Mq::on(&broker, &names);
+    let mq = &if quorum {
+        Mq::on_quorum(&broker, &names)
+    } else {
+        Mq::on(&broker, &names)
+    };
     for i in 10..15 {
         publish(mq, &format!("plain-{i}"), Value::Null);
     }

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use super::checks::{self, CheckedJob};
+use super::live_log::LiveLog;
 use super::workspace::{WorkDir, Workspace};
 use crate::config::{ExecutorKind, WorkerConfig};
 use crate::job::Secret;
@@ -82,67 +83,6 @@ enum StepError {
     Failed(String),
 }
 
-/// Output of a job's steps: the last `max` bytes, secrets redacted.
-struct JobLog {
-    bytes: Vec<u8>,
-    max: usize,
-    secrets: Vec<Secret>,
-    cut: usize,
-}
-
-impl JobLog {
-    fn new(max: usize, secrets: Vec<Secret>) -> JobLog {
-        JobLog {
-            bytes: Vec::new(),
-            max,
-            secrets,
-            cut: 0,
-        }
-    }
-
-    /// Keeps a margin beyond `max` so a secret cut in half at the front still gets
-    /// redacted before the final cut.
-    fn push(&mut self, data: &[u8]) {
-        self.bytes.extend_from_slice(data);
-        let margin = self
-            .secrets
-            .iter()
-            .map(|s| s.expose().len())
-            .max()
-            .unwrap_or(0);
-        let keep = self.max + margin;
-        if self.bytes.len() > keep * 2 {
-            let drop = self.bytes.len() - keep;
-            self.bytes.drain(..drop);
-            self.cut += drop;
-        }
-    }
-
-    fn note(&mut self, text: &str) {
-        self.push(text.as_bytes());
-    }
-
-    fn finish(self) -> String {
-        let mut text = String::from_utf8_lossy(&self.bytes).into_owned();
-        for secret in &self.secrets {
-            text = secret.redact(&text);
-        }
-        let mut cut = self.cut;
-        if text.len() > self.max {
-            let mut start = text.len() - self.max;
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            cut += start;
-            text.drain(..start);
-        }
-        if cut > 0 {
-            text.insert_str(0, &format!("[... {cut} earlier bytes of output cut ...]\n"));
-        }
-        text
-    }
-}
-
 /// A registry to push to.
 struct RegistryLogin {
     host: String,
@@ -199,8 +139,9 @@ impl Executor {
         })
     }
 
-    /// Runs `job` to its end (or until `control` stops it) and returns the answer.
-    pub fn run(&self, job: &JobRequest, control: &JobControl) -> JobResponse {
+    /// Runs `job` to its end (or until `control` stops it) and returns the answer; its
+    /// output goes to `live` too, line by line, as it is printed.
+    pub fn run(&self, job: &JobRequest, control: &JobControl, live: &LiveLog) -> JobResponse {
         let mut response = JobResponse {
             jobId: job.jobId.clone(),
             ..JobResponse::default()
@@ -224,7 +165,7 @@ impl Executor {
                 .iter()
                 .filter_map(|r| r.credentials.as_ref().map(|c| c.1.clone())),
         );
-        let mut log = JobLog::new(self.max_log_bytes, secrets);
+        let mut log = JobLog::new(self.max_log_bytes, secrets, live);
         let workspace = match self.work_dir.workspace(&job.jobId) {
             Ok(w) => w,
             Err(e) => {
@@ -241,9 +182,7 @@ impl Executor {
             Err(StepError::Stopped(reason)) => response.error = reason,
             Err(StepError::Failed(error)) => response.error = error,
         }
-        for secret in &log.secrets {
-            response.error = secret.redact(&response.error);
-        }
+        response.error = log.redact(&response.error);
         response.logs = log.finish();
         response
     }
@@ -254,7 +193,7 @@ impl Executor {
         checked: &CheckedJob,
         token: &Secret,
         workspace: &Workspace,
-        log: &mut JobLog,
+        log: &mut JobLog<'_>,
         control: &JobControl,
     ) -> Result<String, StepError> {
         let checkout = workspace.path().join("src");
@@ -307,7 +246,7 @@ impl Executor {
         branch: &str,
         token: &Secret,
         checkout: &Path,
-        log: &mut JobLog,
+        log: &mut JobLog<'_>,
         control: &JobControl,
     ) -> Result<(), StepError> {
         let mut cmd = Command::new("git");
@@ -335,7 +274,7 @@ impl Executor {
         &self,
         checked: &CheckedJob,
         checkout: &Path,
-        log: &mut JobLog,
+        log: &mut JobLog<'_>,
         control: &JobControl,
     ) -> Result<String, StepError> {
         let context = inside(checkout, &checked.context_dir, "contextDir")?;
@@ -416,7 +355,7 @@ impl Executor {
         title: &str,
         cmd: Command,
         stdin: Option<&[u8]>,
-        log: &mut JobLog,
+        log: &mut JobLog<'_>,
         control: &JobControl,
     ) -> Result<(), StepError> {
         let started = std::time::Instant::now();
@@ -437,7 +376,7 @@ fn run_step(
     title: &str,
     mut cmd: Command,
     stdin: Option<&[u8]>,
-    log: &mut JobLog,
+    log: &mut JobLog<'_>,
     control: &JobControl,
 ) -> Result<(), StepError> {
     if let Some(reason) = control.reason() {
@@ -525,6 +464,10 @@ fn die_with_agent(cmd: &mut Command) {
         });
     }
 }
+
+mod job_log;
+
+use job_log::JobLog;
 
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,7 @@ use log::warn;
 use protobuf::Message;
 
 use super::executor::JobControl;
+use super::live_log::LiveLog;
 use crate::proto::job::JobResponse;
 
 /// The most answers held at once.
@@ -39,6 +40,8 @@ pub const KEEP_DELIVERED: Duration = Duration::from_secs(60);
 pub struct Running {
     /// Stops it.
     pub control: Arc<JobControl>,
+    /// Its output as it is printed, for calls that stream it.
+    pub live: LiveLog,
     answer: Mutex<Answer>,
 }
 
@@ -139,6 +142,7 @@ impl JobTable {
         }
         let running = Arc::new(Running {
             control: Arc::default(),
+            live: LiveLog::default(),
             answer: Mutex::default(),
         });
         inner.running.insert(job_id.to_string(), running.clone());
@@ -173,6 +177,7 @@ impl JobTable {
             inner.hold(job_id, answer.clone(), Instant::now() + self.hold_for);
         }
         drop(inner);
+        running.live.close();
         let mut slot = running.answer.lock().expect("answer lock");
         slot.value = Some(Arc::new(answer));
         for (_, waker) in slot.waiters.drain() {

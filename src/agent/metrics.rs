@@ -1,11 +1,11 @@
 //! The worker's Prometheus metrics, served on `--metrics-listen` when set (off by
-//! default): slots free and busy, jobs by outcome, and how long each kind of step took
-//! (clone, build, login, push, exec).
+//! default): slots free and busy, jobs by outcome, how long each kind of step took
+//! (clone, build, login, push, exec), and live output lines callers missed.
 
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, TextEncoder,
 };
 
 use super::jobs::JobTable;
@@ -17,6 +17,7 @@ pub struct WorkerMetrics {
     jobs: IntCounterVec,
     /// Seconds each step took, by step (`clone`, `build`, `login`, `push`, `exec`).
     pub steps: HistogramVec,
+    log_lines_dropped: IntCounter,
 }
 
 impl Default for WorkerMetrics {
@@ -45,12 +46,19 @@ impl Default for WorkerMetrics {
                 &["step"],
             )
             .expect("valid metric"),
+            log_lines_dropped: IntCounter::new(
+                "blacktree_worker_log_lines_dropped_total",
+                "Lines of live build output a caller missed: the build printed faster than \
+                 it read.",
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
             Box::new(metrics.slots.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.jobs.clone()),
             Box::new(metrics.steps.clone()),
+            Box::new(metrics.log_lines_dropped.clone()),
         ] {
             metrics
                 .registry
@@ -62,6 +70,11 @@ impl Default for WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Counts lines of live output a streaming caller missed.
+    pub fn log_lines_dropped(&self, lines: u64) {
+        self.log_lines_dropped.inc_by(lines);
+    }
+
     /// Counts a job that ended: `succeeded`, or why not (`cancelled`, `timed_out`,
     /// `failed`) from the reason it was stopped, if it was.
     pub fn job_ended(&self, success: bool, stopped: Option<&str>) {

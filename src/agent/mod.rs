@@ -15,6 +15,7 @@
 pub mod checks;
 pub mod executor;
 pub mod jobs;
+pub mod live_log;
 pub mod metrics;
 pub mod service;
 pub mod workspace;

@@ -13,16 +13,17 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, RecvTimeoutError};
 use futures_sink::Sink;
 use grpcio::{
-    Marshaller, Method, MethodType, RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink,
-    ServiceBuilder, UnarySink, WriteFlags,
+    Method, MethodType, RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, ServiceBuilder,
+    UnarySink, WriteFlags,
 };
 use log::{debug, info, warn};
 use protobuf::RepeatedField;
 
 use super::checks;
-use super::executor::{Executor, JobControl};
+use super::executor::Executor;
 use super::jobs::{Begin, JobTable, Running};
-use crate::grpc;
+use super::live_log::Batch;
+use crate::grpc::{self, pb_method, RUN_JOB_STREAM};
 use crate::job::Secret;
 use crate::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
@@ -49,11 +50,6 @@ pub struct Agent {
     pub metrics: Arc<super::metrics::WorkerMetrics>,
 }
 
-/// `RunJob` served as a server-streaming method that sends exactly one message: on the
-/// wire that is a unary answer, and unlike a unary sink, a streaming sink shows when the
-/// caller cancelled the call (or its connection died), so the call can stop waiting.
-const RUN_JOB: Method<JobRequest, JobResponse> =
-    pb_method(MethodType::ServerStreaming, "/job.JobService/RunJob");
 const PING: Method<PingRequest, PingResponse> =
     pb_method(MethodType::Unary, "/job.JobService/Ping");
 const CANCEL_JOB: Method<CancelJobRequest, CancelJobResponse> =
@@ -61,30 +57,13 @@ const CANCEL_JOB: Method<CancelJobRequest, CancelJobResponse> =
 const SET_DRAINING: Method<SetDrainingRequest, SetDrainingResponse> =
     pb_method(MethodType::Unary, "/job.JobService/SetDraining");
 
-/// A method of `proto/job.proto` with protobuf (de)serialisation.
-const fn pb_method<Req: protobuf::Message, Resp: protobuf::Message>(
-    ty: MethodType,
-    name: &'static str,
-) -> Method<Req, Resp> {
-    Method {
-        ty,
-        name,
-        req_mar: Marshaller {
-            ser: grpcio::pb_ser,
-            de: grpcio::pb_de,
-        },
-        resp_mar: Marshaller {
-            ser: grpcio::pb_ser,
-            de: grpcio::pb_de,
-        },
-    }
-}
-
 /// The worker's `JobService`.
 pub fn job_service(agent: Agent) -> grpcio::Service {
     let (run, ping, cancel, drain) = (agent.clone(), agent.clone(), agent.clone(), agent);
     ServiceBuilder::new()
-        .add_server_streaming_handler(&RUN_JOB, move |ctx, job, sink| run.run_job(ctx, job, sink))
+        .add_server_streaming_handler(&RUN_JOB_STREAM, move |ctx, job, sink| {
+            run.run_job(ctx, job, sink)
+        })
         .add_unary_handler(&PING, move |ctx, _req, sink| ping.ping(ctx, sink))
         .add_unary_handler(&CANCEL_JOB, move |ctx, req, sink| {
             cancel.cancel_job(ctx, req, sink)
@@ -102,6 +81,28 @@ fn refuse(ctx: &RpcContext, sink: ServerStreamingSink<JobResponse>, status: RpcS
             debug!("could not answer a call: {e}");
         }
     });
+}
+
+/// The most bytes of output lines in one streamed message.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// What a streaming `RunJob` call waits for next.
+enum Next {
+    Answer(Arc<JobResponse>),
+    Lines(Batch),
+    Gone,
+}
+
+/// Sends one message of a streamed `RunJob` ahead of its answer, and waits until it is
+/// written (gRPC's flow control: a slow caller holds it here, lines pile up in the
+/// job's bounded live log meanwhile).
+async fn send_one(
+    sink: &mut ServerStreamingSink<JobResponse>,
+    message: JobResponse,
+) -> grpcio::Result<()> {
+    poll_fn(|cx| Pin::new(&mut *sink).poll_ready(cx)).await?;
+    Pin::new(&mut *sink).start_send((message, WriteFlags::default()))?;
+    poll_fn(|cx| Pin::new(&mut *sink).poll_flush(cx)).await
 }
 
 /// Sends a `RunJob` call its one answer.
@@ -148,7 +149,7 @@ impl Agent {
                 running
             }
             Begin::Start(running) => {
-                if let Err(e) = self.start(job, &running.control) {
+                if let Err(e) = self.start(job.clone(), &running) {
                     warn!("job {job_id}: could not start a job thread: {e}");
                     let error = "the worker could not start a job thread";
                     self.jobs.abandon(&job_id, failure(&job_id, error));
@@ -159,37 +160,76 @@ impl Agent {
                 running
             }
         };
-        self.wait_and_answer(&ctx, sink, job_id, running);
+        self.wait_and_answer(&ctx, sink, job_id, running, job.streamLogs);
     }
 
     /// Waits on grpcio's thread (without blocking it) for the job's answer or the caller
-    /// going away, whichever comes first. The answer is sent; a caller that went away
-    /// leaves the job running (an orphan), its answer held for the next call.
+    /// going away, whichever comes first; with `stream`, sends the job's output as it
+    /// comes meanwhile ([`LiveLog`]: a slow caller makes it drop lines, never the build
+    /// wait). The answer is sent; a caller that went away leaves the job running (an
+    /// orphan), its answer held for the next call.
     fn wait_and_answer(
         &self,
         ctx: &RpcContext,
         mut sink: ServerStreamingSink<JobResponse>,
         job_id: String,
         running: Arc<Running>,
+        stream: bool,
     ) {
         let jobs = self.jobs.clone();
+        let metrics = self.metrics.clone();
         let waiter = jobs.waiter();
         ctx.spawn(async move {
-            let answer = poll_fn(|cx| {
-                if let Some(answer) = running.answer_or_wait(waiter, cx.waker()) {
-                    return Poll::Ready(Some(answer));
+            let mut cursor = 0;
+            let lines = |batch: Batch| {
+                metrics.log_lines_dropped(batch.missed);
+                JobResponse {
+                    jobId: job_id.clone(),
+                    logLines: RepeatedField::from_vec(batch.lines),
+                    logLinesDropped: batch.missed,
+                    ..JobResponse::default()
                 }
-                match Pin::new(&mut sink).poll_flush(cx) {
-                    Poll::Ready(Err(_)) => Poll::Ready(None),
-                    _ => Poll::Pending,
+            };
+            let answer = loop {
+                let next = poll_fn(|cx| {
+                    if let Some(answer) = running.answer_or_wait(waiter, cx.waker()) {
+                        return Poll::Ready(Next::Answer(answer));
+                    }
+                    if stream {
+                        if let Some(batch) = running.live.read(&mut cursor, BATCH_BYTES, cx.waker()) {
+                            return Poll::Ready(Next::Lines(batch));
+                        }
+                    }
+                    match Pin::new(&mut sink).poll_flush(cx) {
+                        Poll::Ready(Err(_)) => Poll::Ready(Next::Gone),
+                        _ => Poll::Pending,
+                    }
+                })
+                .await;
+                match next {
+                    Next::Answer(answer) => break Some(answer),
+                    Next::Gone => break None,
+                    Next::Lines(batch) => {
+                        if send_one(&mut sink, lines(batch)).await.is_err() {
+                            break None;
+                        }
+                    }
                 }
-            })
-            .await;
+            };
             let Some(answer) = answer else {
                 running.leave(waiter);
                 info!("job {job_id}: the caller went away; the job keeps running, its answer will be held");
                 return;
             };
+            // The last lines, then the answer.
+            if stream {
+                let waker = std::task::Waker::noop();
+                while let Some(batch) = running.live.read(&mut cursor, BATCH_BYTES, waker) {
+                    if send_one(&mut sink, lines(batch)).await.is_err() {
+                        break;
+                    }
+                }
+            }
             match send(&mut sink, (*answer).clone()).await {
                 Ok(()) => jobs.delivered(&job_id),
                 Err(e) => warn!(
@@ -200,14 +240,14 @@ impl Agent {
     }
 
     /// Starts the thread that runs `job`.
-    fn start(&self, job: JobRequest, control: &Arc<JobControl>) -> std::io::Result<()> {
-        let (agent, control) = (self.clone(), control.clone());
+    fn start(&self, job: JobRequest, running: &Arc<Running>) -> std::io::Result<()> {
+        let (agent, running) = (self.clone(), running.clone());
         std::thread::Builder::new()
             .name(format!(
                 "job-{}",
                 job.jobId.chars().take(24).collect::<String>()
             ))
-            .spawn(move || agent.run(job, control))
+            .spawn(move || agent.run(job, running))
             .map(drop)
     }
 
@@ -296,7 +336,8 @@ impl Agent {
     }
 
     /// Runs one job on its own thread; its answer goes to the job table.
-    fn run(self, job: JobRequest, control: Arc<JobControl>) {
+    fn run(self, job: JobRequest, running: Arc<Running>) {
+        let control = running.control.clone();
         let job_id = job.jobId.clone();
         info!("job {job_id}: started");
         let started = std::time::Instant::now();
@@ -314,7 +355,7 @@ impl Agent {
                 }
             });
         }
-        let answer = self.executor.run(&job, &control);
+        let answer = self.executor.run(&job, &control, &running.live);
         drop(done);
         self.metrics
             .job_ended(answer.success, control.reason().as_deref());

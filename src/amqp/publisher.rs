@@ -9,6 +9,8 @@
 //! unconfirmed publication is kept and published again on the next channel: a status
 //! may be published twice, never lost.
 //!
+//! Live build output (`--logs-key`) is batched per job in [`logs`].
+//!
 //! Statuses are published `mandatory` and cut to `--max-status-bytes` (their logs keep
 //! the tail). A status the broker returns (no queue is bound to the status key) or a
 //! message it nacks is published again after a backoff, and its job stays unacked until
@@ -29,9 +31,14 @@ use crossbeam_channel::{at, never, select, Receiver, Sender};
 use log::{debug, info, warn};
 
 use crate::config::Topology;
-use crate::job::{status_without_logs, Event, EventKind, Status};
+use crate::job::{Event, EventKind, Status};
 use crate::metrics::Metrics;
-use crate::pipeline::{AckKey, Connected, ConsumerMsg, Publication};
+use crate::pipeline::{AckKey, Connected, ConsumerMsg, LogBudget, Publication};
+use logs::LogBatches;
+use retry::shrink;
+
+mod logs;
+mod retry;
 
 /// Header of a message moved to the rejected queue that says why it was rejected.
 pub const REJECT_REASON_HEADER: &str = "x-blacktree-reject-reason";
@@ -66,6 +73,8 @@ struct Entry {
     losses: u32,
     /// Returns and nacks so far (for the backoff).
     retries: u32,
+    /// Bytes of live output it holds in the [`LogBudget`] until confirmed.
+    log_bytes: usize,
 }
 
 struct Link {
@@ -86,17 +95,32 @@ struct Link {
     returned: HashSet<u64>,
 }
 
+/// What the publisher publishes where.
+pub struct PublisherConfig {
+    /// Exchange and routing keys.
+    pub topology: Topology,
+    /// This orchestrator's `--instance-id`, put in every status and event.
+    pub instance_id: String,
+    /// `--max-status-bytes`.
+    pub max_status_bytes: usize,
+}
+
 /// Starts the publisher thread. It ends when both input channels are closed.
 pub fn spawn(
-    topology: Topology,
-    instance_id: String,
-    max_status_bytes: usize,
+    config: PublisherConfig,
     publications: Receiver<Publication>,
     connections: Receiver<Connected>,
     consumer: Sender<ConsumerMsg>,
     metrics: Arc<Metrics>,
+    log_budget: Arc<LogBudget>,
 ) -> JoinHandle<()> {
+    let PublisherConfig {
+        topology,
+        instance_id,
+        max_status_bytes,
+    } = config;
     let publisher = Publisher {
+        logs: LogBatches::new(log_budget),
         topology,
         instance_id,
         max_status_bytes,
@@ -129,6 +153,8 @@ struct Publisher {
     /// Entries to publish once a channel is available, oldest first.
     waiting: VecDeque<u64>,
     link: Option<Link>,
+    /// Live build output waiting to be published.
+    logs: LogBatches,
 }
 
 impl Publisher {
@@ -142,6 +168,7 @@ impl Publisher {
                 Some(due) => at(due),
                 None => never(),
             };
+            let logs_due = self.logs.next_due().map_or_else(never, at);
             select! {
                 recv(publications.as_ref().unwrap_or(&never())) -> msg => match msg {
                     Ok(publication) => self.add(publication),
@@ -161,6 +188,7 @@ impl Publisher {
                     }
                 },
                 recv(retry) -> _ => self.retry_due(),
+                recv(logs_due) -> _ => self.flush_due_logs(),
                 recv(blocked.as_ref().unwrap_or(&never())) -> msg => {
                     if let Ok(notification) = msg {
                         self.blocked(notification);
@@ -173,7 +201,10 @@ impl Publisher {
     fn add(&mut self, publication: Publication) {
         self.count_finished(&publication);
         let (key, messages) = match publication {
+            Publication::Logs(logs) => return self.add_logs(logs),
             Publication::Status(status) => {
+                // The job's last lines go before its status.
+                self.end_logs(&status.job_id);
                 let mut messages = Vec::with_capacity(2);
                 if self.topology.events_on() {
                     let finished =
@@ -211,19 +242,22 @@ impl Publisher {
                 (Some(AckKey::Rejected(id)), messages)
             }
         };
+        let unconfirmed = messages.len();
+        self.push_entry(Entry {
+            key,
+            messages,
+            unconfirmed,
+            losses: 0,
+            retries: 0,
+            log_bytes: 0,
+        });
+    }
+
+    /// Publishes a publication's messages now, or once a channel is available.
+    fn push_entry(&mut self, entry: Entry) {
         let id = self.next_entry;
         self.next_entry += 1;
-        let unconfirmed = messages.len();
-        self.entries.insert(
-            id,
-            Entry {
-                key,
-                messages,
-                unconfirmed,
-                losses: 0,
-                retries: 0,
-            },
-        );
+        self.entries.insert(id, entry);
         if self.link.is_some() && self.waiting.is_empty() {
             self.publish_entry(id);
         } else {
@@ -401,6 +435,7 @@ impl Publisher {
             entry.unconfirmed -= 1;
             if entry.unconfirmed == 0 {
                 let entry = self.entries.remove(&id).expect("entry present");
+                self.logs.budget.give_back(entry.log_bytes);
                 confirmed.extend(entry.key);
             }
         }
@@ -471,56 +506,6 @@ impl Publisher {
         });
         if let Some(tag) = tag {
             link.returned.insert(tag);
-        }
-    }
-
-    /// Publishes a message again after a backoff that doubles with each attempt.
-    fn schedule_retry(&mut self, id: u64, index: usize, what: &str) {
-        let Some(entry) = self.entries.get_mut(&id) else {
-            return;
-        };
-        let delay = FIRST_RETRY_DELAY
-            .saturating_mul(1 << entry.retries.min(16))
-            .min(MAX_RETRY_DELAY);
-        entry.retries += 1;
-        let job = entry.messages[index]
-            .properties
-            .message_id()
-            .clone()
-            .unwrap_or_default();
-        warn!(
-            "the broker {what}: message of job {job} published again in {}",
-            humantime::format_duration(delay)
-        );
-        self.retries.push((Instant::now() + delay, id, index));
-    }
-
-    /// Publishes the messages whose retry is due.
-    fn retry_due(&mut self) {
-        let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = self.retries.drain(..).partition(|r| r.0 <= now);
-        self.retries = later;
-        for (_, id, index) in due {
-            if self.link.is_some() {
-                self.publish_message(id, index);
-            }
-        }
-    }
-}
-
-/// Replaces the statuses of a publication the broker keeps refusing by their versions
-/// without logs.
-fn shrink(entry: &mut Entry, metrics: &Metrics) {
-    let why = "the broker refused this status as it was (too large?); its logs were dropped";
-    for message in entry.messages.iter_mut().filter(|m| m.status) {
-        if let Some(smaller) = status_without_logs(&message.body, why) {
-            let job = message.properties.message_id().clone().unwrap_or_default();
-            warn!(
-                "the status of job {job} ({} bytes) was unconfirmed through {LOSSES_BEFORE_SHRINKING} lost channels: sending it without its logs",
-                message.body.len()
-            );
-            message.body = smaller;
-            metrics.statuses_shrunk.inc();
         }
     }
 }

@@ -77,7 +77,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
     let topology = &args.broker.topology;
     // Listening before publishing: the status cannot come before we look for it.
     let statuses = if args.wait {
-        Some(own_queue(&channel, topology, false)?)
+        Some(own_queue(&channel, topology, &[])?)
     } else {
         None
     };

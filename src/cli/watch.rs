@@ -1,12 +1,13 @@
 //! `blacktree watch`: statuses (and events) as they are published, read from a queue of
 //! its own so it never takes a message from the control plane; `--job ID` follows one
-//! job to its status. It exits 1 when a status it showed is not `succeeded`.
+//! job to its status, `--logs ID` prints its build output live first. It exits 1 when a
+//! status it showed is not `succeeded`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use amiquip::{Channel, ConsumerMessage, ConsumerOptions, FieldTable, QueueDeclareOptions};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use serde_json::Value;
 
 use super::tools::{BrokerArgs, CliError};
@@ -15,6 +16,7 @@ use crate::config::{parse_duration, Topology};
 
 /// `blacktree watch`.
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("one_job").args(["job", "logs"])))]
 pub struct WatchArgs {
     /// The broker and the routing keys; with `--events-key`, events are shown too.
     #[command(flatten)]
@@ -35,8 +37,13 @@ pub struct WatchArgs {
     /// succeeded. Waits without an idle limit, up to `--timeout` when given.
     #[arg(long)]
     job: Option<String>,
-    /// With `--job`: how long to wait for its status.
-    #[arg(long, requires = "job", value_parser = parse_duration)]
+    /// Print this job's build output live (published on `--logs-key` by the
+    /// orchestrator), then its status: exit 0 only when it succeeded. Our workers send
+    /// output; the Go workers do not (only the status comes).
+    #[arg(long, value_name = "JOBID", conflicts_with_all = ["job", "follow", "count"])]
+    logs: Option<String>,
+    /// With `--job` or `--logs`: how long to wait for its status.
+    #[arg(long, requires = "one_job", value_parser = parse_duration)]
     timeout: Option<Duration>,
 }
 
@@ -61,10 +68,28 @@ impl Verdict {
 
 /// Prints statuses (and events) as they come.
 pub fn watch(args: WatchArgs) -> Result<(), CliError> {
-    let (connection, channel) = args.broker.connect()?;
     let topology = &args.broker.topology;
+    if args.logs.is_some() && !topology.logs_on() {
+        return Err(CliError::failed(
+            "--logs needs the orchestrator's --logs-key (or BLACKTREE_LOGS_KEY)",
+        ));
+    }
+    let (connection, channel) = args.broker.connect()?;
+    if let Some(job_id) = &args.logs {
+        let consumer = own_queue(&channel, topology, &[topology.logs_key.as_str()])?;
+        eprintln!(
+            "watching {} for the output of job {job_id}",
+            topology.exchange
+        );
+        let deadline = args.timeout.map(|t| Instant::now() + t);
+        let status = follow_logs(&consumer, topology, job_id, deadline);
+        let _ = connection.close();
+        let status = status?;
+        print_message(&status, true, args.json);
+        return Verdict::of(&status).exit(job_id);
+    }
     if let Some(job_id) = &args.job {
-        let consumer = own_queue(&channel, topology, false)?;
+        let consumer = own_queue(&channel, topology, &[])?;
         eprintln!("watching {} for job {job_id}", topology.exchange);
         let deadline = args.timeout.map(|t| Instant::now() + t);
         let status = wait_for_status(&consumer, job_id, deadline);
@@ -73,7 +98,7 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
         print_message(&status, true, args.json);
         return Verdict::of(&status).exit(job_id);
     }
-    let consumer = own_queue(&channel, topology, true)?;
+    let consumer = own_queue(&channel, topology, &[topology.events_key.as_str()])?;
     eprintln!(
         "watching {} (statuses{})",
         topology.exchange,
@@ -143,6 +168,49 @@ pub fn wait_for_status(
     job_id: &str,
     deadline: Option<Instant>,
 ) -> Result<Value, CliError> {
+    follow(consumer, job_id, deadline, |_| {})
+}
+
+/// Prints the lines of `job_id`'s output messages in `seq` order (a message seen twice,
+/// republished after a lost channel, once) until its status.
+fn follow_logs(
+    consumer: &amiquip::Consumer<'_>,
+    topology: &Topology,
+    job_id: &str,
+    deadline: Option<Instant>,
+) -> Result<Value, CliError> {
+    let mut next_seq = None;
+    follow(consumer, job_id, deadline, |delivery| {
+        if delivery.routing_key != topology.logs_key {
+            return;
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(&delivery.body) else {
+            return;
+        };
+        let seq = value["seq"].as_u64().unwrap_or(0);
+        if next_seq.is_some_and(|next| seq < next) {
+            return;
+        }
+        next_seq = Some(seq + 1);
+        if let Some(dropped) = value["dropped"].as_u64() {
+            eprintln!(
+                "[... {dropped} lines dropped: the build printed faster than they were read ...]"
+            );
+        }
+        for line in value["lines"].as_array().into_iter().flatten() {
+            println!("{}", line.as_str().unwrap_or(""));
+        }
+    })
+}
+
+/// Reads `consumer` until `job_id`'s status, handing every message of that job before
+/// it to `each`; an error when `deadline` passes first or the connection ends.
+fn follow(
+    consumer: &amiquip::Consumer<'_>,
+    job_id: &str,
+    deadline: Option<Instant>,
+    mut each: impl FnMut(&amiquip::Delivery),
+) -> Result<Value, CliError> {
     loop {
         let message = match deadline {
             Some(deadline) => consumer.receiver().recv_deadline(deadline),
@@ -154,9 +222,13 @@ pub fn wait_for_status(
         match message {
             Ok(ConsumerMessage::Delivery(delivery)) => {
                 let value: Value = serde_json::from_slice(&delivery.body).unwrap_or(Value::Null);
-                if value["jobId"] == job_id {
+                if value["jobId"] != job_id {
+                    continue;
+                }
+                if value.get("outcome").is_some() {
                     return Ok(value);
                 }
+                each(&delivery);
             }
             Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 return Err(CliError::failed(format!(
@@ -172,13 +244,13 @@ pub fn wait_for_status(
     }
 }
 
-/// Consumes an exclusive, auto-deleted queue of its own bound to the status key (and,
-/// with `events` and `--events-key`, the events key), so `watch` never takes a message
-/// from the control plane's queues.
+/// Consumes an exclusive, auto-deleted queue of its own bound to the status key and to
+/// the non-empty keys of `also` (events, logs), so `watch` never takes a message from the
+/// control plane's queues.
 pub fn own_queue<'a>(
     channel: &'a Channel,
     topology: &Topology,
-    events: bool,
+    also: &[&str],
 ) -> Result<amiquip::Consumer<'a>, CliError> {
     let amqp = |e: amiquip::Error| CliError::failed(format!("watching {}: {e}", topology.exchange));
     declare_exchange(channel, &topology.exchange).map_err(amqp)?;
@@ -192,8 +264,7 @@ pub fn own_queue<'a>(
             },
         )
         .map_err(amqp)?;
-    let events_key = if events { &topology.events_key } else { "" };
-    for key in [topology.status_key.as_str(), events_key] {
+    for key in std::iter::once(topology.status_key.as_str()).chain(also.iter().copied()) {
         if key.is_empty() {
             continue;
         }

@@ -11,14 +11,42 @@ use std::time::Duration;
 
 use grpcio::{
     CallOption, CertificateRequestType, Channel, ChannelBuilder, ChannelCredentialsBuilder,
-    Environment, MetadataBuilder, RpcContext, RpcStatus, RpcStatusCode, ServerBuilder,
-    ServerCredentials, ServerCredentialsBuilder, UnarySink,
+    Environment, Marshaller, MetadataBuilder, Method, MethodType, RpcContext, RpcStatus,
+    RpcStatusCode, ServerBuilder, ServerCredentials, ServerCredentialsBuilder, UnarySink,
 };
 use log::{debug, warn};
 
 use crate::config::TlsArgs;
 use crate::job::Secret;
+use crate::proto::job::{JobRequest, JobResponse};
 use crate::proto::job_grpc::JobServiceClient;
+
+/// `RunJob` as a server-streaming method. Our worker serves it so: a streaming sink shows
+/// when the caller cancelled the call (or its connection died), and with `streamLogs`
+/// the build's output goes ahead of the answer. The orchestrator calls it so too. With
+/// one message it is, on the wire, the unary call `proto/job.proto` declares (older
+/// peers see no difference).
+pub const RUN_JOB_STREAM: Method<JobRequest, JobResponse> =
+    pb_method(MethodType::ServerStreaming, "/job.JobService/RunJob");
+
+/// A method of `proto/*.proto` with protobuf (de)serialisation.
+pub const fn pb_method<Req: protobuf::Message, Resp: protobuf::Message>(
+    ty: MethodType,
+    name: &'static str,
+) -> Method<Req, Resp> {
+    Method {
+        ty,
+        name,
+        req_mar: Marshaller {
+            ser: grpcio::pb_ser,
+            de: grpcio::pb_de,
+        },
+        resp_mar: Marshaller {
+            ser: grpcio::pb_ser,
+            de: grpcio::pb_de,
+        },
+    }
+}
 
 /// Largest message accepted from a worker (build logs can be large).
 const MAX_MESSAGE_BYTES: i32 = 64 * 1024 * 1024;

@@ -24,12 +24,14 @@ use crossbeam_channel::{select, Receiver, Sender};
 use log::{info, warn};
 
 use super::registry::{Claim, Hint, Registry, Release};
-use crate::grpc::cancel::{self, CallError, CancelToken};
+use crate::grpc::cancel::{CallError, CancelToken};
 use crate::job::{Event, EventKind, Job, Outcome, Status};
 use crate::metrics::Metrics;
-use crate::pipeline::{Assignment, ConsumerMsg, Publication};
+use crate::pipeline::{Assignment, ConsumerMsg, LogBudget, Publication};
 use crate::proto::job::JobRequest;
 use ending::{answered, failed_call, stop_on_worker, Ending, Then};
+use output::Output;
+use run_call::RunCall;
 
 /// The whole message of the deployed Go worker's UNKNOWN answer when it runs a job
 /// already (it started nothing).
@@ -58,6 +60,8 @@ pub struct DispatchLinks {
     pub registry: Arc<Registry>,
     /// Counters the pool keeps.
     pub metrics: Arc<Metrics>,
+    /// The bytes of live output held at once.
+    pub log_budget: Arc<LogBudget>,
 }
 
 /// Settings of the dispatch pool.
@@ -71,6 +75,8 @@ pub struct DispatchSettings {
     pub adopt_wait: Duration,
     /// Whether lifecycle events are published (`--events-key` set).
     pub events: bool,
+    /// Whether live build output is published (`--logs-key` set).
+    pub logs: bool,
 }
 
 /// Starts the dispatch threads.
@@ -341,15 +347,17 @@ impl Dispatcher {
             imageName: job.image_name.clone(),
             githubToken: job.github_token.expose().to_string(),
             timeoutSeconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+            streamLogs: self.settings.logs,
             ..JobRequest::default()
         };
         job.github_token.warn_if_short("a job's githubToken");
         let started = SystemTime::now();
-        let call = claim
-            .client
-            .run_job_async_opt(&request, self.links.registry.call_options(timeout));
-        let (result, mut call) = match call {
-            Ok(mut call) => (cancel::wait(&mut call, Some(token)), Some(call)),
+        let options = self.links.registry.call_options(timeout);
+        let (result, mut call) = match RunCall::start(&claim.client, &request, options) {
+            Ok(mut call) => {
+                let mut output = Output::new(job, &self.links);
+                (call.answer(token, |m| output.forward(m)), Some(call))
+            }
             Err(e) => (Err(CallError::Grpc(e)), None),
         };
         let worker = &*claim.worker;
@@ -401,6 +409,8 @@ impl Dispatcher {
 }
 
 mod ending;
+mod output;
+mod run_call;
 
 #[cfg(test)]
 mod tests;

@@ -26,13 +26,18 @@ use log::{info, warn};
 
 use crate::amqp::consumer::{self, ConsumerConfig, ConsumerLinks};
 use crate::amqp::ledger::LedgerConfig;
-use crate::amqp::{publisher, Brokers};
+use crate::amqp::publisher::{self, PublisherConfig};
+use crate::amqp::Brokers;
 use crate::config::{read_secret_file, OrchestratorConfig, StaticWorker};
 use crate::grpc::Tls;
 use crate::job::Secret;
 use crate::labels::Labels;
 use crate::metrics::Metrics;
-use crate::pipeline::ConsumerMsg;
+use crate::pipeline::{ConsumerMsg, LogBudget};
+
+/// The bytes of live build output the orchestrator holds at once, between the dispatch
+/// threads and the broker's confirms (`--logs-key`); lines beyond them are dropped.
+const LOG_BUDGET_BYTES: usize = 8 << 20;
 use dispatch::{DispatchLinks, DispatchSettings};
 use registry::{Hint, Origin, Registry, RegistrySettings};
 use state_file::{EarlyCancel, Remembered, Remembrance, StateFile};
@@ -207,14 +212,18 @@ fn spawn_threads(
     let (connections_tx, connections_rx) = unbounded();
     let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
 
+    let log_budget = Arc::new(LogBudget::new(LOG_BUDGET_BYTES));
     publisher::spawn(
-        config.topology.clone(),
-        metrics.instance_id().to_string(),
-        config.max_status_bytes,
+        PublisherConfig {
+            topology: config.topology.clone(),
+            instance_id: metrics.instance_id().to_string(),
+            max_status_bytes: config.max_status_bytes,
+        },
         publications_rx,
         connections_rx,
         inbox_tx.clone(),
         metrics.clone(),
+        log_budget.clone(),
     );
     let consumer = consumer::spawn(
         ConsumerConfig {
@@ -252,6 +261,7 @@ fn spawn_threads(
             job_timeout: config.job_timeout,
             adopt_wait: config.adopt_wait,
             events,
+            logs: config.topology.logs_on(),
         },
         DispatchLinks {
             jobs: jobs_rx,
@@ -261,6 +271,7 @@ fn spawn_threads(
             consumer: inbox_tx.clone(),
             registry: registry.clone(),
             metrics: metrics.clone(),
+            log_budget,
         },
     );
     health::spawn(

@@ -4,8 +4,9 @@ use super::*;
 
 #[test]
 fn logs_keep_the_tail_and_redact_secrets_even_across_the_cut() {
+    let live = LiveLog::default();
     let secret = Secret::new("s3cr3t-token".into());
-    let mut log = JobLog::new(32, vec![secret.clone()]);
+    let mut log = JobLog::new(32, vec![secret.clone()], &live);
     log.push(&[b'a'; 100]);
     log.push(b"s3cr3t-token");
     log.push(b" end");
@@ -13,9 +14,13 @@ fn logs_keep_the_tail_and_redact_secrets_even_across_the_cut() {
     assert!(text.ends_with("*** end"), "{text}");
     assert!(!text.contains("s3cr3t"), "{text}");
     assert!(text.starts_with("[... "), "{text}");
+    // The live lines have all of it, redacted too.
+    let streamed = live.read(&mut 0, usize::MAX, std::task::Waker::noop());
+    let lines = streamed.expect("lines were streamed").lines;
+    assert_eq!(lines, [format!("{}*** end", "a".repeat(100))]);
 
     // The last 32 bytes start inside the secret: cutting first would keep its end.
-    let mut log = JobLog::new(32, vec![secret]);
+    let mut log = JobLog::new(32, vec![secret], &live);
     log.push(&[b'a'; 100]);
     log.push(b"s3cr3t-token");
     log.push(&[b'b'; 26]);
@@ -23,15 +28,16 @@ fn logs_keep_the_tail_and_redact_secrets_even_across_the_cut() {
     assert!(!text.contains("token"), "{text}");
     assert!(text.ends_with(&format!("***{}", "b".repeat(26))), "{text}");
 
-    let mut log = JobLog::new(1000, vec![]);
+    let mut log = JobLog::new(1000, vec![], &live);
     log.note("short");
     assert_eq!(log.finish(), "short");
 }
 
 #[test]
 fn cancelling_kills_the_running_step_and_skips_the_rest() {
+    let live = LiveLog::default();
     let control = JobControl::default();
-    let mut log = JobLog::new(1000, vec![]);
+    let mut log = JobLog::new(1000, vec![], &live);
     // A command line no other process has.
     let background = format!("sleep 300.{}", std::process::id());
     std::thread::scope(|s| {
