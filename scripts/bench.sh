@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs, adoption.rs, cluster.rs), measured side by side in one
+# Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs, adoption.rs, cluster.rs,
+# labels.rs, live_logs.rs), measured side by side in one
 # run on this machine, written to BENCHMARKS.md.
 # Release build (the first one compiles the gRPC C core again: ~20 min on 2 cores).
 # Run it on an otherwise idle machine: every figure shares the same 2 cores.
@@ -13,7 +14,7 @@ notes=$(mktemp)
 trap 'rm -f "$out" "$notes"' EXIT
 # The hand-written analysis below the table ("## Notes" to the end) is kept.
 sed -n '/^## Notes/,$p' BENCHMARKS.md > "$notes" 2>/dev/null || true
-for bench in throughput latency detection scale adoption cluster; do
+for bench in throughput latency detection scale adoption cluster labels live_logs; do
   cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
 done
 value() { sed -n "s/^$1 //p" "$out"; }
@@ -43,6 +44,8 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo "| orchestrator failover: SIGKILL of one of two → its $(value cluster.kill_jobs) jobs' statuses published by the other (p50 / max; defaults: 2 s health round, 3 s check-in, 6 s adopt-wait) | $(value cluster.kill_p50_s) / $(value cluster.kill_max_s) s, $(value cluster.kill_reruns) builds re-run | | | 0 re-runs |"
   echo "| failure detection at defaults, $(value detection.trials) SIGSTOP trials (min / p50 / max) | $(value detection.min_s) / $(value detection.p50_s) / $(value detection.max_s) s, $(value detection.within_bound) within bound, $(value detection.false_removals) false removals | bound: interval × unhealthy-after + timeout = $(value detection.bound_s) s | | ≤ 5 s, no false removal |"
   ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+  echo "| dispatch latency with labels, $(value labels.workers) workers in $(value labels.pools) label sets, light load: publish → RunJob (p50 / p99) | jobs requiring a label set: $(value labels.labelled.p50_ms) / $(value labels.labelled.p99_ms) ms | the same workers, jobs without labels: $(value labels.plain.p50_ms) / $(value labels.plain.p99_ms) ms | $(value labels.p50_ratio) (p50) | ≤ 1.2 |"
+  echo "| live logs: a build printing $(value live_logs.lines) lines (10 MB) at full speed: orchestrator CPU for the job, --logs-key on | $(value live_logs.on.cpu_ms) ms; print → delivered from the logs queue p50 / p99: $(value live_logs.delay_p50_ms) / $(value live_logs.delay_p99_ms) ms ($(value live_logs.lines_delivered) lines delivered) | --logs-key off: $(value live_logs.off.cpu_ms) ms | $(ratio "$(value live_logs.on.cpu_ms)" "$(value live_logs.off.cpu_ms)") | (batches of ≤ 200 ms) |"
   echo "| scale, $(value scale.workers) workers: RSS | $(value scale.w1000.rss_mib) MiB | bare grpcio client, same channels: $(value scale.bare.rss_mib) MiB | $(ratio "$(value scale.w1000.rss_mib)" "$(value scale.bare.rss_mib)") | ≤ 1.25 |"
   echo "| scale, $(value scale.workers) workers: threads | $(value scale.w1000.threads) | bare client: $(value scale.bare.threads); dispatch pool: 64 | | ≤ pool + 16 = 80 |"
   echo "| scale, $(value scale.workers) workers: one health round (median) | $(value scale.w1000.round_ms) ms | bare client's round: $(value scale.bare.round_ms) ms | $(ratio "$(value scale.w1000.round_ms)" "$(value scale.bare.round_ms)") | ≤ 2 |"
