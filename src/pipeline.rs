@@ -18,6 +18,8 @@ use crate::labels::Labels;
 pub trait Router: Send + Sync {
     /// Whether a healthy worker has every one of `labels` (always, for none).
     fn routable(&self, labels: &Labels) -> bool;
+    /// How many more jobs with `labels` may wait in dispatch threads for a slot.
+    fn room(&self, labels: &Labels) -> usize;
 }
 
 /// A job handed to the dispatch pool, with the token that stops it (fired by the

@@ -304,7 +304,7 @@ fn jobs_whose_last_worker_died_leave_the_dispatch_threads_for_the_others() {
     arm.signal("KILL");
     let lost = mq.statuses(1, LONG);
     assert_eq!(lost[0]["outcome"], "worker_lost", "{lost:?}");
-    orch.wait_for_log("any more; held back", LONG);
+    orch.wait_for_log("; held back", LONG);
     for i in 0..5 {
         publish(mq, &format!("plain-{i}"), Value::Null);
     }
@@ -322,5 +322,53 @@ fn jobs_whose_last_worker_died_leave_the_dispatch_threads_for_the_others() {
             .all(|s| s["outcome"] == "succeeded" && s["workerId"] == "lost-arm2"),
         "{rest:?}"
     );
+    mq.assert_no_more_statuses();
+}
+
+#[test]
+fn a_small_pool_with_a_long_queue_leaves_the_dispatch_threads_to_the_other_jobs() {
+    // Four dispatch threads; one arm64 slot whose jobs take 2 s each, and ten of them
+    // queued: without a bound, three would wait in threads for that slot, the fourth
+    // thread would run the arm64 job, and nothing else would move for 20 s.
+    let Setup { mq, orch, .. } = Setup::with_flags("labels-pool", &["--dispatch-threads", "4"]);
+    let mq = &mq;
+    let dir = TempDir::new("labels-pool");
+    let arm_runs = format!("{}/arm", dir.0.display());
+    let amd_runs = format!("{}/amd", dir.0.display());
+    let _arm = worker(
+        "pool-arm",
+        &orch,
+        "1",
+        &["arch=arm64"],
+        &format!("{arm_runs}; sleep 2"),
+    );
+    let _amd = worker("pool-amd", &orch, "2", &["arch=amd64"], &amd_runs);
+    orch.wait_for_log("worker pool-arm registered", LONG);
+    orch.wait_for_log("worker pool-amd registered", LONG);
+    for i in 0..10 {
+        publish(mq, &format!("arm-{i}"), json!({ "arch": "arm64" }));
+    }
+    for i in 0..10 {
+        publish(mq, &format!("plain-{i}"), Value::Null);
+    }
+    let mut seen = Vec::new();
+    let statuses = mq.statuses_until(LONG, |s| {
+        seen = s
+            .iter()
+            .map(|s| s["jobId"].as_str().unwrap().to_string())
+            .collect();
+        seen.iter().filter(|id| id.starts_with("plain-")).count() == 10
+    });
+    let arm_done = seen.iter().filter(|id| id.starts_with("arm-")).count();
+    assert!(
+        arm_done <= 3,
+        "the plain jobs waited behind the arm64 queue: {seen:?}"
+    );
+    let rest = mq.statuses(10 - arm_done, LONG);
+    let all: Vec<&Value> = statuses.iter().chain(&rest).collect();
+    assert_eq!(all.len(), 20);
+    assert!(all.iter().all(|s| s["outcome"] == "succeeded"), "{all:?}");
+    assert!(runs(&arm_runs).values().all(|n| *n == 1));
+    assert_eq!(runs(&arm_runs).len(), 10);
     mq.assert_no_more_statuses();
 }

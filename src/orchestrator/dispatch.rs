@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, Sender};
 use log::{info, warn};
 
-use super::registry::{Claim, Hint, Registry, Release};
+use super::registry::{Claim, Hint, LabelledClaim, Registry, Release};
 use crate::grpc::cancel::{CallError, CancelToken};
 use crate::job::{Event, EventKind, Job, Outcome, Status};
 use crate::metrics::Metrics;
@@ -107,7 +107,8 @@ enum Wait {
     Draining,
     /// The job was cancelled while it waited.
     Cancelled,
-    /// No healthy worker has the labels the job requires: the consumer holds it back.
+    /// No healthy worker has the labels the job requires, or as many jobs with them wait
+    /// for a slot as those workers have: the consumer holds it back.
     Unroutable,
 }
 
@@ -166,7 +167,7 @@ impl Dispatcher {
                     Wait::Claimed(claim) => (claim, EventKind::Dispatched),
                     Wait::Unroutable => {
                         info!(
-                            "job {}: no healthy worker has the labels {} any more; held back",
+                            "job {}: no room for it on the workers with the labels {}; held back",
                             job.job_id, job.labels
                         );
                         let assignment = Assignment {
@@ -319,12 +320,10 @@ impl Dispatcher {
     fn claim_labelled(&self, job: &Job, token: &CancelToken) -> Wait {
         let registry = &self.links.registry;
         loop {
-            if !registry.routable(&job.labels) {
-                return Wait::Unroutable;
-            }
             let wait = match registry.claim_matching(&job.labels, &job.job_id, token) {
-                Ok(claim) => return Wait::Claimed(claim),
-                Err(wait) => wait,
+                LabelledClaim::Claimed(claim) => return Wait::Claimed(claim),
+                LabelledClaim::Wait(wait) => wait,
+                LabelledClaim::NoRoom => return Wait::Unroutable,
             };
             select! {
                 recv(wait.woken) -> _ => {}

@@ -34,6 +34,7 @@ use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
 use crate::labels::Labels;
 use crate::proto::job_grpc::JobServiceClient;
 pub use liveness::{PingResult, PingTarget};
+pub use routing::{LabelledClaim, SlotWait};
 pub use view::WorkerView;
 
 mod liveness;

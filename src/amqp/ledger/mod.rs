@@ -213,11 +213,7 @@ impl Ledger {
                 redelivered,
                 waiting,
             };
-            if self.router.routable(&assignment.job.labels) {
-                self.backlog.push_back(assignment);
-            } else {
-                self.park(assignment);
-            }
+            self.dispatch_or_park(assignment);
         }
         actions
     }

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{cancelled, was_cancelled, Action, Ledger};
 use crate::job::{Outcome, Status};
@@ -68,16 +68,17 @@ impl Parked {
         job.assignment
     }
 
-    /// Takes out the jobs a worker can take now (asking once per label set), oldest
-    /// first.
-    pub fn take_routable(&mut self, routable: impl Fn(&Labels) -> bool) -> Vec<Assignment> {
-        let mut answers: HashMap<Labels, bool> = HashMap::new();
+    /// Takes out, oldest first, as many jobs of each label set as `room` says dispatch
+    /// has room for (asking once per label set).
+    pub fn take_ready(&mut self, room: impl Fn(&Labels) -> usize) -> Vec<Assignment> {
+        let mut rooms: HashMap<Labels, usize> = HashMap::new();
         let (ready, held): (VecDeque<_>, VecDeque<_>) =
             std::mem::take(&mut self.jobs).into_iter().partition(|job| {
                 let labels = &job.assignment.job.labels;
-                *answers
-                    .entry(labels.clone())
-                    .or_insert_with(|| routable(labels))
+                let left = rooms.entry(labels.clone()).or_insert_with(|| room(labels));
+                let take = *left > 0;
+                *left = left.saturating_sub(1);
+                take
             });
         self.jobs = held;
         ready.into_iter().map(|job| self.left(job)).collect()
@@ -121,21 +122,31 @@ impl Parked {
 }
 
 impl Ledger {
-    /// Holds a job back until a worker has its labels.
+    /// Holds a job back until a worker has its labels and there is room for it.
     pub(super) fn park(&mut self, assignment: Assignment) {
         let Some(pending) = self.pending.get(&assignment.job.job_id) else {
             return;
         };
-        info!(
-            "job {}: no healthy worker has the labels {}; held back until one has",
-            assignment.job.job_id, assignment.job.labels
-        );
+        let job = &assignment.job;
+        if self.router.routable(&job.labels) {
+            info!(
+                "job {}: the workers with the labels {} have as many jobs waiting as slots; \
+                 held back until one goes",
+                job.job_id, job.labels
+            );
+        } else {
+            info!(
+                "job {}: no healthy worker has the labels {}; held back until one has",
+                job.job_id, job.labels
+            );
+        }
         let window = pending.window;
         self.parked.park(assignment, window);
     }
 
-    /// A dispatch thread gives back a job whose labels no healthy worker has any more:
-    /// held back (or dispatched again, if one has them by now). One its delivery's loss
+    /// A dispatch thread gives back a job whose labels no healthy worker has any more, or
+    /// whose workers have as many jobs waiting as slots: held back (or dispatched again,
+    /// if there is room by now). One its delivery's loss
     /// released is dropped; one cancelled meanwhile ends `cancelled`; during a drain it
     /// goes back to the queue.
     pub fn unroutable(&mut self, assignment: Assignment) -> Vec<Action> {
@@ -148,34 +159,47 @@ impl Ledger {
         if self.drain_deadline.is_some() {
             return self.requeue(&assignment.job.job_id);
         }
-        if self.router.routable(&assignment.job.labels) {
+        self.dispatch_or_park(assignment);
+        Vec::new()
+    }
+
+    /// Sends a job on to dispatch if there is room for its labels, else holds it back.
+    pub(super) fn dispatch_or_park(&mut self, assignment: Assignment) {
+        if self.router.room(&assignment.job.labels) > 0 {
             self.backlog.push_back(assignment);
         } else {
             self.park(assignment);
         }
-        Vec::new()
     }
 
-    /// Workers changed: the jobs held back that a worker can take now go to dispatch,
-    /// before the backlog (they are older).
+    /// Workers or their slots changed: the jobs held back that dispatch has room for now
+    /// go to it, before the backlog (they are older).
     pub fn routing_changed(&mut self) {
         let router = &self.router;
-        let ready = self.parked.take_routable(|labels| router.routable(labels));
+        let ready = self.parked.take_ready(|labels| router.room(labels));
         for assignment in ready.into_iter().rev() {
-            info!(
-                "job {}: a worker has the labels {} now",
+            debug!(
+                "job {}: room on a worker with the labels {}",
                 assignment.job.job_id, assignment.job.labels
             );
             self.backlog.push_front(assignment);
         }
     }
 
-    /// The jobs held back for `--unroutable-after` end `rejected`.
+    /// The jobs held back for `--unroutable-after` while no worker had their labels end
+    /// `rejected`; those that have a worker now (waiting for room) wait on, anew.
     pub fn expire_unroutable(&mut self) -> Vec<Action> {
         let Some(after) = self.config.unroutable_after else {
             return Vec::new();
         };
-        let expired = self.parked.expired(after);
+        let (waiting, expired): (Vec<_>, Vec<_>) = self
+            .parked
+            .expired(after)
+            .into_iter()
+            .partition(|(assignment, _)| self.router.routable(&assignment.job.labels));
+        for (assignment, _) in waiting {
+            self.park(assignment);
+        }
         expired
             .into_iter()
             .map(|(assignment, held)| {
@@ -217,6 +241,10 @@ pub(super) struct EveryLabel;
 impl Router for EveryLabel {
     fn routable(&self, _: &Labels) -> bool {
         true
+    }
+
+    fn room(&self, _: &Labels) -> usize {
+        usize::MAX
     }
 }
 

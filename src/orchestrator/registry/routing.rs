@@ -4,7 +4,10 @@
 //! with labels cannot use a hint of any worker, so it claims by scanning for a free
 //! slot on a worker that has its labels ([`Registry::claim_matching`]); when none is
 //! free it leaves a waiter, which is woken when such a worker has a free slot again
-//! (`top_up`), or when workers come and go (`routing_changed`). Claiming through the
+//! (`top_up`), or when workers come and go (`routing_changed`). At most as many jobs
+//! of a label set wait so as their workers have slots ([`Registry::room`]): the others
+//! wait on the consumer thread, so that a small pool (two `arch=arm64` slots, say) with
+//! a long queue cannot take every dispatch thread from the other jobs. Claiming through the
 //! registry's lock leaves the hints' invariant alone: a slot taken this way makes its
 //! hint stale, and the thread that takes the hint drops it.
 //!
@@ -41,7 +44,20 @@ impl Drop for SlotWait<'_> {
             .signals
             .waiters()
             .retain(|waiter| waiter.id != self.id);
+        // Room for one more job with these labels in dispatch.
+        let _ = self.registry.signals.changed.0.try_send(());
     }
+}
+
+/// How a labelled claim went.
+pub enum LabelledClaim<'a> {
+    /// A slot was taken.
+    Claimed(Claim),
+    /// None is free: wait for this.
+    Wait(SlotWait<'a>),
+    /// As many jobs with these labels wait for a slot as their workers have slots (or no
+    /// healthy worker has them): this one waits elsewhere, without a dispatch thread.
+    NoRoom,
 }
 
 /// The signals about routing the registry sends: to dispatch threads waiting for a
@@ -66,11 +82,31 @@ impl Signals {
     fn waiters(&self) -> std::sync::MutexGuard<'_, Vec<Waiter>> {
         self.waiters.lock().expect("waiters lock")
     }
+
+    /// How many dispatch threads wait for a slot with exactly these labels.
+    fn waiting_with(&self, labels: &Labels) -> usize {
+        self.waiters()
+            .iter()
+            .filter(|w| w.labels == *labels)
+            .count()
+    }
+}
+
+/// The slots of the healthy, not draining workers among `workers` that have `labels`.
+fn matching_slots<'a>(workers: impl Iterator<Item = &'a Worker>, labels: &Labels) -> usize {
+    workers
+        .filter(|w| w.healthy && !w.draining && w.labels.satisfies(labels))
+        .map(|w| w.capacity as usize)
+        .sum()
 }
 
 impl crate::pipeline::Router for Registry {
     fn routable(&self, labels: &Labels) -> bool {
         Registry::routable(self, labels)
+    }
+
+    fn room(&self, labels: &Labels) -> usize {
+        Registry::room(self, labels)
     }
 }
 
@@ -83,6 +119,19 @@ impl Registry {
                 .lock()
                 .values()
                 .any(|w| w.healthy && !w.draining && w.labels.satisfies(labels))
+    }
+
+    /// How many more jobs with `labels` may wait in dispatch threads for a slot: the slots
+    /// of the healthy, not draining workers that have them, less the jobs with these
+    /// labels waiting already (`usize::MAX` for none).
+    pub fn room(&self, labels: &Labels) -> usize {
+        if labels.is_empty() {
+            return usize::MAX;
+        }
+        let workers = self.lock();
+        let slots = matching_slots(workers.values(), labels);
+        let waiting = self.signals.waiting_with(labels);
+        slots.saturating_sub(waiting)
     }
 
     /// Records whether worker `id` is draining (its answer to `SetDraining`): a drained
@@ -102,20 +151,22 @@ impl Registry {
     }
 
     /// Signalled (at most one signal waits) when a worker registered, recovered, became
-    /// unhealthy, or was drained or resumed: jobs held back for their labels may have a
-    /// worker now.
+    /// unhealthy, or was drained or resumed, and when a labelled job took a slot or
+    /// stopped waiting for one: jobs held back for their labels may go now.
     pub fn routing_changes(&self) -> Receiver<()> {
         self.signals.changed.1.clone()
     }
 
     /// Takes a free slot for `job_id` on a worker that has `labels`; when none is free,
-    /// a wait that is signalled when one may be (or when workers change).
+    /// a wait that is signalled when one may be (or when workers change), unless as many
+    /// jobs with these labels wait already as their workers have slots: those would only
+    /// hold dispatch threads that other jobs can use.
     pub fn claim_matching(
         &self,
         labels: &Labels,
         job_id: &str,
         token: &CancelToken,
-    ) -> Result<Claim, SlotWait<'_>> {
+    ) -> LabelledClaim<'_> {
         let mut workers = self.lock();
         let found = workers
             .iter_mut()
@@ -123,11 +174,16 @@ impl Registry {
         if let Some((id, worker)) = found {
             worker.started += 1;
             worker.running.insert(job_id.to_string(), token.clone());
-            return Ok(Claim {
+            // The consumer may send another job with these labels in its place.
+            let _ = self.signals.changed.0.try_send(());
+            return LabelledClaim::Claimed(Claim {
                 worker: id.clone(),
                 generation: worker.generation,
                 client: worker.client.clone(),
             });
+        }
+        if self.signals.waiting_with(labels) >= matching_slots(workers.values(), labels) {
+            return LabelledClaim::NoRoom;
         }
         // Registered under the registry's lock: a slot freed from now on wakes it.
         let (wake, woken) = bounded(1);
@@ -140,7 +196,7 @@ impl Registry {
             labels: labels.clone(),
             wake,
         });
-        Err(SlotWait {
+        LabelledClaim::Wait(SlotWait {
             woken,
             registry: self,
             id,

@@ -23,6 +23,15 @@ impl Router for Workers {
     fn routable(&self, labels: &Labels) -> bool {
         labels.is_empty() || self.0.lock().unwrap().contains(&labels.to_string())
     }
+
+    /// Two slots per label set a worker has.
+    fn room(&self, labels: &Labels) -> usize {
+        if self.routable(labels) {
+            2
+        } else {
+            0
+        }
+    }
 }
 
 fn ledger(unroutable_after: Option<Duration>) -> (Ledger, Arc<Workers>) {

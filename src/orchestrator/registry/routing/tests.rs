@@ -6,7 +6,9 @@ use std::time::Duration;
 use crossbeam_channel::{unbounded, Receiver};
 use grpcio::Environment;
 
-use super::super::{Hint, Origin, PingResult, Registry, RegistrySettings, Release};
+use super::super::{
+    Claim, Hint, LabelledClaim, Origin, PingResult, Registry, RegistrySettings, Release, SlotWait,
+};
 use crate::grpc::cancel::CancelToken;
 use crate::labels::Labels;
 
@@ -33,6 +35,20 @@ fn labels(text: &str) -> Labels {
     .unwrap()
 }
 
+fn claimed(claim: LabelledClaim<'_>) -> Claim {
+    match claim {
+        LabelledClaim::Claimed(claim) => claim,
+        _ => panic!("no slot was claimed"),
+    }
+}
+
+fn waiting(claim: LabelledClaim<'_>) -> SlotWait<'_> {
+    match claim {
+        LabelledClaim::Wait(wait) => wait,
+        _ => panic!("it does not wait"),
+    }
+}
+
 fn add(registry: &Registry, id: &str, offered: &str, capacity: u32) {
     let offered = if offered.is_empty() {
         Labels::default()
@@ -56,10 +72,10 @@ fn a_labelled_claim_goes_only_to_a_worker_with_every_label_and_within_its_capaci
     add(&registry, "amd", "arch=amd64", 4);
     add(&registry, "arm", "arch=arm64,os=linux", 1);
     let arm = labels("arch=arm64");
-    let claim = registry.claim_matching(&arm, "j1", &token).ok().unwrap();
+    let claim = claimed(registry.claim_matching(&arm, "j1", &token));
     assert_eq!(&*claim.worker, "arm");
     // Its one slot is taken: the next one waits, and is woken when it frees.
-    let wait = registry.claim_matching(&arm, "j2", &token).err().unwrap();
+    let wait = waiting(registry.claim_matching(&arm, "j2", &token));
     assert!(wait.woken.try_recv().is_err());
     registry.release(&claim, "j1", Release::Done);
     assert!(
@@ -68,16 +84,13 @@ fn a_labelled_claim_goes_only_to_a_worker_with_every_label_and_within_its_capaci
     );
     drop(wait);
     assert_eq!(
-        &*registry
-            .claim_matching(&arm, "j2", &token)
-            .ok()
-            .unwrap()
-            .worker,
+        &*claimed(registry.claim_matching(&arm, "j2", &token)).worker,
         "arm"
     );
-    assert!(registry
-        .claim_matching(&labels("arch=arm64,os=windows"), "j3", &token)
-        .is_err());
+    assert!(matches!(
+        registry.claim_matching(&labels("arch=arm64,os=windows"), "j3", &token),
+        LabelledClaim::NoRoom
+    ));
 }
 
 #[test]
@@ -85,10 +98,7 @@ fn a_slot_taken_by_labels_makes_its_hint_stale_and_none_is_forgotten() {
     let (registry, hints) = registry();
     let token = CancelToken::default();
     add(&registry, "arm", "arch=arm64", 1);
-    let claim = registry
-        .claim_matching(&labels("arch=arm64"), "j1", &token)
-        .ok()
-        .unwrap();
+    let claim = claimed(registry.claim_matching(&labels("arch=arm64"), "j1", &token));
     let hint = hints.try_recv().unwrap();
     assert!(registry.claim(&hint, "j2", &token).is_none(), "stale hint");
     registry.release(&claim, "j1", Release::Done);
@@ -111,9 +121,9 @@ fn routability_follows_registrations_health_and_drains() {
     let token = CancelToken::default();
     let claims: Vec<_> = ["j1", "j2"]
         .iter()
-        .map(|j| registry.claim_matching(&arm, j, &token).ok().unwrap())
+        .map(|j| claimed(registry.claim_matching(&arm, j, &token)))
         .collect();
-    let wait = registry.claim_matching(&arm, "j3", &token).err().unwrap();
+    let wait = waiting(registry.claim_matching(&arm, "j3", &token));
     registry.set_draining("arm", true);
     assert!(wait.woken.try_recv().is_ok());
     let target = registry
@@ -156,4 +166,43 @@ fn a_drained_worker_gets_no_job_and_is_hinted_again_when_resumed() {
         .filter(|(i, h)| registry.claim(h, &format!("j{i}"), &token).is_some())
         .count();
     assert_eq!(claimed, 2, "its slots are hinted again");
+}
+
+#[test]
+fn no_more_jobs_of_a_label_set_wait_than_their_workers_have_slots() {
+    let (registry, _) = registry();
+    let changes = registry.routing_changes();
+    let token = CancelToken::default();
+    add(&registry, "arm", "arch=arm64", 2);
+    add(&registry, "amd", "arch=amd64", 8);
+    let arm = labels("arch=arm64");
+    let _running: Vec<_> = ["r1", "r2"]
+        .iter()
+        .map(|j| claimed(registry.claim_matching(&arm, j, &token)))
+        .collect();
+    assert_eq!(registry.room(&arm), 2);
+    let _ = changes.try_recv();
+    let first = waiting(registry.claim_matching(&arm, "w1", &token));
+    let _second = waiting(registry.claim_matching(&arm, "w2", &token));
+    assert_eq!(registry.room(&arm), 0);
+    assert!(
+        matches!(
+            registry.claim_matching(&arm, "w3", &token),
+            LabelledClaim::NoRoom
+        ),
+        "two arm64 slots, two jobs waiting for them: a third would only hold a thread"
+    );
+    assert!(changes.try_recv().is_err());
+    drop(first);
+    assert!(
+        changes.try_recv().is_ok(),
+        "a wait that ends makes room: signalled"
+    );
+    assert_eq!(registry.room(&arm), 1);
+    assert_eq!(
+        registry.room(&labels("arch=riscv")),
+        0,
+        "no worker: no room"
+    );
+    assert_eq!(registry.room(&Labels::default()), usize::MAX);
 }
