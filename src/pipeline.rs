@@ -162,3 +162,22 @@ pub struct Connected {
     /// The connection generation the channel belongs to.
     pub generation: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LogBudget;
+
+    #[test]
+    fn the_log_budget_refuses_what_does_not_fit_until_bytes_come_back() {
+        let budget = LogBudget::new(100);
+        assert!(budget.try_take(60));
+        assert!(
+            !budget.try_take(41),
+            "60 + 41 > 100: dropped, not waited for"
+        );
+        assert!(budget.try_take(40));
+        budget.give_back(60);
+        assert!(budget.try_take(60));
+        assert!(!budget.try_take(1));
+    }
+}
