@@ -92,10 +92,16 @@ impl Signals {
     }
 }
 
-/// The slots of the healthy, not draining workers among `workers` that have `labels`.
+/// Whether `worker` takes jobs that require `labels`: healthy, not draining, and it has
+/// them all.
+fn takes(worker: &Worker, labels: &Labels) -> bool {
+    worker.healthy && !worker.draining && worker.labels.satisfies(labels)
+}
+
+/// The slots of the workers among `workers` that take jobs requiring `labels`.
 fn matching_slots<'a>(workers: impl Iterator<Item = &'a Worker>, labels: &Labels) -> usize {
     workers
-        .filter(|w| w.healthy && !w.draining && w.labels.satisfies(labels))
+        .filter(|w| takes(w, labels))
         .map(|w| w.capacity as usize)
         .sum()
 }
@@ -114,11 +120,7 @@ impl Registry {
     /// Whether a healthy worker that is not draining has every one of `labels` (every
     /// job without labels is).
     pub fn routable(&self, labels: &Labels) -> bool {
-        labels.is_empty()
-            || self
-                .lock()
-                .values()
-                .any(|w| w.healthy && !w.draining && w.labels.satisfies(labels))
+        labels.is_empty() || self.lock().values().any(|w| takes(w, labels))
     }
 
     /// How many more jobs with `labels` may wait in dispatch threads for a slot: the slots
