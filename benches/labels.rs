@@ -15,17 +15,10 @@ use blacktree::proto::worker::WorkerInfo;
 use common::*;
 use crossbeam_channel::unbounded;
 use serde_json::json;
-use support::{env_number, percentile, serve_noop_workers, NoopWorker};
+use support::{env_number, percentiles_ms, serve_noop_workers, NoopWorker};
 
 const WORKERS: usize = 1000;
 const POOLS: usize = 10;
-
-/// p50 and p99 of `samples`, in ms.
-fn percentiles(samples: &[Duration]) -> (f64, f64) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    (percentile(&ms, 0.5), percentile(&ms, 0.99))
-}
 
 fn main() {
     let samples = env_number("BENCH_SAMPLES", 500);
@@ -85,10 +78,10 @@ fn main() {
     println!("labels.workers {WORKERS}");
     println!("labels.pools {POOLS}");
     for (name, values) in [("plain", &plain), ("labelled", &labelled)] {
-        let (p50, p99) = percentiles(values);
+        let (p50, p99) = percentiles_ms(values);
         println!("labels.{name}.p50_ms {p50:.3}");
         println!("labels.{name}.p99_ms {p99:.3}");
     }
-    let ratio = percentiles(&labelled).0 / percentiles(&plain).0;
+    let ratio = percentiles_ms(&labelled).0 / percentiles_ms(&plain).0;
     println!("labels.p50_ratio {ratio:.2}");
 }

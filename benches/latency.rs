@@ -18,14 +18,7 @@ use common::*;
 use crossbeam_channel::unbounded;
 use grpcio::{ChannelBuilder, EnvBuilder};
 use serde_json::json;
-use support::{env_number, percentile, serve_noop_workers, NoopWorker};
-
-/// p50 and p99 of `samples`, in ms.
-fn percentiles(samples: Vec<Duration>) -> (f64, f64) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    (percentile(&ms, 0.5), percentile(&ms, 0.99))
-}
+use support::{env_number, percentiles_ms, serve_noop_workers, NoopWorker};
 
 fn main() {
     let samples = env_number("BENCH_SAMPLES", 500);
@@ -118,7 +111,7 @@ fn main() {
         ("latency.bare_publish_to_delivery", bare_amqp),
         ("latency.bare_grpc_unary", bare_grpc),
     ] {
-        let (p50, p99) = percentiles(values);
+        let (p50, p99) = percentiles_ms(&values);
         println!("{name}.p50_ms {p50:.3}");
         println!("{name}.p99_ms {p99:.3}");
     }

@@ -201,6 +201,13 @@ pub fn median_and_range(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64
     )
 }
 
+/// p50 and p99 of `samples`, in ms.
+pub fn percentiles_ms(samples: &[std::time::Duration]) -> (f64, f64) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    (percentile(&ms, 0.5), percentile(&ms, 0.99))
+}
+
 /// Percentile `q` (0..=1) of sorted `samples`.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
