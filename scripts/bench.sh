@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks (benches/throughput.rs, latency.rs, detection.rs, scale.rs, adoption.rs, cluster.rs,
-# labels.rs, live_logs.rs), measured side by side in one
+# labels.rs, live_logs.rs, status_page.rs), measured side by side in one
 # run on this machine, written to BENCHMARKS.md.
 # Release build (the first one compiles the gRPC C core again: ~20 min on 2 cores).
 # Run it on an otherwise idle machine: every figure shares the same 2 cores.
@@ -14,7 +14,7 @@ notes=$(mktemp)
 trap 'rm -f "$out" "$notes"' EXIT
 # The hand-written analysis below the table ("## Notes" to the end) is kept.
 sed -n '/^## Notes/,$p' BENCHMARKS.md > "$notes" 2>/dev/null || true
-for bench in throughput latency detection scale adoption cluster labels live_logs; do
+for bench in throughput latency detection scale adoption cluster labels live_logs status_page; do
   cargo bench --bench "$bench" 2>/dev/null | tee -a "$out"
 done
 value() { sed -n "s/^$1 //p" "$out"; }
@@ -46,6 +46,7 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
   echo "| dispatch latency with labels, $(value labels.workers) workers in $(value labels.pools) label sets, light load: publish → RunJob (p50 / p99) | jobs requiring a label set: $(value labels.labelled.p50_ms) / $(value labels.labelled.p99_ms) ms | the same workers, jobs without labels: $(value labels.plain.p50_ms) / $(value labels.plain.p99_ms) ms | $(value labels.p50_ratio) (p50) | ≤ 1.2 |"
   echo "| live logs: a build printing $(value live_logs.lines) lines (10 MB) at full speed: orchestrator CPU for the job, --logs-key on | $(value live_logs.on.cpu_ms) ms; print → delivered from the logs queue p50 / p99: $(value live_logs.delay_p50_ms) / $(value live_logs.delay_p99_ms) ms ($(value live_logs.lines_delivered) lines delivered) | --logs-key off: $(value live_logs.off.cpu_ms) ms | +$(awk -v a="$(value live_logs.on.cpu_ms)" -v b="$(value live_logs.off.cpu_ms)" 'BEGIN { printf "%.0f", (a - b) / 10 }') ms per MB | (batches of ≤ 200 ms) |"
+  echo "| status page: orchestrator CPU per 1,000 jobs (64 no-op workers, $(value page.jobs) jobs a round, median of $(value page.rounds) alternating rounds) with the page open in headless Chromium (reloading every 5 s) | $(value page.open_cpu_ms_per_1000) ms | page closed: $(value page.closed_cpu_ms_per_1000) ms | $(value page.ratio) | ≈ 1.00 (nothing measurable); one render: $(value page.render_cpu_ms) ms CPU |"
   echo "| scale, $(value scale.workers) workers: RSS | $(value scale.w1000.rss_mib) MiB | bare grpcio client, same channels: $(value scale.bare.rss_mib) MiB | $(ratio "$(value scale.w1000.rss_mib)" "$(value scale.bare.rss_mib)") | ≤ 1.25 |"
   echo "| scale, $(value scale.workers) workers: threads | $(value scale.w1000.threads) | bare client: $(value scale.bare.threads); dispatch pool: 64 | | ≤ pool + 16 = 80 |"
   echo "| scale, $(value scale.workers) workers: one health round (median) | $(value scale.w1000.round_ms) ms | bare client's round: $(value scale.bare.round_ms) ms | $(ratio "$(value scale.w1000.round_ms)" "$(value scale.bare.round_ms)") | ≤ 2 |"

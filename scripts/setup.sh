@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # Debian packages the build and the tests need.
+# chromium: tests/status_page.rs renders the status page in it (headless).
 BLACKTREE_PACKAGES=(cmake pkg-config libssl-dev git g++ rabbitmq-server
-  docker.io docker-registry apache2-utils busybox-static curl runit)
+  docker.io docker-registry apache2-utils busybox-static curl runit chromium)
 
 apt_install_missing() {
   local missing=()

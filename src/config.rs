@@ -318,6 +318,17 @@ pub struct OrchestratorConfig {
     )]
     pub metrics_listen: String,
 
+    /// File holding the token the HTTP endpoint asks for: `Authorization: Bearer TOKEN`,
+    /// or basic auth with any user name and the token as password; `/healthz` stays
+    /// open. Without one, the status page and `/api/` answer on a loopback address only.
+    #[arg(long, env = "BLACKTREE_HTTP_AUTH_FILE")]
+    pub http_auth_file: Option<std::path::PathBuf>,
+
+    /// Finished jobs the status page and `/api/jobs` keep, newest first.
+    #[arg(long, env = "BLACKTREE_FINISHED_JOBS", default_value_t = crate::metrics::DEFAULT_FINISHED,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=10_000))]
+    pub finished_jobs: usize,
+
     /// Single-instance lock file (default: `/run/blacktree-orchestrator-PORT.lock` as root;
     /// none when listening on port 0).
     #[arg(long, env = "BLACKTREE_LOCK_FILE")]

@@ -363,8 +363,8 @@ fn syntax_position(e: &serde_json::Error) -> String {
     format!("syntax error at line {} column {}", e.line(), e.column())
 }
 
-/// RFC 3339 with milliseconds, UTC.
-fn rfc3339(at: SystemTime) -> String {
+/// `at` as statuses and events spell times (RFC 3339, milliseconds, UTC).
+pub fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
@@ -428,6 +428,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Succeeded,
+        Outcome::Failed,
+        Outcome::WorkerLost,
+        Outcome::TimedOut,
+        Outcome::Rejected,
+        Outcome::Cancelled,
+    ];
+
     /// The outcome as statuses and logs spell it (`succeeded`, `worker_lost`, …).
     pub fn word(self) -> &'static str {
         match self {

@@ -2,6 +2,7 @@
 //! imports it; it imports none of them (the HTTP endpoint that serves it is
 //! `orchestrator::http`).
 
+mod board;
 mod load;
 mod process;
 
@@ -12,13 +13,16 @@ use prometheus::{
     Opts, TextEncoder,
 };
 
-pub use load::{Load, Slots, Waiting};
+pub use board::{Board, FinishedJob, Minute, Running, RunningView, DEFAULT_FINISHED, MINUTES};
+pub use load::{Load, Slots, Waiting, WaitingJob};
 
 /// Every metric the orchestrator keeps.
 pub struct Metrics {
     registry: prometheus::Registry,
     /// Jobs waiting for a worker, slots by state, busy dispatch threads.
     pub load: Arc<Load>,
+    /// Jobs running, finished and flowing, for the status page.
+    pub board: Arc<Board>,
     process: process::ProcessMetrics,
     /// The `orchestrator_id` label of every sample (empty: none).
     instance_id: String,
@@ -71,16 +75,21 @@ pub struct Metrics {
 impl Default for Metrics {
     /// Metrics without the `orchestrator_id` label, for 64 dispatch threads (unit tests).
     fn default() -> Metrics {
-        Metrics::labelled(None, 64)
+        Metrics::labelled(None, 64, DEFAULT_FINISHED)
     }
 }
 
 impl Metrics {
     /// Metrics whose every sample carries `orchestrator_id="<instance_id>"`, for an
-    /// orchestrator of `dispatch_threads` threads.
-    pub fn for_instance(instance_id: &str, dispatch_threads: u16) -> Metrics {
+    /// orchestrator of `dispatch_threads` threads whose status page lists the last
+    /// `finished_jobs` finished jobs.
+    pub fn for_instance(instance_id: &str, dispatch_threads: u16, finished_jobs: usize) -> Metrics {
         let label = [("orchestrator_id".to_string(), instance_id.to_string())];
-        Metrics::labelled(Some(label.into_iter().collect()), dispatch_threads)
+        Metrics::labelled(
+            Some(label.into_iter().collect()),
+            dispatch_threads,
+            finished_jobs,
+        )
     }
 
     /// The orchestrator's instance id (empty for unlabelled metrics).
@@ -91,6 +100,7 @@ impl Metrics {
     fn labelled(
         labels: Option<std::collections::HashMap<String, String>>,
         dispatch_threads: u16,
+        finished_jobs: usize,
     ) -> Metrics {
         let instance_id = labels
             .as_ref()
@@ -116,6 +126,7 @@ impl Metrics {
             .expect("metric names are unique");
         let metrics = Metrics {
             load: Arc::new(Load::new(&registry, u64::from(dispatch_threads))),
+            board: Arc::new(Board::new(finished_jobs)),
             process: process::ProcessMetrics::new(&registry),
             registry,
             instance_id,

@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use super::jobs::JobTable;
+use crate::web::{Reply, PROMETHEUS_TEXT};
 
 /// Every metric the worker keeps.
 pub struct WorkerMetrics {
@@ -106,9 +107,9 @@ impl WorkerMetrics {
         crate::web::serve(
             listen,
             "BLACKTREE_WORKER_METRICS_LISTEN",
-            move |path| match path {
-                "/metrics" => (200, "text/plain; version=0.0.4", self.render(&jobs)),
-                _ => (404, "text/plain", "not found\n".to_string()),
+            move |request| match request.path {
+                "/metrics" => Reply::new(200, PROMETHEUS_TEXT, self.render(&jobs)),
+                _ => Reply::not_found(),
             },
         )
     }

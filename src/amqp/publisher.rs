@@ -275,6 +275,10 @@ impl Publisher {
             } => status,
             _ => return,
         };
+        if status.started_at.is_none() {
+            // One that ran was put on the board by its dispatch thread.
+            self.metrics.board.finished_unstarted(status);
+        }
         let outcome = status.outcome.word();
         self.metrics
             .jobs_finished

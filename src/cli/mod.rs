@@ -4,6 +4,7 @@
 
 pub mod health;
 pub mod logging;
+pub mod progress;
 pub mod submit;
 pub mod tools;
 pub mod watch;

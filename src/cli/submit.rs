@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::tools::{BrokerArgs, CliError};
-use super::watch::{own_queue, status_line, wait_for_status, Verdict};
+use super::watch::{own_queue, progress_keys, status_line, wait_for_status, Verdict};
 use crate::config::read_secret_file;
 use crate::job::{Dialect, Job, Secret, FIELDS};
 use crate::labels::{parse_label, Label, Labels};
@@ -77,7 +77,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
     let topology = &args.broker.topology;
     // Listening before publishing: the status cannot come before we look for it.
     let statuses = if args.wait {
-        Some(own_queue(&channel, topology, &[])?)
+        Some(own_queue(&channel, topology, &progress_keys(topology))?)
     } else {
         None
     };
@@ -91,7 +91,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), CliError> {
     };
     eprintln!("submitted {}; waiting for its status", job.job_id);
     let deadline = args.timeout.map(|t| Instant::now() + t);
-    let status = wait_for_status(&statuses, &job.job_id, deadline);
+    let status = wait_for_status(&statuses, topology, &job.job_id, deadline);
     let _ = connection.close();
     let status = status?;
     if args.output == "json" {

@@ -10,6 +10,7 @@ use amiquip::{Channel, ConsumerMessage, ConsumerOptions, FieldTable, QueueDeclar
 use clap::{ArgGroup, Args};
 use serde_json::Value;
 
+use super::progress::Progress;
 use super::tools::{BrokerArgs, CliError};
 use crate::amqp::declare_exchange;
 use crate::config::{parse_duration, Topology};
@@ -89,10 +90,10 @@ pub fn watch(args: WatchArgs) -> Result<(), CliError> {
         return Verdict::of(&status).exit(job_id);
     }
     if let Some(job_id) = &args.job {
-        let consumer = own_queue(&channel, topology, &[])?;
+        let consumer = own_queue(&channel, topology, &progress_keys(topology))?;
         eprintln!("watching {} for job {job_id}", topology.exchange);
         let deadline = args.timeout.map(|t| Instant::now() + t);
-        let status = wait_for_status(&consumer, job_id, deadline);
+        let status = wait_for_status(&consumer, topology, job_id, deadline);
         let _ = connection.close();
         let status = status?;
         print_message(&status, true, args.json);
@@ -161,14 +162,33 @@ fn print_message(value: &Value, is_status: bool, json: bool) {
     println!("{value}");
 }
 
-/// Reads statuses from `consumer` until the one of `job_id`; an error when `deadline`
-/// passes first or the connection ends.
+/// The routing keys that tell a followed job's progress (events, and live output for
+/// its steps), for [`own_queue`]; empty ones are skipped there.
+pub fn progress_keys(topology: &Topology) -> [&str; 2] {
+    [topology.events_key.as_str(), topology.logs_key.as_str()]
+}
+
+/// Reads `consumer` until `job_id`'s status, showing its progress on stderr (see
+/// `progress`); an error when `deadline` passes first or the connection ends.
 pub fn wait_for_status(
     consumer: &amiquip::Consumer<'_>,
+    topology: &Topology,
     job_id: &str,
     deadline: Option<Instant>,
 ) -> Result<Value, CliError> {
-    follow(consumer, job_id, deadline, |_| {})
+    let mut progress = Progress::new(job_id);
+    let status = follow(consumer, job_id, deadline, |delivery, value| {
+        if delivery.routing_key == topology.logs_key {
+            progress.output(value);
+        } else {
+            progress.event(value);
+        }
+    });
+    match &status {
+        Ok(status) => progress.finish(status),
+        Err(_) => progress.abandon(),
+    }
+    status
 }
 
 /// Prints the lines of `job_id`'s output messages in `seq` order (a message seen twice,
@@ -180,13 +200,10 @@ fn follow_logs(
     deadline: Option<Instant>,
 ) -> Result<Value, CliError> {
     let mut next_seq = None;
-    follow(consumer, job_id, deadline, |delivery| {
+    follow(consumer, job_id, deadline, |delivery, value| {
         if delivery.routing_key != topology.logs_key {
             return;
         }
-        let Ok(value) = serde_json::from_slice::<Value>(&delivery.body) else {
-            return;
-        };
         let seq = value["seq"].as_u64().unwrap_or(0);
         if next_seq.is_some_and(|next| seq < next) {
             return;
@@ -204,12 +221,13 @@ fn follow_logs(
 }
 
 /// Reads `consumer` until `job_id`'s status, handing every message of that job before
-/// it to `each`; an error when `deadline` passes first or the connection ends.
+/// it (and its JSON) to `each`; an error when `deadline` passes first or the connection
+/// ends.
 fn follow(
     consumer: &amiquip::Consumer<'_>,
     job_id: &str,
     deadline: Option<Instant>,
-    mut each: impl FnMut(&amiquip::Delivery),
+    mut each: impl FnMut(&amiquip::Delivery, &Value),
 ) -> Result<Value, CliError> {
     loop {
         let message = match deadline {
@@ -228,7 +246,7 @@ fn follow(
                 if value.get("outcome").is_some() {
                     return Ok(value);
                 }
-                each(&delivery);
+                each(&delivery, &value);
             }
             Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 return Err(CliError::failed(format!(

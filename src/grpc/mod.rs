@@ -191,11 +191,13 @@ pub fn authorized(ctx: &RpcContext, token: &Secret) -> bool {
 }
 
 /// `sent == expected` in a time that depends on the length of `sent` only: neither the
-/// bytes nor the length of `expected` (the token) show in how long a refusal takes.
-fn constant_time_eq(sent: &[u8], expected: &[u8]) -> bool {
+/// bytes nor the length of `expected` (a token) show in how long a refusal takes.
+pub fn constant_time_eq(sent: &[u8], expected: &[u8]) -> bool {
+    if expected.is_empty() {
+        return sent.is_empty();
+    }
     let mut diff = u8::from(sent.len() != expected.len());
     for (i, byte) in sent.iter().enumerate() {
-        // `expected` is never empty here: it starts with "Bearer ".
         diff |= byte ^ expected[i % expected.len()];
     }
     diff == 0

@@ -39,10 +39,30 @@ pub struct Load {
     dispatch_threads: u64,
     /// Whether the slots beyond the dispatch threads were warned about.
     warned: AtomicBool,
-    /// When each waiting job started to wait and the labels it requires, by a number
-    /// of its own.
-    waiting: Mutex<BTreeMap<u64, (Instant, Arc<str>)>>,
+    /// The waiting jobs, by a number of their own (in the order they started to wait).
+    waiting: Mutex<BTreeMap<u64, WaitingEntry>>,
     next: AtomicU64,
+}
+
+/// What is known of a waiting job.
+#[derive(Debug)]
+struct WaitingEntry {
+    job_id: Box<str>,
+    /// When it was consumed.
+    since: Instant,
+    /// The labels it requires, as `k=v,…`.
+    labels: Arc<str>,
+}
+
+/// A waiting job, as the status page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingJob {
+    /// Its id.
+    pub job_id: String,
+    /// How long since it was consumed.
+    pub age: std::time::Duration,
+    /// The labels it requires (`k=v,…`; empty: none).
+    pub labels: String,
 }
 
 /// A job waiting for a worker: it stops waiting when dropped.
@@ -116,19 +136,40 @@ impl Load {
         load
     }
 
-    /// A job that requires `labels` starts to wait for a worker; it waits until the
-    /// returned value is dropped.
-    pub fn waiting(self: &Arc<Load>, labels: &Labels) -> Waiting {
+    /// The job `job_id`, consumed at `since` and requiring `labels`, waits for a worker
+    /// until the returned value is dropped.
+    pub fn waiting(self: &Arc<Load>, job_id: &str, labels: &Labels, since: Instant) -> Waiting {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let labels: Arc<str> = labels.to_string().into();
+        let entry = WaitingEntry {
+            job_id: job_id.into(),
+            since,
+            labels: labels.to_string().into(),
+        };
         self.waiting
             .lock()
             .expect("waiting jobs lock")
-            .insert(id, (Instant::now(), labels));
+            .insert(id, entry);
         Waiting {
             load: self.clone(),
             id,
         }
+    }
+
+    /// How many jobs wait, and the `limit` that have waited longest, longest first.
+    pub fn waiting_jobs(&self, limit: usize) -> (usize, Vec<WaitingJob>) {
+        let waiting = self.waiting.lock().expect("waiting jobs lock");
+        let mut jobs: Vec<&WaitingEntry> = waiting.values().collect();
+        jobs.sort_by_key(|entry| entry.since);
+        let shown = jobs
+            .iter()
+            .take(limit)
+            .map(|entry| WaitingJob {
+                job_id: entry.job_id.to_string(),
+                age: entry.since.elapsed(),
+                labels: entry.labels.to_string(),
+            })
+            .collect();
+        (waiting.len(), shown)
     }
 
     /// Sets the gauges from the waiting jobs and the workers' `slots`; returns the
@@ -136,13 +177,14 @@ impl Load {
     pub fn update(&self, slots: Slots) -> u64 {
         let waiting = self.waiting.lock().expect("waiting jobs lock");
         let mut counts: HashMap<Arc<str>, i64> = HashMap::from([("".into(), 0)]);
-        for (_, labels) in waiting.values() {
-            *counts.entry(labels.clone()).or_default() += 1;
+        for entry in waiting.values() {
+            *counts.entry(entry.labels.clone()).or_default() += 1;
         }
         let oldest = waiting
             .values()
-            .next()
-            .map_or(0.0, |(t, _)| t.elapsed().as_secs_f64());
+            .map(|entry| entry.since)
+            .min()
+            .map_or(0.0, |since| since.elapsed().as_secs_f64());
         drop(waiting);
         self.oldest_waiting.set(oldest);
         let mut shown = self.shown.lock().expect("shown label sets lock");
@@ -186,8 +228,11 @@ mod tests {
         let registry = prometheus::Registry::new();
         let load = Arc::new(Load::new(&registry, 4));
         let arm: Labels = Labels::new([("arch".into(), "arm64".into())]).unwrap();
-        let first = load.waiting(&Labels::default());
-        let second = load.waiting(&arm);
+        let first = load.waiting("j1", &Labels::default(), Instant::now());
+        let second = load.waiting("j2", &arm, Instant::now());
+        let (total, listed) = load.waiting_jobs(1);
+        assert_eq!((total, listed[0].job_id.as_str()), (2, "j1"));
+        assert_eq!(listed.len(), 1, "at most the limit is listed");
         let slots = Slots {
             free: 3,
             busy: 2,

@@ -204,6 +204,14 @@ impl Dispatcher {
                 .dispatch_latency
                 .observe(received.elapsed().as_secs_f64());
             metrics.jobs_in_flight.inc();
+            let running = metrics.board.start(
+                &job.job_id,
+                &claim.worker,
+                job.labels.to_string(),
+                received,
+                self.deadline(&job),
+                kind == EventKind::Adopted,
+            );
             if self.settings.events {
                 // Skipped when off: no wake-up of the publisher for nothing.
                 self.publish(Publication::Event(Event::now(
@@ -218,13 +226,16 @@ impl Dispatcher {
                 Attempt::Refused(_) => {
                     token.attempt_refused();
                     // Waiting again, for another worker.
-                    waiting = Some(self.links.metrics.load.waiting(&job.labels));
+                    let load = &self.links.metrics.load;
+                    waiting = Some(load.waiting(&job.job_id, &job.labels, received));
                     self.links
                         .registry
                         .release(&claim, &job.job_id, Release::Withheld)
                 }
                 Attempt::Ended(status, release) => {
-                    self.links.registry.release(&claim, &job.job_id, release);
+                    let registry = &self.links.registry;
+                    registry.release_ended(&claim, &job.job_id, release, status.success);
+                    running.finish(&status);
                     self.publish(Publication::Status(status));
                     return;
                 }
@@ -333,10 +344,14 @@ impl Dispatcher {
         }
     }
 
+    /// The job's deadline: its own `timeoutSeconds`, or `--job-timeout`.
+    fn deadline(&self, job: &Job) -> Duration {
+        job.timeout_seconds
+            .map_or(self.settings.job_timeout, Duration::from_secs)
+    }
+
     fn attempt(&self, job: &Job, claim: &Claim, token: &CancelToken) -> Attempt {
-        let timeout = job
-            .timeout_seconds
-            .map_or(self.settings.job_timeout, Duration::from_secs);
+        let timeout = self.deadline(job);
         let request = JobRequest {
             jobId: job.job_id.clone(),
             repoUrl: job.repo_url.clone(),

@@ -13,6 +13,7 @@
 pub mod dispatch;
 pub mod health;
 pub mod http;
+pub mod page;
 pub mod registration;
 pub mod registry;
 pub mod state_file;
@@ -34,6 +35,7 @@ use crate::job::Secret;
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::pipeline::{ConsumerMsg, LogBudget};
+use crate::web::HttpAuth;
 
 /// The bytes of live build output the orchestrator holds at once, between the dispatch
 /// threads and the broker's confirms (`--logs-key`); lines beyond them are dropped.
@@ -158,19 +160,24 @@ fn serve(
         .unwrap_or_else(|| crate::instance::default_id(server.port));
     crate::instance::show_in_logs(&id);
     info!("instance id {id}");
-    let metrics = Arc::new(Metrics::for_instance(&id, config.dispatch_threads));
+    let metrics = Arc::new(Metrics::for_instance(
+        &id,
+        config.dispatch_threads,
+        config.finished_jobs,
+    ));
     let health = server.health.clone();
     metrics.watch_broker(move |connected, blocked| {
         health.set(registration::CONNECTED, connected);
         health.set(registration::UNBLOCKED, !blocked);
     });
     if !config.metrics_listen.is_empty() {
-        let port = http::serve(
-            &config.metrics_listen,
-            &id,
-            metrics.clone(),
-            registry.clone(),
-        )?;
+        let auth = read_secret_file(config.http_auth_file.as_deref(), "HTTP auth token")?;
+        let sources = page::Sources {
+            metrics: metrics.clone(),
+            registry: registry.clone(),
+            instance_id: id.clone(),
+        };
+        let port = http::serve(&config.metrics_listen, sources, auth.map(HttpAuth::new))?;
         info!(
             "metrics listening on port {port} ({})",
             config.metrics_listen

@@ -188,6 +188,10 @@ struct Worker {
     /// Our jobs started on it (adoptions included) and ended there, ever.
     started: u64,
     ended: u64,
+    /// Our jobs that ended with a status there, and those of them that did not succeed,
+    /// since this orchestrator started (the status page shows them).
+    jobs_run: u64,
+    jobs_failed: u64,
     /// The free slots its last ping answer reported, if it reports them.
     pinged: Option<PingedSlots>,
 }
@@ -299,8 +303,10 @@ impl Registry {
             return None;
         }
         let is_static = is_static || workers.get(&id).is_some_and(|w| w.is_static);
+        let mut counts = (0, 0);
         if let Some(old) = workers.get(&id) {
             self.unindex(&id, old.reported.ids());
+            counts = (old.jobs_run, old.jobs_failed);
         }
         let healthy = origin == Origin::Registered && !is_static;
         let worker = workers.entry(id.clone()).insert_entry(Worker {
@@ -323,6 +329,8 @@ impl Registry {
             reported: Reported::default(),
             started: 0,
             ended: 0,
+            jobs_run: counts.0,
+            jobs_failed: counts.1,
             pinged: None,
         });
         self.top_up(&id, worker.into_mut());
@@ -469,12 +477,26 @@ impl Registry {
     /// Gives a claimed slot back. The job is no longer the worker's, whatever its last
     /// report said.
     pub fn release(&self, claim: &Claim, job_id: &str, how: Release) {
+        self.release_counted(claim, job_id, how, None);
+    }
+
+    /// [`release`](Registry::release) for a job that ended there with a status,
+    /// counted as run (and failed unless it `succeeded`).
+    pub fn release_ended(&self, claim: &Claim, job_id: &str, how: Release, succeeded: bool) {
+        self.release_counted(claim, job_id, how, Some(succeeded));
+    }
+
+    fn release_counted(&self, claim: &Claim, job_id: &str, how: Release, ended: Option<bool>) {
         let mut workers = self.lock();
         let Some(worker) = workers.get_mut(&claim.worker) else {
             return;
         };
         if worker.generation != claim.generation {
             return;
+        }
+        if let Some(succeeded) = ended {
+            worker.jobs_run += 1;
+            worker.jobs_failed += u64::from(!succeeded);
         }
         if worker.running.remove(job_id).is_some() {
             worker.ended += 1;

@@ -187,6 +187,7 @@ impl Ledger {
             return vec![self.ack(vec![tag])];
         }
         self.metrics.jobs_received.inc();
+        self.metrics.board.received();
         info!("job {}: received", job.job_id);
         let token = CancelToken::default();
         let pending = Pending {
@@ -205,11 +206,16 @@ impl Ledger {
             actions.push(cancelled(&job));
             actions.push(Action::Remember(self.early_cancels.snapshot()));
         } else {
-            let waiting = Some(self.metrics.load.waiting(&job.labels));
+            let received = Instant::now();
+            let waiting = Some(
+                self.metrics
+                    .load
+                    .waiting(&job.job_id, &job.labels, received),
+            );
             let assignment = Assignment {
                 job,
                 token,
-                received: Instant::now(),
+                received,
                 redelivered,
                 waiting,
             };

@@ -35,6 +35,7 @@ impl<'a> Output<'a> {
         if lines.is_empty() {
             return;
         }
+        metrics.board.lines(&self.job.job_id, &lines);
         if !self.links.log_budget.try_take(bytes) {
             metrics.log_lines_dropped.inc_by(lines.len() as u64);
             self.dropped += lines.len() as u64;

@@ -155,6 +155,10 @@ fn a_worker_view_survives_list_workers() {
         capacity: 3,
         in_flight: 2,
         last_ping: Some(Duration::from_millis(1500)),
+        withheld: false,
+        unhealthy_for: None,
+        jobs_run: 0,
+        jobs_failed: 0,
     };
     assert_eq!(WorkerView::from_proto(&view.to_proto()), view);
     let never = WorkerView {

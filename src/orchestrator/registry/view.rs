@@ -26,6 +26,16 @@ pub struct WorkerView {
     pub in_flight: u32,
     /// Time since it last answered a ping.
     pub last_ping: Option<Duration>,
+    /// Healthy and not draining, but it said BUSY or refused a job: no job until a ping
+    /// says FREE (it counts as `busy`).
+    pub withheld: bool,
+    /// How long it has not answered pings, while unhealthy.
+    pub unhealthy_for: Option<Duration>,
+    /// Our jobs that ended there since this orchestrator started, and those that failed
+    /// (not known from `ListWorkers`: 0).
+    pub jobs_run: u64,
+    /// See `jobs_run`.
+    pub jobs_failed: u64,
 }
 
 impl WorkerView {
@@ -71,6 +81,10 @@ impl WorkerView {
             last_ping: u64::try_from(state.lastPingMsAgo)
                 .ok()
                 .map(Duration::from_millis),
+            withheld: false,
+            unhealthy_for: None,
+            jobs_run: 0,
+            jobs_failed: 0,
         }
     }
 
@@ -82,6 +96,17 @@ impl WorkerView {
             "safeToStop": self.safe_to_stop(),
             "lastPingMsAgo": self.last_ping.map(|d| d.as_millis() as u64),
         })
+    }
+
+    /// The JSON of `/api/workers`: [`to_json`](WorkerView::to_json)'s fields, and what
+    /// only the orchestrator that runs the jobs knows.
+    pub fn to_api_json(&self) -> serde_json::Value {
+        let mut value = self.to_json();
+        value["withheld"] = self.withheld.into();
+        value["unhealthyForMs"] = self.unhealthy_for.map(|d| d.as_millis() as u64).into();
+        value["jobsRun"] = self.jobs_run.into();
+        value["jobsFailed"] = self.jobs_failed.into();
+        value
     }
 }
 
@@ -109,6 +134,13 @@ impl Registry {
                 capacity: w.capacity,
                 in_flight: w.in_flight(),
                 last_ping: w.last_seen.map(|t| t.elapsed()),
+                withheld: w.healthy && !w.draining && w.busy,
+                unhealthy_for: w
+                    .unhealthy_since
+                    .filter(|_| !w.healthy)
+                    .map(|t| t.elapsed()),
+                jobs_run: w.jobs_run,
+                jobs_failed: w.jobs_failed,
             })
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
