@@ -6,7 +6,12 @@
 //! worker must stay free: a healthy worker removed is a false removal. Target:
 //! detection ≤ interval × unhealthy-after + timeout = 5 s (the orchestrator pings a
 //! worker whose ping failed again at once, so its own worst case is interval +
-//! unhealthy-after × timeout = 4 s). Run by scripts/bench.sh.
+//! unhealthy-after × timeout = 4 s).
+//!
+//! Then, with builds running (default `--lost-after` 60 s): a worker frozen mid-build
+//! (out of rotation, then its build given up after `--lost-after`), a worker killed
+//! mid-build (its build lost at once), and a worker whose build saturates both cores
+//! (its build must succeed: a false give-up otherwise). Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -86,6 +91,89 @@ fn main() {
     println!("detection.within_bound {within}");
     println!("detection.recovery_p50_s {:.2}", percentile(&recover, 0.5));
     println!("detection.false_removals {}", watch.false_removals.len());
+    give_up_times(&orch, &names);
+}
+
+/// A worker whose builds sleep `imageName` seconds (`burn`: while both cores spin),
+/// with the label `bench=<id>`, so that the jobs labelled so run there only.
+fn build_host(orch: &Orchestrator, id: &str, burn: bool) -> WorkerProcess {
+    let command = if burn {
+        "for i in 1 2; do (while :; do :; done) & done; sleep $BLACKTREE_IMAGE_NAME; \
+         kill $(jobs -p); exit 0"
+    } else {
+        "sleep $BLACKTREE_IMAGE_NAME"
+    };
+    let label = format!("bench={id}");
+    let args = [
+        "--executor",
+        "exec",
+        "--exec-command",
+        command,
+        "--label",
+        &label,
+    ];
+    let worker = WorkerProcess::start(id, orch.grpc_port, &args);
+    orch.wait_for_log(&format!("worker {id} registered"), Duration::from_secs(30));
+    worker
+}
+
+/// Runs a `seconds` build on worker `id`, then `fault()`: the time until the worker
+/// is out of rotation (`None` when it never is: `fault` did nothing), and until the
+/// build's status, which must say `outcome`.
+fn timed_fault(
+    orch: &Orchestrator,
+    mq: &Mq,
+    id: &str,
+    seconds: u32,
+    outcome: &str,
+    fault: impl FnOnce(),
+) -> (Option<f64>, f64) {
+    let labels = serde_json::json!({"bench": id});
+    let job = format!("{id}-1");
+    let extra =
+        serde_json::json!({"repoUrl": "", "imageName": seconds.to_string(), "labels": labels});
+    mq.publish_job(&job, extra);
+    orch.wait_for_log(&format!("job {job}: dispatched"), Duration::from_secs(30));
+    fault();
+    let at = Instant::now();
+    let mut out = None;
+    let status = poll(Duration::from_secs(180), "the build's status", || {
+        if out.is_none() && state_of(orch.metrics_port, id).as_deref() == Some("unhealthy") {
+            out = Some(at.elapsed().as_secs_f64());
+        }
+        mq.statuses_until(Duration::from_millis(100), |s| !s.is_empty())
+            .pop()
+    });
+    let ended = at.elapsed().as_secs_f64();
+    assert_eq!(status["outcome"], outcome, "{status}");
+    (out, ended)
+}
+
+/// Out-of-rotation and give-up times of a frozen and a killed worker with a build
+/// running (default `--lost-after`), and whether a busy but alive one lost its build.
+fn give_up_times(orch: &Orchestrator, names: &Names) {
+    let mq = Mq::connect(SHARED_BROKER, names);
+    let frozen = build_host(orch, "detect-frozen", false);
+    let (out, lost) = timed_fault(orch, &mq, "detect-frozen", 300, "worker_lost", || {
+        signal(frozen.pid(), libc::SIGSTOP)
+    });
+    signal(frozen.pid(), libc::SIGCONT);
+    println!("detection.frozen_out_s {:.2}", out.unwrap_or(f64::NAN));
+    println!("detection.frozen_given_up_s {lost:.2}");
+    let killed = build_host(orch, "detect-killed", false);
+    let (out, lost) = timed_fault(orch, &mq, "detect-killed", 300, "worker_lost", || {
+        signal(killed.pid(), libc::SIGKILL)
+    });
+    println!("detection.killed_out_s {:.2}", out.unwrap_or(f64::NAN));
+    println!("detection.killed_lost_s {lost:.2}");
+    let _busy = build_host(orch, "detect-busy", true);
+    let (out, _) = timed_fault(orch, &mq, "detect-busy", 20, "succeeded", || {});
+    let metrics = http_get(orch.metrics_port, "/metrics");
+    println!("detection.busy_out_of_rotation {}", u8::from(out.is_some()));
+    println!(
+        "detection.false_give_ups {}",
+        sample(&metrics, "blacktree_jobs_given_up_total") - 1.0
+    );
 }
 
 fn signal(pid: u32, signal: libc::c_int) {

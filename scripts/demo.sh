@@ -60,8 +60,10 @@ git -C "$WORK/repo" add -A
 git -C "$WORK/repo" -c user.name=demo -c user.email=demo@example.invalid commit -qm "demo app"
 
 GRPC=$(free_port); METRICS=$(free_port)
-echo "demo: orchestrator on 127.0.0.1:$GRPC (metrics on :$METRICS), $EXECUTOR executor"
+echo "demo: orchestrator on 127.0.0.1:$GRPC (status page: http://127.0.0.1:$METRICS/), $EXECUTOR executor"
+echo "demo: --lost-after 5s (the default is 60s), so the frozen worker's build is given up quickly"
 "$BT" orchestrator "${NAMES[@]}" --grpc-listen "127.0.0.1:$GRPC" --metrics-listen "127.0.0.1:$METRICS" \
+  --lost-after 5s \
   --lock-file "$WORK/orchestrator.lock" --state-file "$WORK/registry.json" >"$WORK/orchestrator.log" 2>&1 &
 PIDS+=($!)
 wait_for 30 "the orchestrator" "$BT" healthcheck --metrics "http://127.0.0.1:$METRICS/healthz"

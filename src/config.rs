@@ -268,6 +268,12 @@ pub struct OrchestratorConfig {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub unhealthy_after: u32,
 
+    /// A worker that has not answered pings this long has its running jobs given up
+    /// (`worker_lost`); before that, an unhealthy worker only gets no new job. A
+    /// connection refused or reset ends them at once.
+    #[arg(long, env = "BLACKTREE_LOST_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub lost_after: Duration,
+
     /// A registered worker unhealthy this long is forgotten.
     #[arg(long, env = "BLACKTREE_FORGET_AFTER", default_value = "600s", value_parser = parse_duration)]
     pub forget_after: Duration,
@@ -384,7 +390,7 @@ impl fmt::Display for OrchestratorConfig {
              status-key={} rejected-queue={} cancel-queue={} cancel-key={} events-key={} logs-key={} \
              events-queue={} queue-type={} grpc-listen={} instance-id={} dispatch-threads={} prefetch={} \
              unroutable-after={} max-parked-jobs={} job-timeout={} \
-             health-interval={} health-timeout={} unhealthy-after={} forget-after={} \
+             health-interval={} health-timeout={} unhealthy-after={} lost-after={} forget-after={} \
              drain-timeout={} adopt-wait={} dedupe-window={} cancel-ttl={} max-message-bytes={} \
              derived-image-prefix={} max-status-bytes={} max-worker-capacity={} max-workers={} \
              state-file={} \
@@ -412,6 +418,7 @@ impl fmt::Display for OrchestratorConfig {
             d(self.health_interval),
             d(self.health_timeout),
             self.unhealthy_after,
+            d(self.lost_after),
             d(self.forget_after),
             d(self.drain_timeout),
             d(self.adopt_wait),

@@ -53,6 +53,11 @@ pub struct Metrics {
     pub job_duration: Histogram,
     /// Health pings that failed.
     pub ping_failures: IntCounter,
+    /// Times a worker was taken out of rotation (unhealthy: no new job).
+    pub workers_unhealthy: IntCounter,
+    /// Running jobs given up (`worker_lost`) because their worker was silent for
+    /// `--lost-after`.
+    pub jobs_given_up: IntCounter,
     /// Seconds the last health round took (every worker pinged and answered or timed out).
     pub health_round: Gauge,
     /// Connections to the broker after the first.
@@ -177,6 +182,14 @@ impl Metrics {
                 prometheus::exponential_buckets(0.01, 4.0, 12).expect("valid buckets"),
             ),
             ping_failures: counter("blacktree_ping_failures_total", "Health pings that failed."),
+            workers_unhealthy: counter(
+                "blacktree_workers_unhealthy_total",
+                "Times a worker was taken out of rotation (failed pings or an unreachable call).",
+            ),
+            jobs_given_up: counter(
+                "blacktree_jobs_given_up_total",
+                "Running jobs ended worker_lost because their worker was silent for --lost-after.",
+            ),
             health_round: Gauge::new(
                 "blacktree_health_round_seconds",
                 "Duration of the last health round (every worker pinged).",
@@ -226,6 +239,8 @@ impl Metrics {
             Box::new(metrics.dispatch_latency.clone()),
             Box::new(metrics.job_duration.clone()),
             Box::new(metrics.ping_failures.clone()),
+            Box::new(metrics.workers_unhealthy.clone()),
+            Box::new(metrics.jobs_given_up.clone()),
             Box::new(metrics.health_round.clone()),
             Box::new(metrics.broker_reconnects.clone()),
             Box::new(metrics.broker_connected.clone()),

@@ -71,7 +71,7 @@ pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}  LABELS",
+        "{:<24} {:<22} {:<24} {:>8} {:>9} {:>10}  LABELS",
         "ID", "ADDRESS", "STATE", "CAPACITY", "IN FLIGHT", "LAST PING"
     );
     for w in &views {
@@ -84,8 +84,14 @@ pub fn workers(args: WorkersArgs) -> Result<(), CliError> {
             ""
         };
         println!(
-            "{:<24} {:<22} {:<10} {:>8} {:>9} {:>10}  {}{note}",
-            w.id, w.addr, w.state, w.capacity, w.in_flight, last, w.labels
+            "{:<24} {:<22} {:<24} {:>8} {:>9} {:>10}  {}{note}",
+            w.id,
+            w.addr,
+            w.state_text(),
+            w.capacity,
+            w.in_flight,
+            last,
+            w.labels
         );
     }
     Ok(())

@@ -14,8 +14,9 @@ use grpcio::ClientUnaryReceiver;
 /// Why the orchestrator stopped a job's call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelReason {
-    /// The worker stopped answering health pings while running the call.
-    WorkerLost,
+    /// The worker has not answered health pings for this long (`--lost-after`) while
+    /// running the call.
+    WorkerLost(std::time::Duration),
     /// The control plane cancelled the job.
     Cancelled,
 }

@@ -1,6 +1,7 @@
 //! The health ticker: every interval it pings every worker's `JobService.Ping` at once
-//! (each call with its own deadline), records the answers in the registry, and forgets
-//! workers that stayed unhealthy too long. A worker whose ping failed is pinged again a
+//! (each call with its own deadline), records the answers in the registry, gives up
+//! the jobs of workers silent for `--lost-after`, and forgets workers that stayed
+//! unhealthy too long. A worker whose ping failed is pinged again a
 //! timeout after the failed ping was sent (at once when it timed out), not a whole
 //! interval later, until it answers or is unhealthy: a frozen worker is out of the pool
 //! within one interval plus `unhealthy-after` × timeout (4 s at the defaults), while a
@@ -29,6 +30,10 @@ pub fn spawn(
             let failures = round(&registry, timeout);
             metrics.ping_failures.inc_by(failures);
             metrics.health_round.set(started.elapsed().as_secs_f64());
+            registry.give_up_silent();
+            let (out_of_rotation, given_up) = registry.take_liveness_counts();
+            metrics.workers_unhealthy.inc_by(out_of_rotation);
+            metrics.jobs_given_up.inc_by(given_up);
             // The load gauges stay fresh between scrapes (and too many slots are warned
             // about once, scraped or not).
             metrics.load.update(registry.slots());

@@ -74,6 +74,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         hints_tx,
         RegistrySettings {
             unhealthy_after: config.unhealthy_after,
+            lost_after: config.lost_after,
             forget_after: config.forget_after,
             tls: tls.clone(),
             token: token.clone(),

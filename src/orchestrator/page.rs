@@ -127,7 +127,7 @@ pub fn index(sources: &Sources) -> Reply {
             state: if view.withheld {
                 format!("{} (withheld)", view.state)
             } else {
-                view.state.clone()
+                view.state_text()
             },
             recent: view.unhealthy_for.is_some_and(|d| d < RECENT),
             last_ping: view.last_ping.map_or("never".into(), |d| short(d) + " ago"),

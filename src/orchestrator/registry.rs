@@ -28,7 +28,7 @@ use log::{info, warn};
 
 use super::state_file::{Remembered, StateFile};
 use crate::agent::jobs::MAX_HELD;
-use crate::grpc::cancel::{CancelReason, CancelToken};
+use crate::grpc::cancel::CancelToken;
 use crate::grpc::{self, Tls};
 use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
 use crate::labels::Labels;
@@ -130,8 +130,10 @@ pub enum Origin {
 /// Settings of the registry.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
-    /// Consecutive failed pings that make a worker unhealthy.
+    /// Consecutive failed pings that make a worker unhealthy (no new job).
     pub unhealthy_after: u32,
+    /// How long a worker may not answer pings before its running jobs are given up.
+    pub lost_after: Duration,
     /// How long a registered worker may stay unhealthy before it is forgotten.
     pub forget_after: Duration,
     /// Mutual TLS for the calls to workers, when configured.
@@ -158,6 +160,9 @@ pub struct Registry {
     reported_by: Mutex<HashMap<String, Arc<str>>>,
     /// Dispatch threads waiting for a labelled slot, and the consumer's signal.
     signals: routing::Signals,
+    /// Times a worker went out of rotation, and jobs given up for `lost_after`, not yet
+    /// taken by [`Registry::take_liveness_counts`].
+    liveness_counts: Mutex<(u64, u64)>,
 }
 
 struct Worker {
@@ -207,6 +212,13 @@ struct PingedSlots {
 }
 
 impl Worker {
+    /// How long it has not answered pings (since it went unhealthy, if it never did).
+    fn silence(&self) -> Duration {
+        self.last_seen
+            .or(self.unhealthy_since)
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
     /// Jobs running on it: ours, and those it reports (builds started by an earlier
     /// orchestrator).
     fn in_flight(&self) -> u32 {
@@ -250,6 +262,7 @@ impl Registry {
             state_file: None,
             reported_by: Mutex::default(),
             signals: routing::Signals::default(),
+            liveness_counts: Mutex::default(),
         }
     }
 
@@ -524,15 +537,6 @@ impl Registry {
             }
         }
         self.top_up(&claim.worker, worker);
-    }
-
-    fn mark_unhealthy(&self, worker: &mut Worker) {
-        worker.healthy = false;
-        worker.unhealthy_since = Some(Instant::now());
-        for token in worker.running.values() {
-            token.cancel(CancelReason::WorkerLost);
-        }
-        self.routing_changed();
     }
 }
 

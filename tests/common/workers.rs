@@ -43,6 +43,8 @@ pub struct Behaviour {
     pub fail_with: Option<String>,
     /// Answers with this many bytes of logs (0: one short line), ending in `THE END`.
     pub log_bytes: usize,
+    /// Answers pings this late (a busy host: its pings time out, its jobs go on).
+    pub ping_delay: Duration,
 }
 
 impl Default for Behaviour {
@@ -57,6 +59,7 @@ impl Default for Behaviour {
             refuse: false,
             fail_with: None,
             log_bytes: 0,
+            ping_delay: Duration::ZERO,
         }
     }
 }
@@ -204,9 +207,16 @@ impl JobService for TestJobService {
             },
             ..Default::default()
         };
-        ctx.spawn(async move {
-            let _ = sink.success(resp).await;
-        });
+        if behaviour.ping_delay.is_zero() {
+            ctx.spawn(async move {
+                let _ = sink.success(resp).await;
+            });
+        } else {
+            std::thread::spawn(move || {
+                std::thread::sleep(behaviour.ping_delay);
+                let _ = futures_block_on(sink.success(resp));
+            });
+        }
     }
 
     fn cancel_job(

@@ -45,10 +45,14 @@ pub(super) fn failed_call(error: &CallError, worker: &str, timeout: Duration) ->
         error,
     };
     match error {
-        CallError::Cancelled(CancelReason::WorkerLost) => ended(
+        CallError::Cancelled(CancelReason::WorkerLost(silent)) => ended(
             Outcome::WorkerLost,
             Then::Release(Release::Done),
-            format!("worker {worker} stopped answering health pings while running the job"),
+            format!(
+                "worker {worker} did not answer health pings for {}s (--lost-after) while \
+                 running the job: given up",
+                silent.as_secs()
+            ),
         ),
         CallError::Cancelled(CancelReason::Cancelled) => {
             ended(Outcome::Cancelled, Then::StopOnWorker, "cancelled".into())

@@ -118,14 +118,15 @@ fn a_go_worker_that_is_busy_started_nothing_and_its_build_errors_are_failures() 
 fn our_own_cancels_and_other_errors_map_to_their_endings() {
     assert_eq!(
         failed_call(
-            &CallError::Cancelled(CancelReason::WorkerLost),
+            &CallError::Cancelled(CancelReason::WorkerLost(Duration::from_secs(61))),
             "w1",
             TIMEOUT
         ),
         ended(
             Outcome::WorkerLost,
             Then::Release(Release::Done),
-            "worker w1 stopped answering health pings while running the job"
+            "worker w1 did not answer health pings for 61s (--lost-after) while running the \
+             job: given up"
         )
     );
     assert_eq!(

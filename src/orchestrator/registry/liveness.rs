@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use log::{info, warn};
 
-use super::Registry;
+use super::{Registry, Worker};
+use crate::grpc::cancel::CancelReason;
 use crate::proto::job_grpc::JobServiceClient;
 
 /// What a ping found.
@@ -132,7 +133,55 @@ impl Registry {
         suspect
     }
 
-    /// Forgets registered workers unhealthy for longer than `forget_after`.
+    /// Takes `worker` out of rotation: no new job until it answers a ping. The jobs
+    /// running there go on until it has been silent for `lost_after`
+    /// ([`Registry::give_up_silent`]) or their call fails.
+    pub(super) fn mark_unhealthy(&self, worker: &mut Worker) {
+        worker.healthy = false;
+        worker.unhealthy_since = Some(Instant::now());
+        self.liveness_counts.lock().expect("liveness counts lock").0 += 1;
+        self.routing_changed();
+    }
+
+    /// Ends the jobs running on workers silent for `lost_after` or more (`worker_lost`,
+    /// the silence in their status).
+    pub fn give_up_silent(&self) {
+        let lost_after = self.settings.lost_after;
+        for (id, worker) in self.lock().iter() {
+            if !worker.healthy && worker.silence() >= lost_after {
+                self.give_up(id, worker);
+            }
+        }
+    }
+
+    /// Fires the tokens of `worker`'s running calls with its silence; counts and logs
+    /// those not fired before.
+    fn give_up(&self, id: &str, worker: &Worker) {
+        let silence = worker.silence();
+        let fired = worker
+            .running
+            .values()
+            .filter(|token| token.cancel(CancelReason::WorkerLost(silence)))
+            .count();
+        if fired > 0 {
+            warn!(
+                "worker {id} ({}) silent for {}s: its {} given up (worker_lost)",
+                worker.addr,
+                silence.as_secs(),
+                crate::plural::count(fired, "running job")
+            );
+            self.liveness_counts.lock().expect("liveness counts lock").1 += fired as u64;
+        }
+    }
+
+    /// How many times workers went out of rotation, and how many jobs were given up,
+    /// since the last call.
+    pub fn take_liveness_counts(&self) -> (u64, u64) {
+        std::mem::take(&mut *self.liveness_counts.lock().expect("liveness counts lock"))
+    }
+
+    /// Forgets registered workers unhealthy for longer than `forget_after` (their
+    /// running jobs are given up first).
     pub fn forget_expired(&self) {
         let forget_after = self.settings.forget_after;
         let mut forgotten = false;
@@ -146,6 +195,7 @@ impl Registry {
                     w.addr,
                     humantime::format_duration(forget_after)
                 );
+                self.give_up(id, w);
                 self.unindex(id, w.reported.ids());
             }
             forgotten |= expired;

@@ -1,14 +1,19 @@
 //! Unit tests of the worker registry and its slot accounting.
 
 use super::*;
+use crate::grpc::cancel::CancelReason;
 use crate::labels::Labels;
 use crossbeam_channel::{unbounded, Receiver};
+
+/// `--lost-after` of the test registries: short, so that giving up can be seen.
+const LOST_AFTER: Duration = Duration::from_millis(50);
 
 fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
     let (tx, rx) = unbounded();
     let env = Arc::new(Environment::new(1));
     let settings = RegistrySettings {
         unhealthy_after,
+        lost_after: LOST_AFTER,
         forget_after: Duration::ZERO,
         tls: None,
         token: None,
@@ -93,13 +98,34 @@ fn busy_explained_by_our_own_jobs_does_not_withhold_the_worker() {
 }
 
 #[test]
-fn losing_a_worker_cancels_its_calls_and_unreachable_marks_it_at_once() {
+fn an_unhealthy_worker_keeps_its_calls_until_silent_for_lost_after() {
     let (registry, hints) = registry(1);
     let token = CancelToken::default();
     add(&registry, "w", "127.0.0.1:1", 2, Origin::Registered);
     let claims = claim_all(&registry, &hints, &token);
     registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
-    assert_eq!(token.reason(), Some(CancelReason::WorkerLost));
+    registry.give_up_silent();
+    assert_eq!(token.reason(), None, "out of rotation, its calls go on");
+    assert!(
+        claim_all(&registry, &hints, &token).is_empty(),
+        "no new job"
+    );
+    // It answers again before lost-after: nothing is given up.
+    registry.record_ping(&target(&registry, "w"), PingResult::Busy);
+    std::thread::sleep(LOST_AFTER * 2);
+    registry.give_up_silent();
+    assert_eq!(token.reason(), None);
+    assert_eq!(registry.take_liveness_counts(), (1, 0));
+    // Silent again, now for longer than lost-after: given up, the silence told.
+    registry.record_ping(&target(&registry, "w"), PingResult::Failed("down".into()));
+    std::thread::sleep(LOST_AFTER * 2);
+    registry.give_up_silent();
+    match token.reason() {
+        Some(CancelReason::WorkerLost(silent)) => assert!(silent >= LOST_AFTER * 2),
+        other => panic!("not given up: {other:?}"),
+    }
+    registry.give_up_silent();
+    assert_eq!(registry.take_liveness_counts(), (1, 1), "counted once");
     for (i, claim) in claims.iter().enumerate() {
         registry.release(claim, &format!("job{i}"), Release::Done);
     }
@@ -161,6 +187,18 @@ fn a_worker_view_survives_list_workers() {
         jobs_failed: 0,
     };
     assert_eq!(WorkerView::from_proto(&view.to_proto()), view);
+    assert_eq!(view.state_text(), "busy");
+    let silent = WorkerView {
+        state: "unhealthy".into(),
+        last_ping: Some(Duration::from_millis(12_400)),
+        ..view.clone()
+    };
+    assert_eq!(silent.state_text(), "unhealthy (silent 12s)");
+    let mute = WorkerView {
+        last_ping: None,
+        ..silent
+    };
+    assert_eq!(mute.state_text(), "unhealthy (never answered)");
     let never = WorkerView {
         last_ping: None,
         ..view

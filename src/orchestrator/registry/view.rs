@@ -45,6 +45,17 @@ impl WorkerView {
         self.state == "draining" && self.in_flight == 0
     }
 
+    /// The state as people read it: `unhealthy (silent 12s)` for a worker out of
+    /// rotation that last answered 12 s ago (`never answered` when it never did); the
+    /// state itself otherwise.
+    pub fn state_text(&self) -> String {
+        match self.last_ping {
+            _ if self.state != "unhealthy" => self.state.clone(),
+            Some(silent) => format!("unhealthy (silent {}s)", silent.as_secs()),
+            None => "unhealthy (never answered)".into(),
+        }
+    }
+
     /// As `ListWorkers` sends it (`lastPingMsAgo` -1: never answered).
     pub fn to_proto(&self) -> WorkerState {
         WorkerState {
