@@ -20,20 +20,6 @@ fn the_status<'a>(statuses: &'a [Value], job_id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no status for {job_id} in {statuses:?}"))
 }
 
-/// An exec worker whose command sleeps `$BLACKTREE_IMAGE_NAME` seconds (the job picks).
-fn sleeper(id: &str, orchestrator_port: u16) -> WorkerProcess {
-    WorkerProcess::start(
-        id,
-        orchestrator_port,
-        &[
-            "--executor",
-            "exec",
-            "--exec-command",
-            "echo started; sleep ${BLACKTREE_IMAGE_NAME#s}",
-        ],
-    )
-}
-
 /// The command line of a job's sleep, as `ps` would show it.
 fn sleeping(seconds: u32) -> String {
     format!("sleep {seconds}")
@@ -142,7 +128,7 @@ fn a_job_cancelled_while_it_waits_for_a_worker_is_dropped() {
 #[test]
 fn a_running_job_is_stopped_on_its_worker_and_the_worker_takes_the_next_job() {
     let Setup { mq, orch, .. } = Setup::new("running");
-    let worker = sleeper("running-w", orch.grpc_port);
+    let worker = WorkerProcess::sleeper("running-w", orch.grpc_port);
     orch.wait_for_log("worker running-w registered", LONG);
     let seconds = 30_000 + std::process::id() % 10_000;
     mq.publish_job(
@@ -200,7 +186,7 @@ fn a_cancel_after_completion_is_harmless() {
 #[test]
 fn a_deadline_stops_the_job_on_its_worker_and_reports_timed_out() {
     let Setup { mq, orch, .. } = Setup::new("timeout");
-    let worker = sleeper("timeout-w", orch.grpc_port);
+    let worker = WorkerProcess::sleeper("timeout-w", orch.grpc_port);
     orch.wait_for_log("worker timeout-w registered", LONG);
     let seconds = 20_000 + std::process::id() % 10_000;
     mq.publish_job(

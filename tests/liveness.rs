@@ -14,16 +14,6 @@ use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// An exec worker whose builds sleep `$BLACKTREE_IMAGE_NAME` seconds.
-fn sleeper(id: &str, orchestrator_port: u16) -> WorkerProcess {
-    let command = "echo started; sleep $BLACKTREE_IMAGE_NAME";
-    WorkerProcess::start(
-        id,
-        orchestrator_port,
-        &["--executor", "exec", "--exec-command", command],
-    )
-}
-
 fn metric(port: u16, name: &str) -> f64 {
     sample(&http(port, "/metrics").1, name)
 }
@@ -82,7 +72,7 @@ fn a_worker_with_slow_pings_leaves_the_rotation_and_its_build_still_succeeds() {
 fn a_frozen_worker_leaves_the_rotation_in_seconds_and_its_build_is_given_up_after_lost_after() {
     let lost_after = Duration::from_secs(4);
     let Setup { mq, orch, .. } = Setup::with_flags("frozen", &["--lost-after", "4s"]);
-    let worker = sleeper("frozen-w", orch.grpc_port);
+    let worker = WorkerProcess::sleeper("frozen-w", orch.grpc_port);
     orch.wait_for_log("worker frozen-w registered", LONG);
     mq.publish_job("frozen-1", json!({"repoUrl": "", "imageName": "60"}));
     orch.wait_for_log("job frozen-1: dispatched", LONG);
@@ -126,7 +116,7 @@ fn a_frozen_worker_leaves_the_rotation_in_seconds_and_its_build_is_given_up_afte
 fn a_killed_worker_loses_its_build_at_once_whatever_lost_after_says() {
     // --lost-after stays 60 s: the refused connection ends the build.
     let Setup { mq, orch, .. } = Setup::new("killed-proc");
-    let mut worker = sleeper("killed-w", orch.grpc_port);
+    let mut worker = WorkerProcess::sleeper("killed-w", orch.grpc_port);
     orch.wait_for_log("worker killed-w registered", LONG);
     mq.publish_job("killed-1", json!({"repoUrl": "", "imageName": "60"}));
     orch.wait_for_log("job killed-1: dispatched", LONG);

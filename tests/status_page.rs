@@ -42,7 +42,8 @@ fn api(port: u16, path: &str) -> Value {
 
 /// The page as headless Chromium rendered it (its DOM, serialised).
 fn rendered(port: u16, path: &str) -> String {
-    let out = chromium()
+    let (mut chromium, _profile) = chromium();
+    let out = chromium
         .args(["--dump-dom", &format!("http://127.0.0.1:{port}{path}")])
         .output()
         .expect("running chromium (scripts/setup.sh installs it)");
@@ -50,9 +51,11 @@ fn rendered(port: u16, path: &str) -> String {
     text(&out.stdout)
 }
 
-fn chromium() -> Command {
+/// Headless Chromium with a profile directory of its own (kept apart from parallel
+/// runs; removed when the returned directory is dropped).
+fn chromium() -> (Command, TempDir) {
     let mut cmd = Command::new("chromium");
-    // Root needs --no-sandbox; the profile of its own keeps parallel runs apart.
+    // Root needs --no-sandbox.
     let profile = TempDir::new("chromium");
     cmd.args([
         "--headless",
@@ -62,8 +65,7 @@ fn chromium() -> Command {
         "--hide-scrollbars",
         &format!("--user-data-dir={}", profile.0.display()),
     ]);
-    std::mem::forget(profile);
-    cmd
+    (cmd, profile)
 }
 
 /// The opening tag of the row whose `attribute` is `value` (HTML-escaped as the page
@@ -277,7 +279,8 @@ fn the_page_shows_every_worker_and_job_state_in_a_real_browser_and_agrees_with_t
         .unwrap_or_else(|_| {
             std::env::temp_dir().join(format!("status-page-{}.png", std::process::id()))
         });
-    let out = chromium()
+    let (mut chromium, _profile) = chromium();
+    let out = chromium
         .args([
             "--window-size=1100,1000",
             &format!("--screenshot={}", shot.display()),

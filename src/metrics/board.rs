@@ -345,8 +345,10 @@ pub struct Running {
 
 impl Running {
     /// The job ended with `status`: it moves to the finished jobs.
-    pub fn finish(self, status: &Status) {
-        let job = lock(&self.board.running).remove(&self.job_id);
+    pub fn finish(mut self, status: &Status) {
+        // Taken: the drop below has nothing left to remove (one lock, not two).
+        let job_id = std::mem::take(&mut self.job_id);
+        let job = lock(&self.board.running).remove(&job_id);
         let (labels, run) = job.map_or_else(Default::default, |job| {
             (job.labels, Some((job.received, job.started, job.adopted)))
         });
@@ -360,7 +362,9 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        lock(&self.board.running).remove(&self.job_id);
+        if !self.job_id.is_empty() {
+            lock(&self.board.running).remove(&self.job_id);
+        }
     }
 }
 

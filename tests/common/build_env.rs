@@ -187,6 +187,17 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// An exec worker whose builds sleep `$BLACKTREE_IMAGE_NAME` seconds (the job picks;
+    /// a leading `s` is dropped: `s60` or `60`).
+    pub fn sleeper(id: &str, orchestrator_port: u16) -> WorkerProcess {
+        let command = "echo started; sleep ${BLACKTREE_IMAGE_NAME#s}";
+        Self::start(
+            id,
+            orchestrator_port,
+            &["--executor", "exec", "--exec-command", command],
+        )
+    }
+
     /// Starts a worker with `args` (executor, registry…) that registers with the
     /// orchestrator at `127.0.0.1:orchestrator_port`. Its `git` and `docker` are PATH
     /// shims that record their argv (see [`WorkerProcess::invocations`]) and `exec` the
