@@ -117,7 +117,7 @@ fn bare_client(ports: &str) {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let clients: Vec<_> = ports
         .split(',')
-        .map(|port| grpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
+        .map(|port| support::worker_client(&env, port.parse().expect("a port number")))
         .collect();
     let request = PingRequest::new();
     let mut out = std::io::stdout();

@@ -5,8 +5,12 @@ set -euo pipefail
 
 # Debian packages the build and the tests need.
 # chromium: tests/status_page.rs renders the status page in it (headless).
+# iptables, iproute2 (ss): tests/liveness.rs cuts a worker off on loopback.
+# golang-go, golang-google-grpc-dev: tests/keepalive.rs builds a Go gRPC worker
+# (tests/fixtures/go-worker) against Debian's grpc-go, in GOPATH mode.
 BLACKTREE_PACKAGES=(cmake pkg-config libssl-dev git g++ rabbitmq-server
-  docker.io docker-registry apache2-utils busybox-static curl runit chromium)
+  docker.io docker-registry apache2-utils busybox-static curl runit chromium
+  iptables iproute2 golang-go golang-google-grpc-dev)
 
 apt_install_missing() {
   local missing=()

@@ -184,6 +184,40 @@ fn a_build_that_finished_while_no_orchestrator_ran_has_its_held_answer_published
 }
 
 #[test]
+fn a_build_whose_worker_is_frozen_when_the_orchestrator_restarts_is_waited_for_not_run_again() {
+    let flags = ["--adopt-wait", "1s", "--lost-after", "60s"];
+    let (Setup { mq, mut orch, .. }, _) = Setup::remembering("adopt-frozen", &flags);
+    let builds = Builds::start();
+    let frozen = builds.worker("adopt-frozen-w", orch.grpc_port, 1, &[]);
+    orch.wait_for_log("worker adopt-frozen-w registered", LONG);
+    publish_build(&mq, "adopt-frozen-1");
+    poll(LONG, "the build to run", || {
+        (builds.started() == 1).then_some(())
+    });
+    // A free worker the redelivered job could go to if it did not wait.
+    let _spare = builds.worker("adopt-frozen-spare", orch.grpc_port, 1, &[]);
+    orch.wait_for_log("worker adopt-frozen-spare registered", LONG);
+    orch.signal("KILL");
+    orch.wait_exit(LONG);
+    // Frozen (a GC pause, a saturated host) before the new orchestrator hears from it:
+    // it cannot report its build, yet it is not dead.
+    frozen.signal("STOP");
+
+    orch = orch.restart();
+    orch.wait_for_log(
+        "job adopt-frozen-1: redelivered and not reported yet; worker adopt-frozen-w has not \
+         answered",
+        LONG,
+    );
+    frozen.signal("CONT");
+    wait_counter(&orch, "blacktree_jobs_adopted_total", 1.0);
+    builds.open("adopt-frozen-1");
+    assert_all_succeeded_once(&mq, &["adopt-frozen-1".to_string()]);
+    assert_eq!(builds.runs("adopt-frozen-1"), 1, "the build ran again");
+    assert_eq!(counter(&orch, "blacktree_jobs_redispatched_total"), 0.0);
+}
+
+#[test]
 fn an_adopted_build_can_be_cancelled_and_a_build_lost_with_its_worker_runs_again_once() {
     let (Setup { mq, mut orch, .. }, _) =
         Setup::remembering("adopt-cancel", &["--adopt-wait", "2s"]);

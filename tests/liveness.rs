@@ -1,14 +1,15 @@
 //! A slow worker is not a dead worker (issue 19): failed pings take a worker out of
 //! rotation within seconds, but its running builds are given up only after
 //! `--lost-after` of silence, or at once when their connection fails. Real gRPC workers
-//! (one in this process whose pings are slow, real `blacktree worker` processes frozen
-//! or killed) and the real broker.
+//! (one in this process whose pings are slow, real `blacktree worker` processes frozen,
+//! killed, or cut off by iptables as a vanished host would be) and the real broker.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::build_env::{sh, WorkerProcess};
+use common::partition::Partition;
 use common::*;
 use serde_json::{json, Value};
 
@@ -131,4 +132,54 @@ fn a_killed_worker_loses_its_build_at_once_whatever_lost_after_says() {
         metric(orch.metrics_port, "blacktree_jobs_given_up_total"),
         0.0
     );
+}
+
+#[test]
+fn a_vanished_host_loses_its_build_after_lost_after_and_keepalive_drops_its_dead_connection() {
+    // Keepalive PINGs after a third of --lost-after without a byte received; their
+    // timeout (and the socket's TCP_USER_TIMEOUT) is --lost-after.
+    let lost_after = Duration::from_secs(4);
+    let Setup { mq, orch, .. } = Setup::with_flags("vanish", &["--lost-after", "4s"]);
+    let worker = WorkerProcess::sleeper("vanish-w", orch.grpc_port);
+    orch.wait_for_log("worker vanish-w registered", LONG);
+    // Long enough to outlast the cut, short enough to leave the worker free after it.
+    mq.publish_job("vanish-1", json!({"repoUrl": "", "imageName": "12"}));
+    orch.wait_for_log("job vanish-1: dispatched", LONG);
+    let connections = poll(LONG, "the orchestrator's connection to the worker", || {
+        let found = Partition::established_to(worker.port);
+        (!found.is_empty()).then_some(found)
+    });
+
+    let partition = Partition::cut(worker.port);
+    let cut_at = Instant::now();
+    let status = mq.statuses(1, LONG).remove(0);
+    let lost = cut_at.elapsed();
+    assert_eq!(status["outcome"], "worker_lost", "{status}");
+    // Silence counts from its last answer, at most one 200 ms round before the cut.
+    assert!(
+        lost >= lost_after - Duration::from_millis(300),
+        "given up after {lost:?}, before --lost-after"
+    );
+    assert!(
+        lost < lost_after + Duration::from_secs(5),
+        "lost after {lost:?}"
+    );
+    // Without keepalive the connection would stay established, retransmitting for the
+    // kernel's ~15 minutes, while nothing comes back.
+    poll(
+        Duration::from_secs(20),
+        "keepalive to close the dead connection",
+        || {
+            let open = Partition::established_to(worker.port);
+            connections.iter().all(|c| !open.contains(c)).then_some(())
+        },
+    );
+    drop(partition);
+
+    // The host is back: a new connection, and the worker runs jobs again.
+    mq.publish_job("vanish-2", json!({"repoUrl": "", "imageName": "0"}));
+    let status = mq.statuses(1, LONG).remove(0);
+    assert_eq!(status["jobId"], "vanish-2", "{status}");
+    assert_eq!(status["outcome"], "succeeded", "{status}");
+    assert_eq!(status["workerId"], "vanish-w", "{status}");
 }

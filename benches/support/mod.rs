@@ -11,10 +11,11 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Instant;
 
+use blacktree::grpc;
 use blacktree::proto::job::{
     CancelJobRequest, CancelJobResponse, JobRequest, JobResponse, PingRequest, PingResponse,
 };
-use blacktree::proto::job_grpc::{create_job_service, JobService};
+use blacktree::proto::job_grpc::{create_job_service, JobService, JobServiceClient};
 use crossbeam_channel::Sender;
 use grpcio::{EnvBuilder, RpcContext, Server, ServerBuilder, ServerCredentials, UnarySink};
 
@@ -70,6 +71,13 @@ pub fn serve_noop_workers(worker: NoopWorker, count: usize, cq_count: usize) -> 
         .collect();
     server.start();
     (server, ports)
+}
+
+/// A client of the no-op worker on loopback `port`, as the orchestrator makes them at
+/// its default `--lost-after` (60 s).
+pub fn worker_client(env: &Arc<grpcio::Environment>, port: u16) -> JobServiceClient {
+    let keepalive = grpc::Keepalive::for_lost_after(std::time::Duration::from_secs(60));
+    grpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None, keepalive)
 }
 
 /// The `--worker` value naming each port as a static worker `PREFIX-i`.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use blacktree::amqp::AmqpUrl;
-use blacktree::grpc;
 use blacktree::job::{Outcome, Status};
 use blacktree::proto::job::JobRequest;
 use crossbeam_channel::select;
@@ -104,7 +103,7 @@ pub fn raw_loop(
         let env = Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
         let clients: Vec<_> = ports
             .iter()
-            .map(|port| grpc::job_client(env.clone(), &format!("127.0.0.1:{port}"), None))
+            .map(|&port| super::worker_client(&env, port))
             .collect();
         let (answers, answered) = crossbeam_channel::unbounded::<(u64, String)>();
         let mut connection = AmqpUrl::parse(&url).unwrap().connect().unwrap();

@@ -155,12 +155,56 @@ pub fn connect(builder: ChannelBuilder, addr: &str, tls: Option<&Tls>) -> Channe
     }
 }
 
+/// HTTP/2 keepalive on the connections to workers, while a call runs on them.
+///
+/// A PING goes out once the connection has received nothing for `time` (so never while
+/// the worker answers its health pings), and a connection whose PING is not
+/// acknowledged within `timeout` is closed, failing its calls (UNAVAILABLE). gRPC also
+/// makes `timeout` the socket's `TCP_USER_TIMEOUT`, so data the peer's kernel does not
+/// acknowledge for that long closes it too: a host that vanished without a reset is
+/// noticed, instead of after the kernel's ~15 minutes of retransmissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence on the connection before a keepalive PING.
+    pub time: Duration,
+    /// How long a PING (or sent data) may go unacknowledged.
+    pub timeout: Duration,
+}
+
+impl Keepalive {
+    /// The keepalive of the orchestrator's worker connections for `--lost-after`.
+    ///
+    /// The timeout is `lost_after`: a frozen worker (its kernel still acknowledges, its
+    /// process answers nothing) looks like a vanished host to HTTP/2, and must not be
+    /// given up sooner by keepalive than by the health ticker. PINGs go out a third of
+    /// it apart. A Go gRPC server's default policy (at most one PING every 5 minutes)
+    /// counts a PING as a strike only when it wrote nothing since the previous one, and
+    /// closes the connection at the third strike (GOAWAY `too_many_pings`): once a Go
+    /// worker stops answering health pings in time, that comes about four PINGs, 4/3
+    /// of `lost_after`, after its last answer, later than the give-up. While it answers,
+    /// no PING is sent at all (`tests/keepalive.rs` checks this against grpc-go).
+    pub fn for_lost_after(lost_after: Duration) -> Keepalive {
+        Keepalive {
+            time: (lost_after / 3).max(Duration::from_secs(1)),
+            timeout: lost_after,
+        }
+    }
+}
+
 /// Opens a (lazily connecting) client of the `JobService` at `addr`.
-pub fn job_client(env: Arc<Environment>, addr: &str, tls: Option<&Tls>) -> JobServiceClient {
+pub fn job_client(
+    env: Arc<Environment>,
+    addr: &str,
+    tls: Option<&Tls>,
+    keepalive: Keepalive,
+) -> JobServiceClient {
     let builder = ChannelBuilder::new(env)
         // A worker back from a restart is reachable again within a health round or two.
         .initial_reconnect_backoff(Duration::from_millis(200))
         .max_reconnect_backoff(Duration::from_secs(2))
+        .keepalive_time(keepalive.time)
+        .keepalive_timeout(keepalive.timeout)
+        .keepalive_permit_without_calls(false)
         .max_receive_message_len(MAX_MESSAGE_BYTES)
         .max_send_message_len(MAX_MESSAGE_BYTES);
     JobServiceClient::new(connect(builder, addr, tls))

@@ -265,33 +265,61 @@ impl Dispatcher {
     }
 
     /// Waits until `--adopt-wait` after its delivery (`received`) for a worker to report
-    /// the redelivered `job` (a build that outlived the orchestrator that started it);
-    /// `None`: none did, it is dispatched afresh. A job that waited that long already
-    /// (held back for its labels, or behind busy dispatch threads) does not wait again:
-    /// the workers' check-ins had the time to report it.
+    /// the redelivered `job` (a build that outlived the orchestrator that started it),
+    /// and after that for as long as a worker that may run it has not answered
+    /// ([`Registry::unheard_worker`]: a frozen worker is not given up before
+    /// `--lost-after`, so its build must not start again elsewhere); `None`: none
+    /// reported it, it is dispatched afresh. A job that waited that long already (held
+    /// back for its labels, or behind busy dispatch threads) does not wait again: the
+    /// workers' check-ins had the time to report it.
     fn wait_for_report(&self, job: &Job, token: &CancelToken, received: Instant) -> Option<Wait> {
         let deadline = received + self.settings.adopt_wait;
+        let registry = &self.links.registry;
+        let mut waited_for: Option<std::sync::Arc<str>> = None;
         loop {
             if token.reason().is_some() {
                 return Some(Wait::Cancelled);
             }
-            if let Some(claim) = self.links.registry.adopt(&job.job_id, token) {
+            if let Some(claim) = registry.adopt(&job.job_id, token) {
                 return Some(Wait::Claimed(claim));
             }
             let now = Instant::now();
             if now >= deadline {
-                info!(
-                    "job {}: redelivered, and no worker reported it within {}: dispatched afresh",
-                    job.job_id,
-                    humantime::format_duration(self.settings.adopt_wait)
-                );
-                self.links.metrics.jobs_redispatched.inc();
-                return None;
+                match registry.unheard_worker() {
+                    Some((worker, silence)) => {
+                        if waited_for.as_ref() != Some(&worker) {
+                            info!(
+                                "job {}: redelivered and not reported yet; worker {worker} has not answered \
+                                 ({}s) and may be running it: waiting for it (at most \
+                                 --lost-after)",
+                                job.job_id,
+                                silence.as_secs()
+                            );
+                            waited_for = Some(worker);
+                        }
+                    }
+                    None => {
+                        info!(
+                            "job {}: redelivered, and no worker reported it within {}: dispatched \
+                             afresh",
+                            job.job_id,
+                            humantime::format_duration(Duration::from_millis(
+                                now.duration_since(received).as_millis() as u64
+                            ))
+                        );
+                        self.links.metrics.jobs_redispatched.inc();
+                        return None;
+                    }
+                }
             }
+            let pause = match deadline.checked_duration_since(now) {
+                Some(left) if !left.is_zero() => ADOPT_POLL.min(left),
+                _ => ADOPT_POLL,
+            };
             select! {
                 recv(token.fired()) -> _ => return Some(Wait::Cancelled),
                 recv(self.links.shutdown) -> _ => return Some(Wait::Draining),
-                default(ADOPT_POLL.min(deadline - now)) => {}
+                default(pause) => {}
             }
         }
     }

@@ -113,13 +113,34 @@ fn ping_all(
             {
                 PingResult::Failed("its address is not a Blacktree worker (no JobService)".into())
             }
-            Err(CallError::Grpc(e)) => PingResult::Failed(e.to_string()),
+            Err(CallError::Grpc(e)) => failed_ping(e, timeout),
             Err(CallError::Cancelled(reason)) => PingResult::Failed(format!("{reason:?}")),
         };
-        failures += u64::from(matches!(result, PingResult::Failed(_)));
+        failures += u64::from(result.failed());
         if registry.record_ping(&target, result) {
             suspects.push(target);
         }
     }
     (failures, suspects)
+}
+
+/// A ping that got no answer: refused (nothing listens there: the worker process is
+/// gone), any other error (an answer), or no answer at all (a deadline passed, or no
+/// connection could be made for another reason: the worker is frozen or its host
+/// unreachable, and it may still run builds).
+fn failed_ping(error: grpcio::Error, timeout: Duration) -> PingResult {
+    use grpcio::RpcStatusCode;
+    let grpcio::Error::RpcFailure(status) = &error else {
+        return PingResult::Failed(error.to_string());
+    };
+    match status.code() {
+        RpcStatusCode::DEADLINE_EXCEEDED => PingResult::Unanswered(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+        RpcStatusCode::UNAVAILABLE if !status.message().contains("Connection refused") => {
+            PingResult::Unanswered(error.to_string())
+        }
+        _ => PingResult::Failed(error.to_string()),
+    }
 }

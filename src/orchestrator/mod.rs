@@ -75,6 +75,7 @@ pub fn run(config: OrchestratorConfig) -> Result<(), String> {
         RegistrySettings {
             unhealthy_after: config.unhealthy_after,
             lost_after: config.lost_after,
+            keepalive: crate::grpc::Keepalive::for_lost_after(config.lost_after),
             forget_after: config.forget_after,
             tls: tls.clone(),
             token: token.clone(),

@@ -18,7 +18,7 @@
 //! forgotten) is written to it before the change is acknowledged; at start the
 //! remembered workers come back as [`Origin::Restored`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,17 +27,18 @@ use grpcio::{CallOption, Environment};
 use log::{info, warn};
 
 use super::state_file::{Remembered, StateFile};
-use crate::agent::jobs::MAX_HELD;
 use crate::grpc::cancel::CancelToken;
 use crate::grpc::{self, Tls};
-use crate::job::{is_plain_id, Secret, MAX_JOB_ID_LEN};
+use crate::job::Secret;
 use crate::labels::Labels;
 use crate::proto::job_grpc::JobServiceClient;
 pub use liveness::{PingResult, PingTarget};
+pub use reports::Reported;
 pub use routing::{LabelledClaim, SlotWait};
 pub use view::WorkerView;
 
 mod liveness;
+mod reports;
 mod routing;
 mod view;
 
@@ -59,47 +60,6 @@ pub struct Claim {
     pub generation: u64,
     /// Client of the worker's `JobService`.
     pub client: JobServiceClient,
-}
-
-/// The jobIds a worker says (at registration and every check-in) it runs, and those
-/// whose answer it holds: builds that may have outlived the orchestrator that started
-/// them. Older workers report nothing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Reported {
-    /// Running there: each takes a slot.
-    pub running: HashSet<String>,
-    /// Finished there, the answer held for the next `RunJob` of that jobId.
-    pub held: HashSet<String>,
-}
-
-impl Reported {
-    /// Checks what a worker reports: at most `capacity` running and [`MAX_HELD`] held
-    /// jobIds, each a plain id. The reasons never quote an id.
-    pub fn checked(running: &[String], held: &[String], capacity: u32) -> Result<Reported, String> {
-        if running.len() > capacity as usize || held.len() > MAX_HELD {
-            return Err(format!(
-                "it reports more running jobs than its capacity or more than {MAX_HELD} held answers"
-            ));
-        }
-        if !running.iter().chain(held).all(|id| is_plain_id(id)) {
-            return Err(format!(
-                "reported jobIds must be 1 to {MAX_JOB_ID_LEN} bytes with no control characters"
-            ));
-        }
-        Ok(Reported {
-            running: running.iter().cloned().collect(),
-            held: held.iter().cloned().collect(),
-        })
-    }
-
-    fn contains(&self, job_id: &str) -> bool {
-        self.running.contains(job_id) || self.held.contains(job_id)
-    }
-
-    /// Every jobId reported, running or held.
-    fn ids(&self) -> impl Iterator<Item = &String> {
-        self.running.iter().chain(&self.held)
-    }
 }
 
 /// How a job ended on a worker, as far as the worker's state is concerned.
@@ -134,6 +94,8 @@ pub struct RegistrySettings {
     pub unhealthy_after: u32,
     /// How long a worker may not answer pings before its running jobs are given up.
     pub lost_after: Duration,
+    /// HTTP/2 keepalive on the connections to workers.
+    pub keepalive: grpc::Keepalive,
     /// How long a registered worker may stay unhealthy before it is forgotten.
     pub forget_after: Duration,
     /// Mutual TLS for the calls to workers, when configured.
@@ -182,6 +144,8 @@ struct Worker {
     /// Takes no new job (`blacktree workers drain`, or it is stopping).
     draining: bool,
     failures: u32,
+    /// Its last failed ping went unanswered (rather than being refused).
+    unanswered: bool,
     unhealthy_since: Option<Instant>,
     /// Named on the command line: never forgotten.
     is_static: bool,
@@ -306,7 +270,12 @@ impl Registry {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client = grpc::job_client(self.env.clone(), addr, self.settings.tls.as_ref());
+        let client = grpc::job_client(
+            self.env.clone(),
+            addr,
+            self.settings.tls.as_ref(),
+            self.settings.keepalive,
+        );
         let id: Arc<str> = id.into();
         let mut workers = self.lock();
         if origin == Origin::Registered
@@ -334,6 +303,7 @@ impl Registry {
             busy: false,
             draining: false,
             failures: 0,
+            unanswered: false,
             // A restored worker that never answers is forgotten `forget_after` from now.
             unhealthy_since: (origin == Origin::Restored).then(Instant::now),
             is_static,
@@ -434,57 +404,6 @@ impl Registry {
             generation: worker.generation,
             client: worker.client.clone(),
         })
-    }
-
-    /// Records what worker `id` reports (see [`Reported`]); its free slots follow.
-    pub fn report(&self, id: &str, reported: Reported) {
-        let mut workers = self.lock();
-        let Some(id) = workers.get_key_value(id).map(|(id, _)| id.clone()) else {
-            return;
-        };
-        let worker = workers.get_mut(&id).expect("found above");
-        if worker.reported != reported {
-            self.unindex(&id, worker.reported.ids());
-            let mut index = self.reported_by.lock().expect("report index lock");
-            for job_id in reported.ids() {
-                index.insert(job_id.clone(), id.clone());
-            }
-            drop(index);
-            worker.reported = reported;
-            self.top_up(&id, worker);
-        }
-    }
-
-    /// Takes the job `job_id` over on a healthy worker that reports it (running, or its
-    /// answer held): a `RunJob` there attaches to it. Its slot is already taken.
-    pub fn adopt(&self, job_id: &str, token: &CancelToken) -> Option<Claim> {
-        let mut workers = self.lock();
-        let id = self
-            .reported_by
-            .lock()
-            .expect("report index lock")
-            .get(job_id)?
-            .clone();
-        let worker = workers
-            .get_mut(&id)
-            .filter(|w| w.healthy && w.reported.contains(job_id))?;
-        worker.started += 1;
-        worker.running.insert(job_id.to_string(), token.clone());
-        Some(Claim {
-            worker: id,
-            generation: worker.generation,
-            client: worker.client.clone(),
-        })
-    }
-
-    /// Drops the index entries of `job_ids` that point at worker `id`.
-    fn unindex<'a>(&self, id: &Arc<str>, job_ids: impl Iterator<Item = &'a String>) {
-        let mut index = self.reported_by.lock().expect("report index lock");
-        for job_id in job_ids {
-            if index.get(job_id) == Some(id) {
-                index.remove(job_id);
-            }
-        }
     }
 
     /// Gives a claimed slot back. The job is no longer the worker's, whatever its last

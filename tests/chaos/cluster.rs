@@ -292,6 +292,9 @@ pub struct Member {
     pub grpc_port: u16,
     /// Its `--amqp-url`: every node, starting with one of its own.
     pub urls: String,
+    /// Its `--state-file`, kept across its restarts (as systemd's `StateDirectory=`
+    /// keeps it): the workers it knew are known again at once.
+    pub state_file: PathBuf,
     /// Logs of its killed processes (evidence for failures).
     pub old_logs: Vec<String>,
     /// Idle RSS (KiB) of each of its processes right after it started.
@@ -328,8 +331,10 @@ impl Cluster {
             .map(|i| {
                 let urls = node_urls(&nodes, i);
                 let grpc_port = free_port();
-                let process = start_orchestrator(&urls, &names, grpc_port, shape);
+                let state_file = dir.join(format!("orchestrator-{i}.json"));
+                let process = start_orchestrator(&urls, &names, grpc_port, shape, &state_file);
                 Member {
+                    state_file,
                     baselines: vec![rss_kib(process.process.pid())],
                     process,
                     grpc_port,
@@ -466,8 +471,13 @@ impl Cluster {
         member.process.wait_exit(LONG);
         member.old_logs.push(member.process.log());
         std::thread::sleep(rng.millis(DOWNTIME));
-        member.process =
-            start_orchestrator(&member.urls, &self.names, member.grpc_port, self.shape);
+        member.process = start_orchestrator(
+            &member.urls,
+            &self.names,
+            member.grpc_port,
+            self.shape,
+            &member.state_file,
+        );
         member.baselines.push(rss_kib(member.process.process.pid()));
     }
 
@@ -515,8 +525,15 @@ fn node_urls(nodes: &[PrivateBroker], first: usize) -> String {
 /// fault is injected, and three broker nodes share the two cores with everything else
 /// (their `stop_app`/`start_app` take a core each for seconds): pings get the defaults'
 /// timeout, so a ping delayed by that load does not make a live worker "lost".
-pub fn start_orchestrator(urls: &str, names: &Names, grpc_port: u16, shape: Shape) -> Orchestrator {
+pub fn start_orchestrator(
+    urls: &str,
+    names: &Names,
+    grpc_port: u16,
+    shape: Shape,
+    state_file: &Path,
+) -> Orchestrator {
     let listen = format!("127.0.0.1:{grpc_port}");
+    let state_file = state_file.to_str().expect("a UTF-8 temp path");
     let threads = DISPATCH_THREADS.to_string();
     let prefetch = PREFETCH.to_string();
     let (interval, timeout) = match shape.orchestrators {
@@ -540,6 +557,8 @@ pub fn start_orchestrator(urls: &str, names: &Names, grpc_port: u16, shape: Shap
         ADOPT_WAIT,
         "--queue-type",
         if shape.quorum { "quorum" } else { "classic" },
+        "--state-file",
+        state_file,
     ];
     Orchestrator::start(urls, names, &flags)
 }

@@ -13,7 +13,10 @@
 //! * a build runs once unless its worker died (or the test published the job twice):
 //!   builds that outlive their orchestrator, or its broker connection, are adopted by
 //!   whichever orchestrator gets the redelivery, and so are the answers of builds that
-//!   finished before their status was confirmed (workers keep them for a while);
+//!   finished before their status was confirmed (workers keep them for a while), and a
+//!   redelivered build whose worker is frozen when its new orchestrator starts waits for
+//!   that worker (each orchestrator keeps its state file across its restarts, as a
+//!   deployment does, so it knows the workers at once);
 //! * the orchestrator's RSS comes back near its idle baseline.
 //!
 //! `chaos_on_a_cluster` runs the same workload and checks (issue 15) through two

@@ -3,14 +3,17 @@
 //! names, the test's connection, private nodes), [`workers`] (in-process gRPC workers),
 //! [`processes`] (the binary as a child: orchestrator, logs), [`fixtures`] (the setup
 //! most tests share), [`build_env`] (Docker, registry, git, `blacktree worker`),
-//! [`gated`] (builds that end when the test says), [`rabbit_cluster`] (three private
-//! nodes joined in one cluster).
+//! [`gated`] (builds that end when the test says), [`partition`] (a port cut off on
+//! loopback), [`rabbit_cluster`] (three private nodes joined in one cluster),
+//! [`go_worker`] (a real grpc-go worker process).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod broker;
 pub mod build_env;
 pub mod fixtures;
 pub mod gated;
+pub mod go_worker;
+pub mod partition;
 pub mod processes;
 pub mod rabbit_cluster;
 pub mod workers;

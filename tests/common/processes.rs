@@ -64,14 +64,25 @@ impl LoggedChild {
         env: &[(String, String)],
         announces: &[&'static str],
     ) -> (LoggedChild, Vec<u16>) {
-        let mut child = command()
+        let mut blacktree = command();
+        blacktree
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        Self::spawn_command(blacktree, announces)
+    }
+
+    /// Spawns `command` (any program; its stdout is dropped, its stderr collected) and
+    /// waits as [`LoggedChild::spawn`] does.
+    pub fn spawn_command(
+        mut command: Command,
+        announces: &[&'static str],
+    ) -> (LoggedChild, Vec<u16>) {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting blacktree");
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
         let (port_tx, port_rx) = crossbeam_channel::unbounded();
         let stderr = child.stderr.take().unwrap();
@@ -94,7 +105,7 @@ impl LoggedChild {
         for _ in announces {
             let (i, port) = port_rx
                 .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("blacktree {args:?} did not announce {announces:?}"));
+                .unwrap_or_else(|_| panic!("{command:?} did not announce {announces:?}"));
             ports[i] = port;
         }
         (LoggedChild { child, log }, ports)
@@ -107,9 +118,22 @@ impl LoggedChild {
 
     /// Waits until its log contains `text`.
     pub fn wait_for_log(&self, text: &str, timeout: Duration) {
-        poll(timeout, &format!("log line {text:?}"), || {
-            self.log().contains(text).then_some(())
-        });
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for log line {text:?}; its last lines:\n{}",
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Its process id.
@@ -145,14 +169,25 @@ pub struct Orchestrator {
     pub process: LoggedChild,
     pub grpc_port: u16,
     pub metrics_port: u16,
-    /// Its command line, for [`Orchestrator::restart`].
+    /// Its command line and extra environment, for [`Orchestrator::restart`].
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Orchestrator {
     /// Starts an orchestrator for `names` on `url` with fast health settings and `extra`
     /// flags; waits until its gRPC server listens and it is connected to the broker.
     pub fn start(url: &str, names: &Names, extra: &[&str]) -> Orchestrator {
+        Self::start_with_env(url, names, extra, &[])
+    }
+
+    /// [`Orchestrator::start`] with extra environment variables.
+    pub fn start_with_env(
+        url: &str,
+        names: &Names,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Orchestrator {
         let mut args = vec!["orchestrator".to_string(), "--amqp-url".into(), url.into()];
         args.extend(names.args());
         // Fast health settings and ephemeral ports, unless the test sets them itself.
@@ -169,27 +204,29 @@ impl Orchestrator {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(args)
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Self::spawn(args, env.collect())
     }
 
     /// A new orchestrator with the same command line, to start once this one exited. A
     /// `--state-file` among its flags is kept; without one, it gets a fresh state file
     /// (it knows no worker).
     pub fn restart(&self) -> Orchestrator {
-        Self::spawn(self.args.clone())
+        Self::spawn(self.args.clone(), self.env.clone())
     }
 
-    fn spawn(args: Vec<String>) -> Orchestrator {
+    fn spawn(args: Vec<String>, env: Vec<(String, String)>) -> Orchestrator {
         let announces = [
             "gRPC server listening on port ",
             "metrics listening on port ",
         ];
-        let (process, ports) = LoggedChild::spawn(&args, &announces);
+        let (process, ports) = LoggedChild::spawn_with_env(&args, &env, &announces);
         let orchestrator = Orchestrator {
             process,
             grpc_port: ports[0],
             metrics_port: ports[1],
             args,
+            env,
         };
         orchestrator.wait_for_log("broker: connected", Duration::from_secs(30));
         orchestrator

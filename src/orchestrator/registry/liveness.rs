@@ -21,8 +21,18 @@ pub enum PingResult {
     Busy,
     /// The worker takes no new job (drained by an operator, or stopping).
     Draining,
-    /// No answer, or an error.
+    /// An error: refused, reset, or not the worker it should be.
     Failed(String),
+    /// No answer within the deadline: the worker is frozen or its host unreachable, so
+    /// it may still run builds it has not reported.
+    Unanswered(String),
+}
+
+impl PingResult {
+    /// Whether the ping failed (errors and no answers alike).
+    pub fn failed(&self) -> bool {
+        matches!(self, PingResult::Failed(_) | PingResult::Unanswered(_))
+    }
 }
 
 /// A worker to ping, as the health ticker sees it.
@@ -79,6 +89,7 @@ impl Registry {
                 }
                 worker.healthy = true;
                 worker.failures = 0;
+                worker.unanswered = false;
                 worker.last_seen = Some(Instant::now());
                 worker.unhealthy_since = None;
                 // BUSY while our own jobs ran (or started) since the ping left is ours.
@@ -110,7 +121,8 @@ impl Registry {
                     _ => None,
                 };
             }
-            PingResult::Failed(error) => {
+            PingResult::Failed(ref error) | PingResult::Unanswered(ref error) => {
+                worker.unanswered = matches!(result, PingResult::Unanswered(_));
                 worker.failures += 1;
                 if worker.last_seen.is_none() && worker.failures == 1 {
                     // A static or restored worker that has not answered yet: said once.
@@ -172,6 +184,22 @@ impl Registry {
             );
             self.liveness_counts.lock().expect("liveness counts lock").1 += fired as u64;
         }
+    }
+
+    /// A worker that may be running a job it has not reported, with its silence: one
+    /// not heard from yet (restored from the state file or just registered, its first
+    /// ping not answered yet), or one whose pings go unanswered (frozen, or its host
+    /// unreachable) and that is not given up yet (`lost_after`). One that refuses
+    /// connections runs nothing.
+    pub fn unheard_worker(&self) -> Option<(Arc<str>, std::time::Duration)> {
+        let lost_after = self.settings.lost_after;
+        self.lock()
+            .iter()
+            .find(|(_, w)| {
+                let not_pinged_yet = w.last_seen.is_none() && w.failures == 0;
+                not_pinged_yet || (w.unanswered && w.silence() < lost_after)
+            })
+            .map(|(id, w)| (id.clone(), w.silence()))
     }
 
     /// How many times workers went out of rotation, and how many jobs were given up,

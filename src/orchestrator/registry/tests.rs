@@ -1,6 +1,7 @@
 //! Unit tests of the worker registry and its slot accounting.
 
 use super::*;
+use crate::agent::jobs::MAX_HELD;
 use crate::grpc::cancel::CancelReason;
 use crate::labels::Labels;
 use crossbeam_channel::{unbounded, Receiver};
@@ -14,6 +15,7 @@ fn registry(unhealthy_after: u32) -> (Registry, Receiver<Hint>) {
     let settings = RegistrySettings {
         unhealthy_after,
         lost_after: LOST_AFTER,
+        keepalive: crate::grpc::Keepalive::for_lost_after(LOST_AFTER),
         forget_after: Duration::ZERO,
         tls: None,
         token: None,
@@ -383,4 +385,34 @@ fn free_slots_a_ping_reports_bound_ours_when_another_orchestrator_shares_the_wor
     add(&registry, "old", "127.0.0.1:2", 2, Origin::Registered);
     registry.record_ping(&target(&registry, "old"), PingResult::Free(None));
     assert_eq!(claim_all(&registry, &hints, &token).len(), 2);
+}
+
+#[test]
+fn a_worker_not_heard_from_or_not_answering_may_hold_a_redelivered_job_until_given_up() {
+    let (registry, _hints) = registry(2);
+    let unheard = || registry.unheard_worker().map(|(id, _)| id.to_string());
+    add(&registry, "w", "127.0.0.1:1", 1, Origin::Restored);
+    assert_eq!(unheard().as_deref(), Some("w"), "not pinged yet");
+    registry.record_ping(&target(&registry, "w"), PingResult::Free(None));
+    assert_eq!(unheard(), None, "it answered: it reports what it runs");
+    let no_answer = || PingResult::Unanswered("no answer within 1s".into());
+    registry.record_ping(&target(&registry, "w"), no_answer());
+    assert_eq!(
+        unheard().as_deref(),
+        Some("w"),
+        "frozen, or its host cut off"
+    );
+    registry.record_ping(
+        &target(&registry, "w"),
+        PingResult::Failed("refused".into()),
+    );
+    assert_eq!(unheard(), None, "a refused connection: nothing runs there");
+    registry.record_ping(&target(&registry, "w"), no_answer());
+    assert_eq!(unheard().as_deref(), Some("w"));
+    std::thread::sleep(LOST_AFTER * 2);
+    assert_eq!(
+        unheard(),
+        None,
+        "silent for --lost-after: given up, not waited for"
+    );
 }

@@ -17,6 +17,7 @@ fn registry() -> (Registry, Receiver<Hint>) {
     let settings = RegistrySettings {
         unhealthy_after: 1,
         lost_after: Duration::from_secs(60),
+        keepalive: crate::grpc::Keepalive::for_lost_after(Duration::from_secs(60)),
         forget_after: Duration::from_secs(600),
         tls: None,
         token: None,
