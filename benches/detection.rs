@@ -98,8 +98,9 @@ fn main() {
 /// with the label `bench=<id>`, so that the jobs labelled so run there only.
 fn build_host(orch: &Orchestrator, id: &str, burn: bool) -> WorkerProcess {
     let command = if burn {
-        "for i in 1 2; do (while :; do :; done) & done; sleep $BLACKTREE_IMAGE_NAME; \
-         kill $(jobs -p); exit 0"
+        // `$!`, not `jobs -p`: dash prints no jobs in a command substitution.
+        "pids=; for i in 1 2; do (while :; do :; done) & pids=\"$pids $!\"; done; \
+         sleep $BLACKTREE_IMAGE_NAME; kill $pids; exit 0"
     } else {
         "sleep $BLACKTREE_IMAGE_NAME"
     };
