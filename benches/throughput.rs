@@ -16,8 +16,8 @@ mod support;
 use common::*;
 use support::raw::{fill, raw_loop, status_rate, throughput_flags, Run, WORKERS};
 use support::{
-    broker_pid, env_number, median_and_range, serve_noop_workers, static_workers, CpuMeter,
-    NoopWorker,
+    broker_pid, env_number, median_and_range, serve_noop_workers, static_workers,
+    threads_cpu_seconds, CpuMeter, NoopWorker, NOOP_THREADS,
 };
 
 fn main() {
@@ -54,6 +54,24 @@ fn main() {
             );
         }
     }
+    // The orchestrator's CPU per job against the floor loop's own (its thread, gRPC
+    // client and AMQP I/O threads; not the no-op workers), within each round.
+    let cpu_of = |run: &Run, process: &str| {
+        run.cpu
+            .iter()
+            .find(|(name, _)| *name == process)
+            .map_or(f64::NAN, |(_, seconds)| *seconds)
+    };
+    let cpu_ratios = median_and_range(
+        results
+            .iter()
+            .map(|r| cpu_of(&r[2], "orchestrator") / cpu_of(&r[1], "floor_loop")),
+    );
+    println!("throughput.cpu_ratio {:.2}", cpu_ratios.0);
+    println!(
+        "throughput.cpu_ratio_range {:.2}–{:.2}",
+        cpu_ratios.1, cpu_ratios.2
+    );
     for (name, baseline) in [("ratio", 0), ("ratio_grpc", 1)] {
         let ratios = median_and_range(results.iter().map(|r| r[2].rate / r[baseline].rate));
         println!("throughput.{name} {:.3}", ratios.0);
@@ -70,7 +88,8 @@ fn orchestrator(jobs: usize, broker: u32) -> Run {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
     // From the moment it is connected: a few jobs may go before (milliseconds).
-    let meter = CpuMeter::start(&[orch.process.pid(), broker, std::process::id()]);
+    let meter = CpuMeter::start(&[orch.process.pid(), broker]);
+    let noop_before = threads_cpu_seconds(NOOP_THREADS);
     let rate = status_rate(&mq, jobs);
     let (cpu, _) = meter.read();
     Run {
@@ -78,7 +97,10 @@ fn orchestrator(jobs: usize, broker: u32) -> Run {
         cpu: vec![
             ("orchestrator", cpu[0]),
             ("broker", cpu[1]),
-            ("bench_and_workers", cpu[2]),
+            (
+                "noop_workers",
+                threads_cpu_seconds(NOOP_THREADS) - noop_before,
+            ),
         ],
     }
 }

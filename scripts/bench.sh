@@ -54,9 +54,10 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo "| scale, $(value scale.workers) workers: idle CPU (one core = 100 %) | $(value scale.w1000.idle_cpu_pct) % | bare client: $(value scale.bare.idle_cpu_pct) % | | < 2 % |"
   echo "| cost per job: orchestrator CPU per 1,000 jobs (net of idle), 10 / 100 / 1,000 workers | $(value scale.w10.cpu_ms_per_1000_jobs) / $(value scale.w100.cpu_ms_per_1000_jobs) / $(value scale.w1000.cpu_ms_per_1000_jobs) ms | 10 workers | $(ratio "$(value scale.w1000.cpu_ms_per_1000_jobs)" "$(value scale.w10.cpu_ms_per_1000_jobs)") (1,000 vs 10) | flat |"
   echo
-  echo "CPU per 1,000 jobs in the throughput run (ms, medians): raw loop: broker $(value throughput.raw.cpu_ms_per_1000.broker), loop $(value throughput.raw.cpu_ms_per_1000.bench);"
-  echo "raw loop + gRPC: broker $(value throughput.raw_grpc.cpu_ms_per_1000.broker), loop and no-op workers $(value throughput.raw_grpc.cpu_ms_per_1000.bench);"
-  echo "Blacktree: orchestrator $(value throughput.blacktree.cpu_ms_per_1000.orchestrator), broker $(value throughput.blacktree.cpu_ms_per_1000.broker), no-op workers and bench $(value throughput.blacktree.cpu_ms_per_1000.bench_and_workers)."
+  echo "CPU per 1,000 jobs in the throughput run (ms, medians): raw loop: broker $(value throughput.raw.cpu_ms_per_1000.broker), loop $(value throughput.raw.cpu_ms_per_1000.floor_loop);"
+  echo "raw loop + gRPC: broker $(value throughput.raw_grpc.cpu_ms_per_1000.broker), the loop's own threads $(value throughput.raw_grpc.cpu_ms_per_1000.floor_loop), no-op workers $(value throughput.raw_grpc.cpu_ms_per_1000.noop_workers);"
+  echo "Blacktree: orchestrator $(value throughput.blacktree.cpu_ms_per_1000.orchestrator), broker $(value throughput.blacktree.cpu_ms_per_1000.broker), no-op workers $(value throughput.blacktree.cpu_ms_per_1000.noop_workers);"
+  echo "orchestrator CPU per job / the raw + gRPC loop's own: $(value throughput.cpu_ratio) ($(value throughput.cpu_ratio_range))."
   if [ -s "$notes" ]; then echo; cat "$notes"; fi
 } > BENCHMARKS.md
 cat BENCHMARKS.md

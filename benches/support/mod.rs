@@ -57,7 +57,12 @@ impl JobService for NoopWorker {
 /// `count` no-op workers: one grpcio server (`cq_count` completion-queue threads)
 /// listening on `count` loopback ports. Returns the running server and its ports.
 pub fn serve_noop_workers(worker: NoopWorker, count: usize, cq_count: usize) -> (Server, Vec<u16>) {
-    let env = Arc::new(EnvBuilder::new().cq_count(cq_count).build());
+    let env = Arc::new(
+        EnvBuilder::new()
+            .cq_count(cq_count)
+            .name_prefix(NOOP_THREADS)
+            .build(),
+    );
     let mut server = ServerBuilder::new(env)
         .register_service(create_job_service(worker))
         .build()
@@ -92,20 +97,59 @@ pub fn static_workers(prefix: &str, ports: &[u16]) -> String {
 
 /// A process's fields from `/proc/PID/stat` after the command name.
 fn stat_fields(pid: u32) -> Vec<String> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
-    let after_name = &stat[stat.rfind(')').expect("a command name") + 2..];
-    after_name.split_whitespace().map(str::to_string).collect()
+    stat_fields_at(&format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat")
 }
 
-/// CPU seconds (user + system) process `pid` has used so far.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let fields = stat_fields(pid);
-    // After the name: state is field 3, utime field 14, stime field 15 (proc(5)).
+/// The fields of a `stat` file of `/proc` (a process's or a thread's) after the command
+/// name.
+fn stat_fields_at(path: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let after_name = &stat[stat.rfind(')').expect("a command name") + 2..];
+    Some(after_name.split_whitespace().map(str::to_string).collect())
+}
+
+/// Seconds of CPU (user + system) in `stat` fields: after the name, state is field 3,
+/// utime field 14, stime field 15 (proc(5)).
+fn cpu_of(fields: &[String]) -> f64 {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ticks as f64 / per_second as f64
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    cpu_of(&stat_fields(pid))
+}
+
+/// The name prefix of the no-op workers' threads, so that their CPU can be told apart
+/// from the rest of the bench process's.
+pub const NOOP_THREADS: &str = "noop-worker";
+
+/// This process's threads whose name starts with `prefix`, by thread id.
+pub fn tids_named(prefix: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("reading /proc/self/task")
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            comm.starts_with(prefix)
+                .then(|| path.file_name()?.to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// CPU seconds (user + system) thread `tid` of this process has used so far (0 once it
+/// ended).
+pub fn tid_cpu_seconds(tid: u32) -> f64 {
+    stat_fields_at(&format!("/proc/self/task/{tid}/stat")).map_or(0.0, |f| cpu_of(&f))
+}
+
+/// CPU seconds the threads of this process whose name starts with `prefix` have used so
+/// far (threads that ended are not counted: the no-op workers' outlive every reading).
+pub fn threads_cpu_seconds(prefix: &str) -> f64 {
+    tids_named(prefix).into_iter().map(tid_cpu_seconds).sum()
 }
 
 /// Resident memory of `pid`, in MiB.

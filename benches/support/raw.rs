@@ -14,7 +14,10 @@ use blacktree::proto::job::JobRequest;
 use crossbeam_channel::select;
 use serde_json::json;
 
-use super::{serve_noop_workers, CpuMeter, NoopWorker};
+use super::{
+    serve_noop_workers, threads_cpu_seconds, tid_cpu_seconds, tids_named, CpuMeter, NoopWorker,
+    NOOP_THREADS,
+};
 use crate::common::{poll, Mq};
 
 /// What one side of the comparison achieved.
@@ -95,18 +98,34 @@ pub fn raw_loop(
     fill(mq, jobs, "raw");
     let execute = names.execute.clone();
     let exchange = names.exchange.clone();
-    let mut pids: Vec<u32> = measured.iter().map(|(_, pid)| *pid).collect();
-    pids.push(std::process::id());
+    let pids: Vec<u32> = measured.iter().map(|(_, pid)| *pid).collect();
     let meter = CpuMeter::start(&pids);
+    let noop_before = threads_cpu_seconds(NOOP_THREADS);
     let url = url.to_string();
+    // Returns the CPU seconds of the loop's own threads: its thread, its gRPC client's
+    // completion-queue thread and its connection's amiquip I/O thread, apart from the
+    // no-op workers and the bench's status reader in the same process.
     let looper = std::thread::spawn(move || {
-        let env = Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+        // SAFETY: gettid has no preconditions.
+        let own = unsafe { libc::gettid() } as u32;
+        let io_before = tids_named(AMIQUIP_IO);
+        let env = Arc::new(
+            grpcio::EnvBuilder::new()
+                .cq_count(1)
+                .name_prefix(FLOOR_GRPC)
+                .build(),
+        );
         let clients: Vec<_> = ports
             .iter()
             .map(|&port| super::worker_client(&env, port))
             .collect();
         let (answers, answered) = crossbeam_channel::unbounded::<(u64, String)>();
         let mut connection = AmqpUrl::parse(&url).unwrap().connect().unwrap();
+        let io: Vec<u32> = tids_named(AMIQUIP_IO)
+            .into_iter()
+            .filter(|tid| !io_before.contains(tid))
+            .collect();
+        assert_eq!(io.len(), 1, "one I/O thread for the loop's connection");
         let channel = connection.open_channel(None).unwrap();
         channel.qos(0, WINDOW, false).unwrap();
         let confirms = channel.listen_for_publisher_confirms().unwrap();
@@ -163,15 +182,27 @@ pub fn raw_loop(
                 }
             }
         }
+        let cpu = [own, io[0]].into_iter().map(tid_cpu_seconds).sum::<f64>()
+            + threads_cpu_seconds(FLOOR_GRPC);
         drop(consumer);
         let _ = connection.close();
+        cpu
     });
     let rate = status_rate(mq, jobs);
-    looper.join().unwrap();
+    let floor_loop = looper.join().unwrap();
     let (cpu, _) = meter.read();
-    let names = measured.iter().map(|(name, _)| *name).chain(["bench"]);
-    Run {
-        rate,
-        cpu: names.zip(cpu).collect(),
+    let noop_workers = threads_cpu_seconds(NOOP_THREADS) - noop_before;
+    let names = measured.iter().map(|(name, _)| *name);
+    let mut cpu: Vec<(&'static str, f64)> = names.zip(cpu).collect();
+    cpu.push(("floor_loop", floor_loop));
+    if grpc {
+        cpu.push(("noop_workers", noop_workers));
     }
+    Run { rate, cpu }
 }
+
+/// The name of amiquip's I/O thread (one per connection).
+const AMIQUIP_IO: &str = "amiquip-io";
+
+/// The name prefix of the raw loop's gRPC client threads.
+const FLOOR_GRPC: &str = "floor-grpc";
