@@ -7,7 +7,10 @@
 //! work on this machine). Each drains a queue filled beforehand; each rate is measured
 //! from the first status to the last. `BENCH_JOBS` sets N (default 20,000); the three
 //! alternate for `BENCH_ROUNDS` rounds (default 3), and each figure is the median over
-//! the rounds (a ratio is taken within each round). Run by scripts/bench.sh.
+//! the rounds (a ratio is taken within each round). CPU is read per process, and for
+//! the floor loop per thread (its own threads, apart from the no-op workers and the
+//! status reader sharing the bench's process); the sleeps per job count the hand-offs
+//! between threads. Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -16,7 +19,7 @@ mod support;
 use common::*;
 use support::raw::{fill, raw_loop, status_rate, throughput_flags, Run, WORKERS};
 use support::{
-    broker_pid, env_number, median_and_range, serve_noop_workers, static_workers,
+    broker_pid, env_number, median_and_range, process_sleeps, serve_noop_workers, static_workers,
     threads_cpu_seconds, CpuMeter, NoopWorker, NOOP_THREADS,
 };
 
@@ -44,6 +47,8 @@ fn main() {
             "throughput.{name}_per_s_range {:.0}–{:.0}",
             rates.1, rates.2
         );
+        let sleeps = median_and_range(results.iter().map(|r| r[i].sleeps_per_job));
+        println!("throughput.{name}.sleeps_per_job {:.1}", sleeps.0);
         for (j, (process, _)) in results[0][i].cpu.iter().enumerate() {
             // CPU seconds for all the jobs → ms per 1,000 jobs.
             let per_1000 =
@@ -90,9 +95,12 @@ fn orchestrator(jobs: usize, broker: u32) -> Run {
     // From the moment it is connected: a few jobs may go before (milliseconds).
     let meter = CpuMeter::start(&[orch.process.pid(), broker]);
     let noop_before = threads_cpu_seconds(NOOP_THREADS);
+    let sleeps_before = process_sleeps(orch.process.pid());
     let rate = status_rate(&mq, jobs);
     let (cpu, _) = meter.read();
+    let sleeps = process_sleeps(orch.process.pid()) - sleeps_before;
     Run {
+        sleeps_per_job: sleeps as f64 / jobs as f64,
         rate,
         cpu: vec![
             ("orchestrator", cpu[0]),

@@ -152,6 +152,35 @@ pub fn threads_cpu_seconds(prefix: &str) -> f64 {
     tids_named(prefix).into_iter().map(tid_cpu_seconds).sum()
 }
 
+/// How many times a thread went to sleep (`voluntary_ctxt_switches` of a `status` file
+/// of `/proc`): each sleep ends in a wake-up, so per job they count the hand-offs
+/// between threads (a channel, a park, a socket wait).
+fn sleeps_at(status: &str) -> u64 {
+    std::fs::read_to_string(status)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The sleeps of every thread of process `pid` so far (threads that ended are not
+/// counted).
+pub fn process_sleeps(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("reading /proc/PID/task")
+        .filter_map(|task| task.ok())
+        .map(|task| sleeps_at(task.path().join("status").to_str().unwrap_or_default()))
+        .sum()
+}
+
+/// The sleeps of thread `tid` of this process so far.
+pub fn tid_sleeps(tid: u32) -> u64 {
+    sleeps_at(&format!("/proc/self/task/{tid}/status"))
+}
+
 /// Resident memory of `pid`, in MiB.
 pub fn rss_mib(pid: u32) -> f64 {
     crate::common::rss_kib(pid) as f64 / 1024.0

@@ -15,8 +15,8 @@ use crossbeam_channel::select;
 use serde_json::json;
 
 use super::{
-    serve_noop_workers, threads_cpu_seconds, tid_cpu_seconds, tids_named, CpuMeter, NoopWorker,
-    NOOP_THREADS,
+    serve_noop_workers, threads_cpu_seconds, tid_cpu_seconds, tid_sleeps, tids_named, CpuMeter,
+    NoopWorker, NOOP_THREADS,
 };
 use crate::common::{poll, Mq};
 
@@ -26,6 +26,8 @@ pub struct Run {
     pub rate: f64,
     /// CPU seconds each process used during the run.
     pub cpu: Vec<(&'static str, f64)>,
+    /// Times the measured threads went to sleep (hence were woken), per job.
+    pub sleeps_per_job: f64,
 }
 
 /// Fills the execute queue of `names` with `jobs` jobs.
@@ -182,14 +184,18 @@ pub fn raw_loop(
                 }
             }
         }
-        let cpu = [own, io[0]].into_iter().map(tid_cpu_seconds).sum::<f64>()
-            + threads_cpu_seconds(FLOOR_GRPC);
+        let threads: Vec<u32> = [own, io[0]]
+            .into_iter()
+            .chain(tids_named(FLOOR_GRPC))
+            .collect();
+        let cpu: f64 = threads.iter().map(|&tid| tid_cpu_seconds(tid)).sum();
+        let sleeps: u64 = threads.iter().map(|&tid| tid_sleeps(tid)).sum();
         drop(consumer);
         let _ = connection.close();
-        cpu
+        (cpu, sleeps)
     });
     let rate = status_rate(mq, jobs);
-    let floor_loop = looper.join().unwrap();
+    let (floor_loop, sleeps) = looper.join().unwrap();
     let (cpu, _) = meter.read();
     let noop_workers = threads_cpu_seconds(NOOP_THREADS) - noop_before;
     let names = measured.iter().map(|(name, _)| *name);
@@ -198,7 +204,11 @@ pub fn raw_loop(
     if grpc {
         cpu.push(("noop_workers", noop_workers));
     }
-    Run { rate, cpu }
+    Run {
+        rate,
+        cpu,
+        sleeps_per_job: sleeps as f64 / jobs as f64,
+    }
 }
 
 /// The name of amiquip's I/O thread (one per connection).
