@@ -49,6 +49,10 @@ fn main() {
         );
         let sleeps = median_and_range(results.iter().map(|r| r[i].sleeps_per_job));
         println!("throughput.{name}.sleeps_per_job {:.1}", sleeps.0);
+        for (j, (kind, _)) in results[0][i].sleeps_by_thread.iter().enumerate() {
+            let per_job = median_and_range(results.iter().map(|r| r[i].sleeps_by_thread[j].1));
+            println!("throughput.{name}.sleeps_per_job.{kind} {:.2}", per_job.0);
+        }
         for (j, (process, _)) in results[0][i].cpu.iter().enumerate() {
             // CPU seconds for all the jobs → ms per 1,000 jobs.
             let per_1000 =
@@ -98,9 +102,16 @@ fn orchestrator(jobs: usize, broker: u32) -> Run {
     let sleeps_before = process_sleeps(orch.process.pid());
     let rate = status_rate(&mq, jobs);
     let (cpu, _) = meter.read();
-    let sleeps = process_sleeps(orch.process.pid()) - sleeps_before;
+    let sleeps_by_thread: Vec<(String, f64)> = process_sleeps(orch.process.pid())
+        .into_iter()
+        .map(|(kind, after)| {
+            let before = sleeps_before.get(&kind).copied().unwrap_or(0);
+            (kind, after.saturating_sub(before) as f64 / jobs as f64)
+        })
+        .collect();
     Run {
-        sleeps_per_job: sleeps as f64 / jobs as f64,
+        sleeps_per_job: sleeps_by_thread.iter().map(|(_, n)| n).sum(),
+        sleeps_by_thread,
         rate,
         cpu: vec![
             ("orchestrator", cpu[0]),

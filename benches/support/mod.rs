@@ -166,14 +166,24 @@ fn sleeps_at(status: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The sleeps of every thread of process `pid` so far (threads that ended are not
-/// counted).
-pub fn process_sleeps(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("reading /proc/PID/task")
-        .filter_map(|task| task.ok())
-        .map(|task| sleeps_at(task.path().join("status").to_str().unwrap_or_default()))
-        .sum()
+/// The sleeps of the threads of process `pid` so far, by thread name (trailing digits
+/// dropped: `dispatch`, `grpc`…; threads that ended are not counted).
+pub fn process_sleeps(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/PID/task") {
+        let path = task.expect("a task").path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let name = thread_kind(&comm).to_string();
+        *by_name.entry(name).or_default() +=
+            sleeps_at(path.join("status").to_str().unwrap_or_default());
+    }
+    by_name
+}
+
+/// A thread's name without its number (`dispatch-12` → `dispatch`).
+fn thread_kind(comm: &str) -> &str {
+    comm.trim()
+        .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
 }
 
 /// The sleeps of thread `tid` of this process so far.
@@ -197,10 +207,7 @@ pub fn thread_names(pid: u32) -> String {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/PID/task") {
         let comm =
             std::fs::read_to_string(task.expect("a task").path().join("comm")).unwrap_or_default();
-        let name = comm
-            .trim()
-            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
-        *counts.entry(name.to_string()).or_default() += 1;
+        *counts.entry(thread_kind(&comm).to_string()).or_default() += 1;
     }
     let names: Vec<String> = counts
         .iter()

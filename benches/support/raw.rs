@@ -28,6 +28,8 @@ pub struct Run {
     pub cpu: Vec<(&'static str, f64)>,
     /// Times the measured threads went to sleep (hence were woken), per job.
     pub sleeps_per_job: f64,
+    /// The same by kind of thread, where known.
+    pub sleeps_by_thread: Vec<(String, f64)>,
 }
 
 /// Fills the execute queue of `names` with `jobs` jobs.
@@ -208,6 +210,7 @@ pub fn raw_loop(
         rate,
         cpu,
         sleeps_per_job: sleeps as f64 / jobs as f64,
+        sleeps_by_thread: Vec::new(),
     }
 }
 
