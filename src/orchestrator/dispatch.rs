@@ -275,7 +275,7 @@ impl Dispatcher {
     fn wait_for_report(&self, job: &Job, token: &CancelToken, received: Instant) -> Option<Wait> {
         let deadline = received + self.settings.adopt_wait;
         let registry = &self.links.registry;
-        let mut waited_for: Option<std::sync::Arc<str>> = None;
+        let mut waited_for: Option<Arc<str>> = None;
         loop {
             if token.reason().is_some() {
                 return Some(Wait::Cancelled);

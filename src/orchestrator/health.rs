@@ -124,10 +124,10 @@ fn ping_all(
     (failures, suspects)
 }
 
-/// A ping that got no answer: refused (nothing listens there: the worker process is
-/// gone), any other error (an answer), or no answer at all (a deadline passed, or no
-/// connection could be made for another reason: the worker is frozen or its host
-/// unreachable, and it may still run builds).
+/// What a failed ping says: refused (nothing listens there: the worker process is gone)
+/// or another error (an answer) is `Failed`; no answer at all (the deadline passed, or
+/// no connection could be made for another reason: the worker is frozen or its host
+/// unreachable, and it may still run builds) is `Unanswered`.
 fn failed_ping(error: grpcio::Error, timeout: Duration) -> PingResult {
     use grpcio::RpcStatusCode;
     let grpcio::Error::RpcFailure(status) = &error else {
@@ -142,5 +142,39 @@ fn failed_ping(error: grpcio::Error, timeout: Duration) -> PingResult {
             PingResult::Unanswered(error.to_string())
         }
         _ => PingResult::Failed(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grpcio::{RpcStatus, RpcStatusCode};
+
+    fn failure(code: RpcStatusCode, message: &str) -> grpcio::Error {
+        grpcio::Error::RpcFailure(RpcStatus::with_message(code, message.into()))
+    }
+
+    #[test]
+    fn a_refused_ping_is_failed_and_one_without_an_answer_is_unanswered() {
+        let second = Duration::from_secs(1);
+        let classify = |code, message| failed_ping(failure(code, message), second);
+        let refused = "failed to connect to all addresses; last error: UNKNOWN: \
+                       ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused";
+        assert!(matches!(
+            classify(RpcStatusCode::UNAVAILABLE, refused),
+            PingResult::Failed(_)
+        ));
+        assert_eq!(
+            classify(RpcStatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"),
+            PingResult::Unanswered("no answer within 1s".into())
+        );
+        assert!(matches!(
+            classify(RpcStatusCode::UNAVAILABLE, "Socket closed"),
+            PingResult::Unanswered(_)
+        ));
+        assert!(matches!(
+            classify(RpcStatusCode::UNAUTHENTICATED, "bad token"),
+            PingResult::Failed(_)
+        ));
     }
 }

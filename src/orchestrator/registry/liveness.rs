@@ -23,8 +23,9 @@ pub enum PingResult {
     Draining,
     /// An error: refused, reset, or not the worker it should be.
     Failed(String),
-    /// No answer within the deadline: the worker is frozen or its host unreachable, so
-    /// it may still run builds it has not reported.
+    /// No answer: the deadline passed, or no connection could be made for a reason
+    /// other than a refusal. The worker is frozen or its host unreachable, so it may
+    /// still run builds it has not reported.
     Unanswered(String),
 }
 
