@@ -176,8 +176,8 @@ impl Keepalive {
     ///
     /// The timeout is `lost_after`: a frozen worker (its kernel still acknowledges, its
     /// process answers nothing) looks like a vanished host to HTTP/2, and must not be
-    /// given up sooner by keepalive than by the health ticker. PINGs go out a third of
-    /// it apart. A Go gRPC server's default policy (at most one PING every 5 minutes)
+    /// given up sooner by keepalive than by the health ticker. A PING goes out after a
+    /// third of it without a byte received. A Go gRPC server's default policy (at most one PING every 5 minutes)
     /// counts a PING as a strike only when it wrote nothing since the previous one, and
     /// closes the connection at the third strike (GOAWAY `too_many_pings`): once a Go
     /// worker stops answering health pings in time, that comes about four PINGs, 4/3
