@@ -28,7 +28,7 @@ use common::build_env::WorkerProcess;
 use common::gated::Builds;
 use common::*;
 use serde_json::json;
-use support::raw::{fill, raw_loop, status_rate, throughput_flags, WORKERS};
+use support::raw::{fill, raw_loop, status_rate, throughput_flags, WINDOW, WORKERS};
 use support::{
     env_number, median_and_range, percentile, serve_noop_workers, static_workers, NoopWorker,
 };
@@ -94,7 +94,7 @@ fn orchestrators(cluster: &BrokerCluster, jobs: usize, count: usize) -> f64 {
     let mq = Mq::on_quorum(&cluster.nodes[2], &names);
     let (_workers, ports) = serve_noop_workers(NoopWorker::default(), WORKERS, 1);
     fill(&mq, jobs, "cl");
-    let mut flags = throughput_flags(&static_workers("cl-w", &ports));
+    let mut flags = throughput_flags(&static_workers("cl-w", &ports), WINDOW);
     flags.extend(["--queue-type".to_string(), "quorum".to_string()]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let _running: Vec<Orchestrator> = (0..count)

@@ -5,9 +5,11 @@
 //! workers for each message before publishing its status (the broker's part plus the
 //! gRPC part, with no thread of its own between them: the floor for all of Blacktree's
 //! work on this machine). Each drains a queue filled beforehand; each rate is measured
-//! from the first status to the last. `BENCH_JOBS` sets N (default 20,000); the three
-//! alternate for `BENCH_ROUNDS` rounds (default 3), and each figure is the median over
-//! the rounds (a ratio is taken within each round). CPU is read per process, and for
+//! from the first status to the last. A fourth run gives the orchestrator `BENCH_WIDE`
+//! no-op workers (default 1,000) and as many dispatch threads and prefetched jobs, to
+//! compare its CPU per job with that many jobs running at once against 64. `BENCH_JOBS`
+//! sets N (default 20,000); the four alternate for `BENCH_ROUNDS` rounds (default 3),
+//! and each figure is the median over the rounds (a ratio is taken within each round). CPU is read per process, and for
 //! the floor loop per thread (its own threads, apart from the no-op workers and the
 //! status reader sharing the bench's process); the sleeps per job count the hand-offs
 //! between threads. Run by scripts/bench.sh.
@@ -26,20 +28,23 @@ use support::{
 fn main() {
     let jobs = env_number("BENCH_JOBS", 20_000);
     let rounds = env_number("BENCH_ROUNDS", 3).max(1);
+    let wide = env_number("BENCH_WIDE", 1_000);
     let broker = broker_pid();
     // Rounds alternate the three so that a slow spell of the machine hits all of them;
     // each ratio is taken within a round, then the median is reported.
-    let mut results: Vec<[Run; 3]> = Vec::new();
+    let mut results: Vec<[Run; 4]> = Vec::new();
     for _ in 0..rounds {
         results.push([
             raw(jobs, broker, false),
             raw(jobs, broker, true),
-            orchestrator(jobs, broker),
+            orchestrator(jobs, broker, WORKERS),
+            orchestrator(jobs, broker, wide),
         ]);
     }
     println!("throughput.jobs {jobs}");
     println!("throughput.rounds {rounds}");
-    let names = ["raw", "raw_grpc", "blacktree"];
+    println!("throughput.wide {wide}");
+    let names = ["raw", "raw_grpc", "blacktree", "blacktree_wide"];
     for (i, name) in names.iter().enumerate() {
         let rates = median_and_range(results.iter().map(|r| r[i].rate));
         println!("throughput.{name}_per_s {:.0}", rates.0);
@@ -81,6 +86,17 @@ fn main() {
         "throughput.cpu_ratio_range {:.2}–{:.2}",
         cpu_ratios.1, cpu_ratios.2
     );
+    // The orchestrator's CPU per job with `wide` jobs running at once against 64.
+    let wide_ratios = median_and_range(
+        results
+            .iter()
+            .map(|r| cpu_of(&r[3], "orchestrator") / cpu_of(&r[2], "orchestrator")),
+    );
+    println!("throughput.cpu_wide_ratio {:.2}", wide_ratios.0);
+    println!(
+        "throughput.cpu_wide_ratio_range {:.2}–{:.2}",
+        wide_ratios.1, wide_ratios.2
+    );
     for (name, baseline) in [("ratio", 0), ("ratio_grpc", 1)] {
         let ratios = median_and_range(results.iter().map(|r| r[2].rate / r[baseline].rate));
         println!("throughput.{name} {:.3}", ratios.0);
@@ -88,12 +104,15 @@ fn main() {
     }
 }
 
-fn orchestrator(jobs: usize, broker: u32) -> Run {
+/// The orchestrator with `workers` no-op workers of one slot each, as many dispatch
+/// threads and as many deliveries prefetched (jobs running at once).
+fn orchestrator(jobs: usize, broker: u32, workers: usize) -> Run {
     let names = Names::unique("bench");
     let mq = Mq::connect(SHARED_BROKER, &names);
-    let (_workers, ports) = serve_noop_workers(NoopWorker::default(), WORKERS, 1);
+    let (_workers, ports) = serve_noop_workers(NoopWorker::default(), workers, 1);
     fill(&mq, jobs, "bench");
-    let flags = throughput_flags(&static_workers("bench-w", &ports));
+    let window = u16::try_from(workers).expect("at most 65535 workers");
+    let flags = throughput_flags(&static_workers("bench-w", &ports), window);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let orch = Orchestrator::start(SHARED_BROKER, &names, &flags);
     // From the moment it is connected: a few jobs may go before (milliseconds).

@@ -58,6 +58,7 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo "raw loop + gRPC: broker $(value throughput.raw_grpc.cpu_ms_per_1000.broker), the loop's own threads $(value throughput.raw_grpc.cpu_ms_per_1000.floor_loop), no-op workers $(value throughput.raw_grpc.cpu_ms_per_1000.noop_workers);"
   echo "Blacktree: orchestrator $(value throughput.blacktree.cpu_ms_per_1000.orchestrator), broker $(value throughput.blacktree.cpu_ms_per_1000.broker), no-op workers $(value throughput.blacktree.cpu_ms_per_1000.noop_workers);"
   echo "orchestrator CPU per job / the raw + gRPC loop's own: $(value throughput.cpu_ratio) ($(value throughput.cpu_ratio_range));"
+  echo "with $(value throughput.wide) jobs running at once ($(value throughput.wide) no-op workers, as many dispatch threads and prefetched jobs): orchestrator $(value throughput.blacktree_wide.cpu_ms_per_1000.orchestrator) ms, $(value throughput.blacktree_wide_per_s) jobs/s; its CPU per job / with 64: $(value throughput.cpu_wide_ratio) ($(value throughput.cpu_wide_ratio_range));"
   echo "threads' sleeps (wake-ups) per job: raw loop $(value throughput.raw.sleeps_per_job), raw + gRPC loop $(value throughput.raw_grpc.sleeps_per_job), orchestrator $(value throughput.blacktree.sleeps_per_job)."
   if [ -s "$notes" ]; then echo; cat "$notes"; fi
 } > BENCHMARKS.md

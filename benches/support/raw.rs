@@ -59,9 +59,9 @@ pub const WINDOW: u16 = 64;
 pub const WORKERS: usize = 64;
 
 /// The flags of an orchestrator in a throughput comparison: the no-op `workers`
-/// (`--worker` value), `WINDOW` dispatch threads and prefetch, the default health round.
-pub fn throughput_flags(workers: &str) -> Vec<String> {
-    let window = WINDOW.to_string();
+/// (`--worker` value), `window` dispatch threads and prefetch, the default health round.
+pub fn throughput_flags(workers: &str, window: u16) -> Vec<String> {
+    let window = window.to_string();
     [
         "--worker",
         workers,
