@@ -76,27 +76,20 @@ fn main() {
             .find(|(name, _)| *name == process)
             .map_or(f64::NAN, |(_, seconds)| *seconds)
     };
-    let cpu_ratios = median_and_range(
-        results
-            .iter()
-            .map(|r| cpu_of(&r[2], "orchestrator") / cpu_of(&r[1], "floor_loop")),
-    );
-    println!("throughput.cpu_ratio {:.2}", cpu_ratios.0);
-    println!(
-        "throughput.cpu_ratio_range {:.2}–{:.2}",
-        cpu_ratios.1, cpu_ratios.2
-    );
-    // The orchestrator's CPU per job with `wide` jobs running at once against 64.
-    let wide_ratios = median_and_range(
-        results
-            .iter()
-            .map(|r| cpu_of(&r[3], "orchestrator") / cpu_of(&r[2], "orchestrator")),
-    );
-    println!("throughput.cpu_wide_ratio {:.2}", wide_ratios.0);
-    println!(
-        "throughput.cpu_wide_ratio_range {:.2}–{:.2}",
-        wide_ratios.1, wide_ratios.2
-    );
+    // Against the floor loop's own CPU; and with `wide` jobs running at once against 64.
+    let cpu_ratios = [
+        ("cpu_ratio", (2, "orchestrator"), (1, "floor_loop")),
+        ("cpu_wide_ratio", (3, "orchestrator"), (2, "orchestrator")),
+    ];
+    for (name, (run, process), (base_run, base_process)) in cpu_ratios {
+        let ratios = median_and_range(
+            results
+                .iter()
+                .map(|r| cpu_of(&r[run], process) / cpu_of(&r[base_run], base_process)),
+        );
+        println!("throughput.{name} {:.2}", ratios.0);
+        println!("throughput.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
+    }
     for (name, baseline) in [("ratio", 0), ("ratio_grpc", 1)] {
         let ratios = median_and_range(results.iter().map(|r| r[2].rate / r[baseline].rate));
         println!("throughput.{name} {:.3}", ratios.0);
