@@ -9,8 +9,8 @@
 //! no-op workers (default 1,000) and as many dispatch threads and prefetched jobs, to
 //! compare its CPU per job with that many jobs running at once against 64. `BENCH_JOBS`
 //! sets N (default 20,000); the four alternate for `BENCH_ROUNDS` rounds (default 3),
-//! and each figure is the median over the rounds (a ratio is taken within each round). CPU is read per process, and for
-//! the floor loop per thread (its own threads, apart from the no-op workers and the
+//! and each figure is the median over the rounds (a ratio is taken within each round).
+//! CPU is read per process, and for the floor loop per thread (its own threads, apart from the no-op workers and the
 //! status reader sharing the bench's process); the sleeps per job count the hand-offs
 //! between threads. Run by scripts/bench.sh.
 
@@ -30,7 +30,7 @@ fn main() {
     let rounds = env_number("BENCH_ROUNDS", 3).max(1);
     let wide = env_number("BENCH_WIDE", 1_000);
     let broker = broker_pid();
-    // Rounds alternate the three so that a slow spell of the machine hits all of them;
+    // Rounds alternate the four so that a slow spell of the machine hits all of them;
     // each ratio is taken within a round, then the median is reported.
     let mut results: Vec<[Run; 4]> = Vec::new();
     for _ in 0..rounds {
