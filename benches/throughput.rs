@@ -10,9 +10,9 @@
 //! compare its CPU per job with that many jobs running at once against 64. `BENCH_JOBS`
 //! sets N (default 20,000); the four alternate for `BENCH_ROUNDS` rounds (default 3),
 //! and each figure is the median over the rounds (a ratio is taken within each round).
-//! CPU is read per process, and for the floor loop per thread (its own threads, apart from the no-op workers and the
-//! status reader sharing the bench's process); the sleeps per job count the hand-offs
-//! between threads. Run by scripts/bench.sh.
+//! CPU is read per process, and for the floor loop per thread (its own threads, apart
+//! from the no-op workers and the status reader sharing the bench's process); the
+//! sleeps per job count the hand-offs between threads. Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
