@@ -12,10 +12,6 @@ use crate::grpc::cancel::CancelToken;
 use crate::job::{Event, Job, Status};
 use crate::labels::Labels;
 
-pub use idle::{IdleThreads, Waiter};
-
-mod idle;
-
 /// Whether a job with these labels has a worker that can take it (the registry
 /// answers): the consumer holds back the jobs that have none, so that they wait without
 /// a dispatch thread.

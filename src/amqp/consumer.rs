@@ -39,7 +39,7 @@ use super::Brokers;
 use crate::config::Topology;
 use crate::metrics::Metrics;
 use crate::orchestrator::state_file::{EarlyCancel, StateFile};
-use crate::pipeline::{Assignment, Connected, ConsumerMsg, IdleThreads, Publication, Router};
+use crate::pipeline::{Assignment, Connected, ConsumerMsg, Publication, Router};
 
 /// First and longest pause between two connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -97,8 +97,6 @@ pub struct ConsumerLinks {
     pub inbox: Receiver<ConsumerMsg>,
     /// Jobs to the dispatch pool (bounded by the prefetch).
     pub jobs: Sender<Assignment>,
-    /// The dispatch threads waiting for `jobs`: one is woken per job sent.
-    pub dispatch_idle: Arc<IdleThreads>,
     /// The receiving end of `jobs`, to take back jobs no dispatch thread has taken.
     pub unstarted: Receiver<Assignment>,
     /// Publications (rejected messages) to the publisher.
@@ -369,10 +367,10 @@ impl Consumer {
         }
         if Some(op.index()) == send {
             let assignment = self.ledger.next_job().expect("the backlog is not empty");
-            op.send(&self.links.jobs, assignment)
-                .map_err(|_| "the dispatch pool stopped".to_string())?;
-            self.links.dispatch_idle.wake_one();
-            return Ok(Input::Sent);
+            return op
+                .send(&self.links.jobs, assignment)
+                .map(|()| Input::Sent)
+                .map_err(|_| "the dispatch pool stopped".to_string());
         }
         let (_, i) = *listening
             .iter()

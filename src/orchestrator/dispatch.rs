@@ -27,7 +27,7 @@ use super::registry::{Claim, Hint, LabelledClaim, Registry, Release};
 use crate::grpc::cancel::{CallError, CancelToken};
 use crate::job::{Event, EventKind, Job, Outcome, Status};
 use crate::metrics::Metrics;
-use crate::pipeline::{Assignment, ConsumerMsg, IdleThreads, LogBudget, Publication};
+use crate::pipeline::{Assignment, ConsumerMsg, LogBudget, Publication};
 use crate::proto::job::JobRequest;
 use ending::{answered, failed_call, stop_on_worker, Ending, Then};
 use output::Output;
@@ -48,12 +48,9 @@ const ADOPT_POLL: Duration = Duration::from_millis(50);
 pub struct DispatchLinks {
     /// Jobs from the consumer thread.
     pub jobs: Receiver<Assignment>,
-    /// Where the threads wait for `jobs` (closed when the orchestrator drains).
-    pub idle: Arc<IdleThreads>,
     /// Free-slot hints from the registry.
     pub hints: Receiver<Hint>,
-    /// Disconnected (never sent on) when the orchestrator drains: a thread waiting for
-    /// a slot gives its job back.
+    /// Disconnected (never sent on) when the orchestrator drains.
     pub shutdown: Receiver<()>,
     /// Statuses to the publisher.
     pub publications: Sender<Publication>,
@@ -127,8 +124,14 @@ enum Attempt {
 
 impl Dispatcher {
     fn run(self) {
-        let waiter = self.links.idle.waiter();
-        while let Some(job) = self.links.idle.next(&waiter, &self.links.jobs) {
+        loop {
+            let job = select! {
+                recv(self.links.jobs) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+                recv(self.links.shutdown) -> _ => return,
+            };
             let busy = &self.links.metrics.load.dispatch_threads_busy;
             busy.inc();
             self.dispatch(job);

@@ -34,7 +34,7 @@ use crate::grpc::Tls;
 use crate::job::Secret;
 use crate::labels::Labels;
 use crate::metrics::Metrics;
-use crate::pipeline::{ConsumerMsg, IdleThreads, LogBudget};
+use crate::pipeline::{ConsumerMsg, LogBudget};
 use crate::web::HttpAuth;
 
 /// The bytes of live build output the orchestrator holds at once, between the dispatch
@@ -200,8 +200,6 @@ struct Pipeline {
     inbox: Sender<ConsumerMsg>,
     /// Dropped to tell the dispatch threads that the drain started.
     shutdown: Sender<()>,
-    /// Closed at the same time: the idle dispatch threads end.
-    idle: Arc<IdleThreads>,
 }
 
 /// Starts the publisher, the consumer, the dispatch pool and the health ticker, wired
@@ -222,7 +220,6 @@ fn spawn_threads(
     let (publications_tx, publications_rx) = unbounded();
     let (connections_tx, connections_rx) = unbounded();
     let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
-    let idle = Arc::new(IdleThreads::default());
 
     let log_budget = Arc::new(LogBudget::new(LOG_BUDGET_BYTES));
     publisher::spawn(
@@ -258,7 +255,6 @@ fn spawn_threads(
         ConsumerLinks {
             inbox: inbox_rx,
             jobs: jobs_tx,
-            dispatch_idle: idle.clone(),
             unstarted: jobs_rx.clone(),
             publications: publications_tx.clone(),
             connections: connections_tx,
@@ -278,7 +274,6 @@ fn spawn_threads(
         },
         DispatchLinks {
             jobs: jobs_rx,
-            idle: idle.clone(),
             hints,
             shutdown: shutdown_rx,
             publications: publications_tx,
@@ -298,7 +293,6 @@ fn spawn_threads(
         consumer,
         inbox: inbox_tx,
         shutdown: shutdown_tx,
-        idle,
     }
 }
 
@@ -330,7 +324,6 @@ fn wait_and_drain(
         }
     });
     drop(pipeline.shutdown);
-    pipeline.idle.close();
     pipeline
         .inbox
         .send(ConsumerMsg::Drain)
