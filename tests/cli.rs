@@ -346,6 +346,34 @@ fn with_a_registration_token_only_workers_that_send_it_may_register() {
 }
 
 #[test]
+fn the_log_lines_of_a_process_that_exits_at_once_reach_stderr_before_its_last_word() {
+    // Lines that come together are written together: those of a process that ends
+    // right after them must still all be there, in order, before the error it exits with.
+    let dir = TempDir::new("cli-exit-log");
+    let out = command()
+        .args(["orchestrator", "--registration-token-file"])
+        .arg(dir.0.join("no-such-token"))
+        .arg("--lock-file")
+        .arg(dir.0.join("orchestrator.lock"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("running blacktree");
+    assert!(!out.status.success(), "a missing token file is an error");
+    let err = text(&out.stderr);
+    let position = |needle: &str| {
+        err.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} is not in stderr: {err}"))
+    };
+    let starting = position("orchestrator starting");
+    let logged_error = position("ERROR");
+    let last_word = position("blacktree: ");
+    assert!(
+        starting < logged_error && logged_error < last_word,
+        "the lines are out of order: {err}"
+    );
+}
+
+#[test]
 fn without_a_registration_token_the_orchestrator_warns_at_start() {
     let Setup { orch, .. } = Setup::new("cli-notoken");
     orch.wait_for_log("no --registration-token-file", LONG);
@@ -667,6 +695,8 @@ fn json_logs_are_one_object_per_line_with_the_ids_and_without_timestamps_when_as
     let _w = setup.worker("jsonlog-w", Behaviour::default());
     setup.mq.publish_job("jsonlog-1", json!({}));
     assert_eq!(setup.mq.statuses(1, LONG)[0]["outcome"], "succeeded");
+    // Written by whichever thread writes logs then: maybe just after the status.
+    setup.orch.wait_for_log("succeeded on worker", LONG);
     let log = setup.orch.log();
     let lines: Vec<Value> = log
         .lines()

@@ -3,10 +3,11 @@
 //! orchestratorId when the line names them). Timestamps are left out where the log
 //! collector adds its own (`--log-timestamps auto`: under journald or runit's svlogd).
 
-use std::io::Write;
-
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
+
+pub use super::log_sink::flush;
+use super::log_sink::LogSink;
 
 /// How log lines look.
 #[derive(Args, Debug, Clone)]
@@ -54,28 +55,66 @@ pub fn init(args: &LogArgs) {
         LogTimestamps::Never => false,
         LogTimestamps::Auto => !collector_stamps_lines(),
     };
-    let json = args.log_format == LogFormat::Json;
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, record| {
-            let id = crate::instance::in_logs();
-            let message = record.args().to_string();
-            if json {
-                let line = json_line(&buf.timestamp().to_string(), record, &message, id, stamped);
-                return writeln!(buf, "{line}");
-            }
-            let level = record.level();
-            let target = record.target();
-            let time = if stamped {
-                format!("{} ", buf.timestamp())
-            } else {
-                String::new()
-            };
-            match id {
-                Some(id) => writeln!(buf, "[{time}{level:<5} {id} {target}] {message}"),
-                None => writeln!(buf, "[{time}{level:<5} {target}] {message}"),
-            }
-        })
-        .init();
+    let filter =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    log::set_max_level(filter.filter());
+    let logger = Logger {
+        filter,
+        json: args.log_format == LogFormat::Json,
+        stamped,
+        sink: LogSink::start(),
+    };
+    // Only fails when a logger is set already.
+    let _ = log::set_boxed_logger(Box::new(logger));
+}
+
+/// The process's logger: env_logger's filter (`RUST_LOG`), this module's lines, and
+/// [`LogSink`] to write them (env_logger's own writer holds a lock across each write).
+struct Logger {
+    filter: env_logger::Logger,
+    json: bool,
+    stamped: bool,
+    sink: LogSink,
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.filter.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.filter.matches(record) {
+            self.sink.write(self.line(record).as_bytes());
+        }
+    }
+
+    fn flush(&self) {
+        flush();
+    }
+}
+
+impl Logger {
+    /// The line of `record`, with its newline.
+    fn line(&self, record: &log::Record<'_>) -> String {
+        let id = crate::instance::in_logs();
+        let message = record.args().to_string();
+        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        if self.json {
+            let line = json_line(&time.to_string(), record, &message, id, self.stamped);
+            return format!("{line}\n");
+        }
+        let level = record.level();
+        let target = record.target();
+        let time = if self.stamped {
+            format!("{time} ")
+        } else {
+            String::new()
+        };
+        match id {
+            Some(id) => format!("[{time}{level:<5} {id} {target}] {message}\n"),
+            None => format!("[{time}{level:<5} {target}] {message}\n"),
+        }
+    }
 }
 
 /// One JSON log line.

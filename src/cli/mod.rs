@@ -3,6 +3,7 @@
 //! broker, the orchestrator or the checked target could not be reached.
 
 pub mod health;
+mod log_sink;
 pub mod logging;
 pub mod progress;
 pub mod submit;
@@ -83,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Workers(args) => workers::workers(args),
         Command::Healthcheck(args) => health::healthcheck(args),
     };
+    logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

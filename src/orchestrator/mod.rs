@@ -320,6 +320,7 @@ fn wait_and_drain(
     std::thread::spawn(move || {
         if signals.recv().is_ok() {
             warn!("second signal: exiting without waiting for running jobs");
+            crate::cli::logging::flush();
             std::process::exit(1);
         }
     });
