@@ -38,9 +38,7 @@ impl LogSink {
         });
         LogSink(combiner.clone())
     }
-}
 
-impl LogSink {
     /// Writes `line`, or leaves it to the thread writing.
     pub fn write(&self, line: &[u8]) {
         self.0.write(line);
