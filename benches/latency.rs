@@ -1,7 +1,8 @@
 //! Dispatch latency at light load (one job at a time): publish on the execute queue →
 //! `RunJob` arriving at the worker, and worker answer → status delivered to a consumer,
 //! beside the floor measured in the same run: a bare publish → delivery on the same
-//! broker, and a bare gRPC unary call to the same worker. `BENCH_SAMPLES` sets the count
+//! broker, and a bare gRPC unary call to the same worker; and publish → `RunJob` through
+//! DESIGN.md's threads doing nothing else ([`support::skeleton`]). `BENCH_SAMPLES` sets the count
 //! (default 500). Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
@@ -15,9 +16,10 @@ use amiquip::{ConsumerMessage, ConsumerOptions, Publish};
 use blacktree::proto::job::PingRequest;
 use blacktree::proto::job_grpc::JobServiceClient;
 use common::*;
-use crossbeam_channel::unbounded;
+use crossbeam_channel::{unbounded, Receiver};
 use grpcio::{ChannelBuilder, EnvBuilder};
 use serde_json::json;
+use support::skeleton::Skeleton;
 use support::{env_number, percentiles_ms, serve_noop_workers, NoopWorker};
 
 fn main() {
@@ -35,42 +37,23 @@ fn main() {
     let orch = Orchestrator::start(SHARED_BROKER, &names, &["--worker", &worker]);
     orch.wait_for_log("lat-w", Duration::from_secs(30));
 
-    // Statuses are consumed as they come, stamped on delivery.
-    let (statuses_tx, statuses) = unbounded();
-    let status_queue = names.status.clone();
-    let reader = Mq::connect(SHARED_BROKER, &names);
-    std::thread::spawn(move || {
-        let options = ConsumerOptions {
-            no_ack: true,
-            ..ConsumerOptions::default()
-        };
-        let consumer = reader
-            .channel()
-            .basic_consume(status_queue.as_str(), options)
-            .unwrap();
-        for message in consumer.receiver().iter() {
-            if let ConsumerMessage::Delivery(_) = message {
-                let _ = statuses_tx.send(Instant::now());
-            }
-        }
-    });
+    let statuses = status_stamps(&names);
+    let (to_worker, to_status) = one_at_a_time(&mq, &arrivals, &statuses, samples);
+    drop(orch);
 
-    let (mut to_worker, mut to_status) = (Vec::new(), Vec::new());
-    for i in 0..samples + 20 {
-        let published = Instant::now();
-        mq.publish_job(&format!("lat-{i}"), json!({}));
-        let arrived = arrivals
-            .recv_timeout(Duration::from_secs(30))
-            .expect("RunJob arrived");
-        let delivered = statuses
-            .recv_timeout(Duration::from_secs(30))
-            .expect("status delivered");
-        if i >= 20 {
-            // The first ones warm connections up.
-            to_worker.push(arrived - published);
-            to_status.push(delivered - arrived);
-        }
-    }
+    // DESIGN.md's threads with nothing else, to the same worker.
+    let skeleton_names = Names::unique("latskel");
+    let skeleton_mq = Mq::connect(SHARED_BROKER, &skeleton_names);
+    let statuses = status_stamps(&skeleton_names);
+    let skeleton = Skeleton::start(
+        SHARED_BROKER,
+        &skeleton_names,
+        &[port],
+        DISPATCH_THREADS,
+        samples + WARM_UP,
+    );
+    let (skeleton_to_worker, _) = one_at_a_time(&skeleton_mq, &arrivals, &statuses, samples);
+    skeleton.finish();
 
     // Floors: a bare publish → delivery on the same broker, a bare unary gRPC call.
     let consumer = mq
@@ -107,6 +90,7 @@ fn main() {
 
     for (name, values) in [
         ("latency.publish_to_runjob", to_worker),
+        ("latency.skeleton_publish_to_runjob", skeleton_to_worker),
         ("latency.answer_to_status", to_status),
         ("latency.bare_publish_to_delivery", bare_amqp),
         ("latency.bare_grpc_unary", bare_grpc),
@@ -115,4 +99,60 @@ fn main() {
         println!("{name}.p50_ms {p50:.3}");
         println!("{name}.p99_ms {p99:.3}");
     }
+}
+
+/// The orchestrator's default `--dispatch-threads`, for the skeleton.
+const DISPATCH_THREADS: u16 = 64;
+
+/// Jobs published one at a time that start warm: the first ones are not counted.
+const WARM_UP: usize = 20;
+
+/// The times statuses are delivered from the status queue of `names`, as they come.
+fn status_stamps(names: &Names) -> Receiver<Instant> {
+    let (stamps, stamped) = unbounded();
+    let status_queue = names.status.clone();
+    let reader = Mq::connect(SHARED_BROKER, names);
+    std::thread::spawn(move || {
+        let options = ConsumerOptions {
+            no_ack: true,
+            ..ConsumerOptions::default()
+        };
+        let consumer = reader
+            .channel()
+            .basic_consume(status_queue.as_str(), options)
+            .unwrap();
+        for message in consumer.receiver().iter() {
+            if let ConsumerMessage::Delivery(_) = message {
+                let _ = stamps.send(Instant::now());
+            }
+        }
+    });
+    stamped
+}
+
+/// Publishes `samples` jobs (after [`WARM_UP`] more) one at a time, each once the last
+/// one's status was delivered; returns the times from publish to `RunJob` at the worker
+/// (reported on `arrivals`), and from there to the status's delivery.
+fn one_at_a_time(
+    mq: &Mq,
+    arrivals: &Receiver<Instant>,
+    statuses: &Receiver<Instant>,
+    samples: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut to_worker, mut to_status) = (Vec::new(), Vec::new());
+    for i in 0..samples + WARM_UP {
+        let published = Instant::now();
+        mq.publish_job(&format!("lat-{i}"), json!({}));
+        let arrived = arrivals
+            .recv_timeout(Duration::from_secs(30))
+            .expect("RunJob arrived");
+        let delivered = statuses
+            .recv_timeout(Duration::from_secs(30))
+            .expect("status delivered");
+        if i >= WARM_UP {
+            to_worker.push(arrived - published);
+            to_status.push(delivered - arrived);
+        }
+    }
+    (to_worker, to_status)
 }

@@ -7,8 +7,11 @@
 //! work on this machine). Each drains a queue filled beforehand; each rate is measured
 //! from the first status to the last. A fourth run gives the orchestrator `BENCH_WIDE`
 //! no-op workers (default 1,000) and as many dispatch threads and prefetched jobs, to
-//! compare its CPU per job with that many jobs running at once against 64. `BENCH_JOBS`
-//! sets N (default 20,000); the four alternate for `BENCH_ROUNDS` rounds (default 3),
+//! compare its CPU per job with that many jobs running at once against 64. A fifth and a
+//! sixth run are DESIGN.md's threads doing nothing but their hand-offs
+//! ([`support::skeleton`]), with 64 and with `BENCH_WIDE` workers, so that the
+//! orchestrator's CPU splits into what its threads cost and what its own work costs.
+//! `BENCH_JOBS` sets N (default 20,000); the six alternate for `BENCH_ROUNDS` rounds (default 3),
 //! and each figure is the median over the rounds (a ratio is taken within each round).
 //! CPU is read per process, and for the floor loop per thread (its own threads, apart
 //! from the no-op workers and the status reader sharing the bench's process); the
@@ -32,19 +35,28 @@ fn main() {
     let broker = broker_pid();
     // Rounds alternate the four so that a slow spell of the machine hits all of them;
     // each ratio is taken within a round, then the median is reported.
-    let mut results: Vec<[Run; 4]> = Vec::new();
+    let mut results: Vec<[Run; 6]> = Vec::new();
     for _ in 0..rounds {
         results.push([
             raw(jobs, broker, false),
             raw(jobs, broker, true),
             orchestrator(jobs, broker, WORKERS),
             orchestrator(jobs, broker, wide),
+            skeleton(jobs, broker, WORKERS),
+            skeleton(jobs, broker, wide),
         ]);
     }
     println!("throughput.jobs {jobs}");
     println!("throughput.rounds {rounds}");
     println!("throughput.wide {wide}");
-    let names = ["raw", "raw_grpc", "blacktree", "blacktree_wide"];
+    let names = [
+        "raw",
+        "raw_grpc",
+        "blacktree",
+        "blacktree_wide",
+        "skeleton",
+        "skeleton_wide",
+    ];
     for (i, name) in names.iter().enumerate() {
         let rates = median_and_range(results.iter().map(|r| r[i].rate));
         println!("throughput.{name}_per_s {:.0}", rates.0);
@@ -76,10 +88,14 @@ fn main() {
             .find(|(name, _)| *name == process)
             .map_or(f64::NAN, |(_, seconds)| *seconds)
     };
-    // Against the floor loop's own CPU; and with `wide` jobs running at once against 64.
+    // Against the floor loop's own CPU; and with `wide` jobs running at once against 64;
+    // and the design's threads alone against the floor loop, the orchestrator against them.
     let cpu_ratios = [
         ("cpu_ratio", (2, "orchestrator"), (1, "floor_loop")),
         ("cpu_wide_ratio", (3, "orchestrator"), (2, "orchestrator")),
+        ("cpu_skeleton_ratio", (4, "skeleton"), (1, "floor_loop")),
+        ("cpu_over_skeleton", (2, "orchestrator"), (4, "skeleton")),
+        ("cpu_skeleton_wide_ratio", (5, "skeleton"), (4, "skeleton")),
     ];
     for (name, (run, process), (base_run, base_process)) in cpu_ratios {
         let ratios = median_and_range(
@@ -90,8 +106,14 @@ fn main() {
         println!("throughput.{name} {:.2}", ratios.0);
         println!("throughput.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
     }
-    for (name, baseline) in [("ratio", 0), ("ratio_grpc", 1)] {
-        let ratios = median_and_range(results.iter().map(|r| r[2].rate / r[baseline].rate));
+    let rate_ratios = [
+        ("ratio", (2, 0)),
+        ("ratio_grpc", (2, 1)),
+        ("skeleton_ratio_grpc", (4, 1)),
+        ("ratio_skeleton", (2, 4)),
+    ];
+    for (name, (run, baseline)) in rate_ratios {
+        let ratios = median_and_range(results.iter().map(|r| r[run].rate / r[baseline].rate));
         println!("throughput.{name} {:.3}", ratios.0);
         println!("throughput.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
     }
@@ -134,6 +156,14 @@ fn orchestrator(jobs: usize, broker: u32, workers: usize) -> Run {
             ),
         ],
     }
+}
+
+/// DESIGN.md's threads alone, with `workers` no-op workers and as many dispatch
+/// threads, on the shared broker, on queues of their own.
+fn skeleton(jobs: usize, broker: u32, workers: usize) -> Run {
+    let names = Names::unique("skel");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    support::skeleton::skeleton(SHARED_BROKER, &mq, jobs, workers, &[("broker", broker)])
 }
 
 /// The raw loop on the shared broker, on queues of its own.

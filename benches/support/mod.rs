@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each bench uses a part
 
 pub mod raw;
+pub mod skeleton;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -138,11 +138,7 @@ pub fn raw_loop(
             .basic_consume(execute.as_str(), ConsumerOptions::default())
             .unwrap();
         let publish = |job_id: &str| {
-            let status = Status::without_answer(job_id, Outcome::Succeeded, "raw", String::new());
-            let properties = AmqpProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into());
-            let body = status.to_json();
+            let (body, properties) = status_message(job_id);
             let message = Publish::with_properties(&body, "api.result", properties);
             channel.basic_publish(exchange.as_str(), message).unwrap();
         };
@@ -190,11 +186,10 @@ pub fn raw_loop(
             .into_iter()
             .chain(tids_named(FLOOR_GRPC))
             .collect();
-        let cpu: f64 = threads.iter().map(|&tid| tid_cpu_seconds(tid)).sum();
-        let sleeps: u64 = threads.iter().map(|&tid| tid_sleeps(tid)).sum();
+        let cpu_and_sleeps = own_threads_cpu_and_sleeps(&threads);
         drop(consumer);
         let _ = connection.close();
-        (cpu, sleeps)
+        cpu_and_sleeps
     });
     let rate = status_rate(mq, jobs);
     let (floor_loop, sleeps) = looper.join().unwrap();
@@ -214,8 +209,25 @@ pub fn raw_loop(
     }
 }
 
+/// A job's status as the orchestrator publishes it (a success with no logs): its body
+/// and properties.
+pub fn status_message(job_id: &str) -> (Vec<u8>, AmqpProperties) {
+    let status = Status::without_answer(job_id, Outcome::Succeeded, "raw", String::new());
+    let properties = AmqpProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    (status.to_json(), properties)
+}
+
+/// The CPU seconds and sleeps so far of these threads of this process, summed.
+pub fn own_threads_cpu_and_sleeps(tids: &[u32]) -> (f64, u64) {
+    let cpu = tids.iter().map(|&tid| tid_cpu_seconds(tid)).sum();
+    let sleeps = tids.iter().map(|&tid| tid_sleeps(tid)).sum();
+    (cpu, sleeps)
+}
+
 /// The name of amiquip's I/O thread (one per connection).
-const AMIQUIP_IO: &str = "amiquip-io";
+pub const AMIQUIP_IO: &str = "amiquip-io";
 
 /// The name prefix of the raw loop's gRPC client threads.
 const FLOOR_GRPC: &str = "floor-grpc";

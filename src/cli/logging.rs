@@ -94,39 +94,54 @@ impl log::Log for Logger {
 }
 
 impl Logger {
-    /// The line of `record`, with its newline.
+    /// The line of `record`, with its newline, built in one buffer (lines are written
+    /// several times per job).
     fn line(&self, record: &log::Record<'_>) -> String {
         let id = crate::instance::in_logs();
-        let message = record.args().to_string();
-        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let time = self
+            .stamped
+            .then(|| humantime::format_rfc3339_seconds(std::time::SystemTime::now()));
         if self.json {
-            let line = json_line(&time.to_string(), record, &message, id, self.stamped);
+            let message = record.args().to_string();
+            let time = time.map(|time| time.to_string());
+            let line = json_line(time.as_deref(), record, &message, id);
             return format!("{line}\n");
         }
-        let level = record.level();
-        let target = record.target();
-        let time = if self.stamped {
-            format!("{time} ")
-        } else {
-            String::new()
-        };
-        match id {
-            Some(id) => format!("[{time}{level:<5} {id} {target}] {message}\n"),
-            None => format!("[{time}{level:<5} {target}] {message}\n"),
-        }
+        text_line(time, record, id)
     }
+}
+
+/// One text log line, with its newline: `[TIME LEVEL ORCHESTRATOR TARGET] MESSAGE`,
+/// without the time and orchestrator when there are none.
+fn text_line(
+    time: Option<humantime::Rfc3339Timestamp>,
+    record: &log::Record<'_>,
+    orchestrator: Option<&str>,
+) -> String {
+    use std::fmt::Write;
+    let mut line = String::with_capacity(160);
+    // Writing to a String cannot fail.
+    line.push('[');
+    if let Some(time) = time {
+        let _ = write!(line, "{time} ");
+    }
+    let _ = write!(line, "{:<5} ", record.level());
+    if let Some(id) = orchestrator {
+        let _ = write!(line, "{id} ");
+    }
+    let _ = writeln!(line, "{}] {}", record.target(), record.args());
+    line
 }
 
 /// One JSON log line.
 fn json_line(
-    time: &str,
+    time: Option<&str>,
     record: &log::Record<'_>,
     message: &str,
     orchestrator: Option<&str>,
-    stamped: bool,
 ) -> Value {
     let mut line = Map::new();
-    if stamped {
+    if let Some(time) = time {
         line.insert("time".into(), json!(time));
     }
     line.insert("level".into(), json!(record.level().as_str()));
@@ -198,17 +213,36 @@ mod tests {
     }
 
     #[test]
+    fn a_text_line_has_its_parts_in_order() {
+        let message = format_args!("job a: dispatched to worker b");
+        let record = log::Record::builder()
+            .level(log::Level::Info)
+            .target("blacktree::x")
+            .args(message)
+            .build();
+        let epoch = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH);
+        assert_eq!(
+            text_line(Some(epoch), &record, Some("o:1")),
+            "[1970-01-01T00:00:00Z INFO  o:1 blacktree::x] job a: dispatched to worker b\n"
+        );
+        assert_eq!(
+            text_line(None, &record, None),
+            "[INFO  blacktree::x] job a: dispatched to worker b\n"
+        );
+    }
+
+    #[test]
     fn a_json_line_has_the_fields_and_no_time_when_unstamped() {
         let record = log::Record::builder()
             .level(log::Level::Warn)
             .target("blacktree::x")
             .build();
-        let line = json_line("T", &record, "job a: lost on worker b", Some("o:1"), false);
+        let line = json_line(None, &record, "job a: lost on worker b", Some("o:1"));
         assert_eq!(
             line,
             json!({"level": "WARN", "target": "blacktree::x", "message": "job a: lost on worker b",
                    "jobId": "a", "workerId": "b", "orchestratorId": "o:1"})
         );
-        assert_eq!(json_line("T", &record, "m", None, true)["time"], "T");
+        assert_eq!(json_line(Some("T"), &record, "m", None)["time"], "T");
     }
 }
