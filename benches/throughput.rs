@@ -22,10 +22,10 @@ mod common;
 mod support;
 
 use common::*;
-use support::raw::{fill, raw_loop, status_rate, throughput_flags, Run, WORKERS};
+use support::raw::{fill, raw_loop, status_rate, throughput_flags, total, Run, WORKERS};
 use support::{
-    broker_pid, env_number, median_and_range, process_sleeps, serve_noop_workers, static_workers,
-    threads_cpu_seconds, CpuMeter, NoopWorker, NOOP_THREADS,
+    broker_pid, env_number, median_and_range, process_threads, serve_noop_workers, static_workers,
+    threads_cpu_seconds, CpuMeter, NoopWorker, ThreadUse, NOOP_THREADS,
 };
 
 fn main() {
@@ -64,11 +64,19 @@ fn main() {
             "throughput.{name}_per_s_range {:.0}–{:.0}",
             rates.1, rates.2
         );
-        let sleeps = median_and_range(results.iter().map(|r| r[i].sleeps_per_job));
+        let per_job = |used: ThreadUse| used.sleeps as f64 / jobs as f64;
+        let sleeps = median_and_range(results.iter().map(|r| per_job(total(&r[i].threads))));
         println!("throughput.{name}.sleeps_per_job {:.1}", sleeps.0);
-        for (j, (kind, _)) in results[0][i].sleeps_by_thread.iter().enumerate() {
-            let per_job = median_and_range(results.iter().map(|r| r[i].sleeps_by_thread[j].1));
-            println!("throughput.{name}.sleeps_per_job.{kind} {:.2}", per_job.0);
+        // By kind of thread: sleeps per job, CPU ms per 1,000 jobs.
+        for kind in results[0][i].threads.keys() {
+            let of_kind = |r: &[Run; 6]| r[i].threads.get(kind).copied().unwrap_or_default();
+            let sleeps = median_and_range(results.iter().map(|r| per_job(of_kind(r))));
+            println!("throughput.{name}.sleeps_per_job.{kind} {:.2}", sleeps.0);
+            let cpu = median_and_range(results.iter().map(|r| of_kind(r).cpu * 1e6 / jobs as f64));
+            println!(
+                "throughput.{name}.cpu_ms_per_1000.thread.{kind} {:.1}",
+                cpu.0
+            );
         }
         for (j, (process, _)) in results[0][i].cpu.iter().enumerate() {
             // CPU seconds for all the jobs → ms per 1,000 jobs.
@@ -133,19 +141,18 @@ fn orchestrator(jobs: usize, broker: u32, workers: usize) -> Run {
     // From the moment it is connected: a few jobs may go before (milliseconds).
     let meter = CpuMeter::start(&[orch.process.pid(), broker]);
     let noop_before = threads_cpu_seconds(NOOP_THREADS);
-    let sleeps_before = process_sleeps(orch.process.pid());
+    let before = process_threads(orch.process.pid());
     let rate = status_rate(&mq, jobs);
     let (cpu, _) = meter.read();
-    let sleeps_by_thread: Vec<(String, f64)> = process_sleeps(orch.process.pid())
+    let threads = process_threads(orch.process.pid())
         .into_iter()
         .map(|(kind, after)| {
-            let before = sleeps_before.get(&kind).copied().unwrap_or(0);
-            (kind, after.saturating_sub(before) as f64 / jobs as f64)
+            let used = after - before.get(&kind).copied().unwrap_or_default();
+            (kind, used)
         })
         .collect();
     Run {
-        sleeps_per_job: sleeps_by_thread.iter().map(|(_, n)| n).sum(),
-        sleeps_by_thread,
+        threads,
         rate,
         cpu: vec![
             ("orchestrator", cpu[0]),

@@ -167,29 +167,62 @@ fn sleeps_at(status: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The sleeps of the threads of process `pid` so far, by thread name (trailing digits
-/// dropped: `dispatch`, `grpc`…; threads that ended are not counted).
-pub fn process_sleeps(pid: u32) -> std::collections::BTreeMap<String, u64> {
-    let mut by_name = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/PID/task") {
-        let path = task.expect("a task").path();
-        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let name = thread_kind(&comm).to_string();
-        *by_name.entry(name).or_default() +=
-            sleeps_at(path.join("status").to_str().unwrap_or_default());
+/// What a kind of thread (its name without its number) has used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ThreadUse {
+    /// CPU seconds, user and system.
+    pub cpu: f64,
+    /// Times it went to sleep (see [`sleeps_at`]).
+    pub sleeps: u64,
+}
+
+impl std::ops::Sub for ThreadUse {
+    type Output = ThreadUse;
+    fn sub(self, before: ThreadUse) -> ThreadUse {
+        ThreadUse {
+            cpu: self.cpu - before.cpu,
+            sleeps: self.sleeps.saturating_sub(before.sleeps),
+        }
     }
-    by_name
+}
+
+/// The use so far of the threads in these `/proc` task directories, by thread kind
+/// (`dispatch`, `grpc`…).
+fn use_by_kind(
+    tasks: impl Iterator<Item = std::path::PathBuf>,
+) -> std::collections::BTreeMap<String, ThreadUse> {
+    let mut by_kind = std::collections::BTreeMap::<String, ThreadUse>::new();
+    for task in tasks {
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let Some(stat) = stat_fields_at(task.join("stat").to_str().unwrap_or_default()) else {
+            continue; // it ended meanwhile
+        };
+        let used = by_kind.entry(thread_kind(&comm).to_string()).or_default();
+        used.cpu += cpu_of(&stat);
+        used.sleeps += sleeps_at(task.join("status").to_str().unwrap_or_default());
+    }
+    by_kind
+}
+
+/// The use so far of the threads of process `pid`, by kind (threads that ended are not
+/// counted).
+pub fn process_threads(pid: u32) -> std::collections::BTreeMap<String, ThreadUse> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/PID/task");
+    use_by_kind(tasks.map(|task| task.expect("a task").path()))
+}
+
+/// The use so far of these threads of this process, by kind.
+pub fn own_threads(tids: &[u32]) -> std::collections::BTreeMap<String, ThreadUse> {
+    use_by_kind(
+        tids.iter()
+            .map(|tid| std::path::PathBuf::from(format!("/proc/self/task/{tid}"))),
+    )
 }
 
 /// A thread's name without its number (`dispatch-12` → `dispatch`).
 fn thread_kind(comm: &str) -> &str {
     comm.trim()
         .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
-}
-
-/// The sleeps of thread `tid` of this process so far.
-pub fn tid_sleeps(tid: u32) -> u64 {
-    sleeps_at(&format!("/proc/self/task/{tid}/status"))
 }
 
 /// Resident memory of `pid`, in MiB.

@@ -3,7 +3,7 @@
 //! flight), optionally with a bare asynchronous `RunJob` to no-op workers per message;
 //! and the queue filling and status counting every throughput comparison shares.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,8 @@ use crossbeam_channel::select;
 use serde_json::json;
 
 use super::{
-    serve_noop_workers, threads_cpu_seconds, tid_cpu_seconds, tid_sleeps, tids_named, CpuMeter,
-    NoopWorker, NOOP_THREADS,
+    own_threads, serve_noop_workers, threads_cpu_seconds, tids_named, CpuMeter, NoopWorker,
+    ThreadUse, NOOP_THREADS,
 };
 use crate::common::{poll, Mq};
 
@@ -26,10 +26,9 @@ pub struct Run {
     pub rate: f64,
     /// CPU seconds each process used during the run.
     pub cpu: Vec<(&'static str, f64)>,
-    /// Times the measured threads went to sleep (hence were woken), per job.
-    pub sleeps_per_job: f64,
-    /// The same by kind of thread, where known.
-    pub sleeps_by_thread: Vec<(String, f64)>,
+    /// What the measured threads (the orchestrator's, or the loop's own) used during
+    /// the run, by kind of thread.
+    pub threads: BTreeMap<String, ThreadUse>,
 }
 
 /// Fills the execute queue of `names` with `jobs` jobs.
@@ -109,7 +108,7 @@ pub fn raw_loop(
     // Returns the CPU seconds of the loop's own threads: its thread, its gRPC client's
     // completion-queue thread and its connection's amiquip I/O thread, apart from the
     // no-op workers and the bench's status reader in the same process.
-    let looper = std::thread::spawn(move || {
+    let looper = std::thread::Builder::new().name("floor-loop".into()).spawn(move || {
         // SAFETY: gettid has no preconditions.
         let own = unsafe { libc::gettid() } as u32;
         let io_before = tids_named(AMIQUIP_IO);
@@ -186,27 +185,22 @@ pub fn raw_loop(
             .into_iter()
             .chain(tids_named(FLOOR_GRPC))
             .collect();
-        let cpu_and_sleeps = own_threads_cpu_and_sleeps(&threads);
+        let used = own_threads(&threads);
         drop(consumer);
         let _ = connection.close();
-        cpu_and_sleeps
+        used
     });
     let rate = status_rate(mq, jobs);
-    let (floor_loop, sleeps) = looper.join().unwrap();
+    let threads = looper.unwrap().join().unwrap();
     let (cpu, _) = meter.read();
     let noop_workers = threads_cpu_seconds(NOOP_THREADS) - noop_before;
     let names = measured.iter().map(|(name, _)| *name);
     let mut cpu: Vec<(&'static str, f64)> = names.zip(cpu).collect();
-    cpu.push(("floor_loop", floor_loop));
+    cpu.push(("floor_loop", total(&threads).cpu));
     if grpc {
         cpu.push(("noop_workers", noop_workers));
     }
-    Run {
-        rate,
-        cpu,
-        sleeps_per_job: sleeps as f64 / jobs as f64,
-        sleeps_by_thread: Vec::new(),
-    }
+    Run { rate, cpu, threads }
 }
 
 /// A job's status as the orchestrator publishes it (a success with no logs): its body
@@ -219,11 +213,14 @@ pub fn status_message(job_id: &str) -> (Vec<u8>, AmqpProperties) {
     (status.to_json(), properties)
 }
 
-/// The CPU seconds and sleeps so far of these threads of this process, summed.
-pub fn own_threads_cpu_and_sleeps(tids: &[u32]) -> (f64, u64) {
-    let cpu = tids.iter().map(|&tid| tid_cpu_seconds(tid)).sum();
-    let sleeps = tids.iter().map(|&tid| tid_sleeps(tid)).sum();
-    (cpu, sleeps)
+/// What all the threads of `threads` used.
+pub fn total(threads: &BTreeMap<String, ThreadUse>) -> ThreadUse {
+    threads
+        .values()
+        .fold(ThreadUse::default(), |sum, used| ThreadUse {
+            cpu: sum.cpu + used.cpu,
+            sleeps: sum.sleeps + used.sleeps,
+        })
 }
 
 /// The name of amiquip's I/O thread (one per connection).

@@ -10,7 +10,7 @@
 //! `multiple` ack. No registry, ledger, metrics, log lines or cancel tokens: everything
 //! the orchestrator does beyond this is its own work.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -20,9 +20,11 @@ use blacktree::proto::job::JobRequest;
 use blacktree::proto::job_grpc::JobServiceClient;
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 
-use super::raw::{fill, own_threads_cpu_and_sleeps, status_message, status_rate, Run, AMIQUIP_IO};
-use super::NOOP_THREADS;
-use super::{serve_noop_workers, threads_cpu_seconds, tids_named, CpuMeter, NoopWorker};
+use super::raw::{fill, status_message, status_rate, total, Run, AMIQUIP_IO};
+use super::{
+    own_threads, serve_noop_workers, threads_cpu_seconds, tids_named, CpuMeter, NoopWorker,
+    ThreadUse, NOOP_THREADS,
+};
 use crate::common::{Mq, Names};
 
 /// The name prefix of the skeleton's threads (its gRPC client's too).
@@ -36,8 +38,8 @@ struct Job {
 
 /// DESIGN.md's threads with nothing else, running.
 pub struct Skeleton {
-    /// The consumer thread; returns the CPU seconds and sleeps of all the threads.
-    consumer: JoinHandle<(f64, u64)>,
+    /// The consumer thread; returns what all the threads used.
+    consumer: JoinHandle<BTreeMap<String, ThreadUse>>,
     dispatchers: Vec<JoinHandle<()>>,
     publisher: JoinHandle<()>,
 }
@@ -108,7 +110,7 @@ impl Skeleton {
                 // Read while every thread of it is alive: they end once `job_sender` is
                 // dropped.
                 let threads: Vec<u32> = io.into_iter().chain(tids_named(SKELETON)).collect();
-                let used = own_threads_cpu_and_sleeps(&threads);
+                let used = own_threads(&threads);
                 let _ = connection.close();
                 used
             })
@@ -120,8 +122,8 @@ impl Skeleton {
         }
     }
 
-    /// Waits for the threads to end; returns the CPU seconds and the sleeps they used.
-    pub fn finish(self) -> (f64, u64) {
+    /// Waits for the threads to end; returns what they used, by kind of thread.
+    pub fn finish(self) -> BTreeMap<String, ThreadUse> {
         let used = self.consumer.join().unwrap();
         for dispatcher in self.dispatchers {
             dispatcher.join().unwrap();
@@ -151,21 +153,16 @@ pub fn skeleton(
     let noop_before = threads_cpu_seconds(NOOP_THREADS);
     let skeleton = Skeleton::start(url, &mq.names, &ports, window, jobs);
     let rate = status_rate(mq, jobs);
-    let (own, sleeps) = skeleton.finish();
+    let threads = skeleton.finish();
     let (cpu, _) = meter.read();
     let names = measured.iter().map(|(name, _)| *name);
     let mut cpu: Vec<(&'static str, f64)> = names.zip(cpu).collect();
-    cpu.push(("skeleton", own));
+    cpu.push(("skeleton", total(&threads).cpu));
     cpu.push((
         "noop_workers",
         threads_cpu_seconds(NOOP_THREADS) - noop_before,
     ));
-    Run {
-        rate,
-        cpu,
-        sleeps_per_job: sleeps as f64 / jobs as f64,
-        sleeps_by_thread: Vec::new(),
-    }
+    Run { rate, cpu, threads }
 }
 
 /// A dispatch thread: a job, a free worker, a blocking `RunJob`, the worker freed, the

@@ -408,6 +408,7 @@ impl Dispatcher {
             let status = Status::without_answer(&job.job_id, outcome, worker, error);
             Attempt::Ended(status.in_dialect(job.dialect).started(started), release)
         };
+        let has_answer = result.is_ok();
         let attempt = match result {
             Ok(response) => {
                 let status = answered(job, worker, response).started(started);
@@ -441,9 +442,12 @@ impl Dispatcher {
                 warn!("job {}: worker {worker} {why}; trying another", job.job_id)
             }
         }
-        // The worker was told first (CancelJob above); now our side of the call ends,
-        // if it has not (cancelling a finished call does nothing).
-        if let Some(call) = &mut call {
+        // The worker was told first (CancelJob above); now our side of the call ends.
+        // An answered call is only dropped: the C core cancels it then if the worker
+        // has not ended it, and skips the cancel (a pass down the call's filter stack to
+        // the transport, about 3 % of our CPU per job) when it has, as it has by the time
+        // its answer is read.
+        if let (Some(call), false) = (&mut call, has_answer) {
             call.cancel();
         }
         attempt

@@ -62,7 +62,9 @@ impl RunCall {
         }
     }
 
-    /// Ends our side of the call (nothing, once it ended).
+    /// Ends our side of the call now. The C core passes the cancel down the call's
+    /// stack even when the call has ended; dropping the call cancels it only if it has
+    /// not.
     pub(super) fn cancel(&mut self) {
         self.stream.cancel();
     }
