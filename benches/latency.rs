@@ -2,8 +2,8 @@
 //! `RunJob` arriving at the worker, and worker answer → status delivered to a consumer,
 //! beside the floor measured in the same run: a bare publish → delivery on the same
 //! broker, and a bare gRPC unary call to the same worker; and publish → `RunJob` through
-//! DESIGN.md's threads doing nothing else ([`support::skeleton`]). `BENCH_SAMPLES` sets the count
-//! (default 500). Run by scripts/bench.sh.
+//! DESIGN.md's threads doing nothing else ([`support::skeleton`]). `BENCH_SAMPLES` sets
+//! the count (default 500). Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -11,18 +11,20 @@
 //! sixth run are DESIGN.md's threads doing nothing but their hand-offs
 //! ([`support::skeleton`]), with 64 and with `BENCH_WIDE` workers, so that the
 //! orchestrator's CPU splits into what its threads cost and what its own work costs.
-//! `BENCH_JOBS` sets N (default 20,000); the six alternate for `BENCH_ROUNDS` rounds (default 3),
-//! and each figure is the median over the rounds (a ratio is taken within each round).
-//! CPU is read per process, and for the floor loop per thread (its own threads, apart
-//! from the no-op workers and the status reader sharing the bench's process); the
-//! sleeps per job count the hand-offs between threads. Run by scripts/bench.sh.
+//! `BENCH_JOBS` sets N (default 20,000); the six alternate for `BENCH_ROUNDS` rounds
+//! (default 3), and each figure is the median over the rounds (a ratio is taken within
+//! each round).
+//! CPU is read per process, and per kind of thread for the orchestrator, the floor loop
+//! and the skeleton (their own threads, apart from the no-op workers and the status
+//! reader sharing the bench's process); the sleeps per job count the hand-offs between
+//! threads. Run by scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod support;
 
 use common::*;
-use support::raw::{fill, raw_loop, status_rate, throughput_flags, total, Run, WORKERS};
+use support::raw::{fill, raw_loop, status_rate, throughput_flags, Run, WORKERS};
 use support::{
     broker_pid, env_number, median_and_range, process_threads, serve_noop_workers, static_workers,
     threads_cpu_seconds, CpuMeter, NoopWorker, ThreadUse, NOOP_THREADS,
@@ -33,7 +35,7 @@ fn main() {
     let rounds = env_number("BENCH_ROUNDS", 3).max(1);
     let wide = env_number("BENCH_WIDE", 1_000);
     let broker = broker_pid();
-    // Rounds alternate the four so that a slow spell of the machine hits all of them;
+    // Rounds alternate the six so that a slow spell of the machine hits all of them;
     // each ratio is taken within a round, then the median is reported.
     let mut results: Vec<[Run; 6]> = Vec::new();
     for _ in 0..rounds {
@@ -65,7 +67,11 @@ fn main() {
             rates.1, rates.2
         );
         let per_job = |used: ThreadUse| used.sleeps as f64 / jobs as f64;
-        let sleeps = median_and_range(results.iter().map(|r| per_job(total(&r[i].threads))));
+        let sleeps = median_and_range(
+            results
+                .iter()
+                .map(|r| per_job(ThreadUse::total(&r[i].threads))),
+        );
         println!("throughput.{name}.sleeps_per_job {:.1}", sleeps.0);
         // By kind of thread: sleeps per job, CPU ms per 1,000 jobs.
         for kind in results[0][i].threads.keys() {

@@ -186,6 +186,18 @@ impl std::ops::Sub for ThreadUse {
     }
 }
 
+impl ThreadUse {
+    /// What all the kinds of thread of `by_kind` used together.
+    pub fn total(by_kind: &std::collections::BTreeMap<String, ThreadUse>) -> ThreadUse {
+        by_kind
+            .values()
+            .fold(ThreadUse::default(), |sum, used| ThreadUse {
+                cpu: sum.cpu + used.cpu,
+                sleeps: sum.sleeps + used.sleeps,
+            })
+    }
+}
+
 /// The use so far of the threads in these `/proc` task directories, by thread kind
 /// (`dispatch`, `grpc`…).
 fn use_by_kind(

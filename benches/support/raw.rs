@@ -105,7 +105,7 @@ pub fn raw_loop(
     let meter = CpuMeter::start(&pids);
     let noop_before = threads_cpu_seconds(NOOP_THREADS);
     let url = url.to_string();
-    // Returns the CPU seconds of the loop's own threads: its thread, its gRPC client's
+    // Returns what the loop's own threads used, by kind: its thread, its gRPC client's
     // completion-queue thread and its connection's amiquip I/O thread, apart from the
     // no-op workers and the bench's status reader in the same process.
     let looper = std::thread::Builder::new().name("floor-loop".into()).spawn(move || {
@@ -196,7 +196,7 @@ pub fn raw_loop(
     let noop_workers = threads_cpu_seconds(NOOP_THREADS) - noop_before;
     let names = measured.iter().map(|(name, _)| *name);
     let mut cpu: Vec<(&'static str, f64)> = names.zip(cpu).collect();
-    cpu.push(("floor_loop", total(&threads).cpu));
+    cpu.push(("floor_loop", ThreadUse::total(&threads).cpu));
     if grpc {
         cpu.push(("noop_workers", noop_workers));
     }
@@ -211,16 +211,6 @@ pub fn status_message(job_id: &str) -> (Vec<u8>, AmqpProperties) {
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     (status.to_json(), properties)
-}
-
-/// What all the threads of `threads` used.
-pub fn total(threads: &BTreeMap<String, ThreadUse>) -> ThreadUse {
-    threads
-        .values()
-        .fold(ThreadUse::default(), |sum, used| ThreadUse {
-            cpu: sum.cpu + used.cpu,
-            sleeps: sum.sleeps + used.sleeps,
-        })
 }
 
 /// The name of amiquip's I/O thread (one per connection).

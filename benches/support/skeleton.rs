@@ -20,7 +20,7 @@ use blacktree::proto::job::JobRequest;
 use blacktree::proto::job_grpc::JobServiceClient;
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 
-use super::raw::{fill, status_message, status_rate, total, Run, AMIQUIP_IO};
+use super::raw::{fill, status_message, status_rate, Run, AMIQUIP_IO};
 use super::{
     own_threads, serve_noop_workers, threads_cpu_seconds, tids_named, CpuMeter, NoopWorker,
     ThreadUse, NOOP_THREADS,
@@ -157,7 +157,7 @@ pub fn skeleton(
     let (cpu, _) = meter.read();
     let names = measured.iter().map(|(name, _)| *name);
     let mut cpu: Vec<(&'static str, f64)> = names.zip(cpu).collect();
-    cpu.push(("skeleton", total(&threads).cpu));
+    cpu.push(("skeleton", ThreadUse::total(&threads).cpu));
     cpu.push((
         "noop_workers",
         threads_cpu_seconds(NOOP_THREADS) - noop_before,
