@@ -198,8 +198,8 @@ struct Pipeline {
     consumer: JoinHandle<()>,
     /// Its inbox, to send `Drain`.
     inbox: Sender<ConsumerMsg>,
-    /// Dropped to tell the dispatch threads that the drain started.
-    shutdown: Sender<()>,
+    /// The dispatch pool, told when the drain starts.
+    dispatch: dispatch::Pool,
 }
 
 /// Starts the publisher, the consumer, the dispatch pool and the health ticker, wired
@@ -219,7 +219,6 @@ fn spawn_threads(
     let (jobs_tx, jobs_rx) = bounded(usize::from(config.prefetch().max(1)));
     let (publications_tx, publications_rx) = unbounded();
     let (connections_tx, connections_rx) = unbounded();
-    let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
 
     let log_budget = Arc::new(LogBudget::new(LOG_BUDGET_BYTES));
     publisher::spawn(
@@ -264,7 +263,7 @@ fn spawn_threads(
             router: registry.clone(),
         },
     );
-    dispatch::spawn_pool(
+    let dispatch = dispatch::spawn_pool(
         DispatchSettings {
             threads: config.dispatch_threads,
             job_timeout: config.job_timeout,
@@ -275,7 +274,6 @@ fn spawn_threads(
         DispatchLinks {
             jobs: jobs_rx,
             hints,
-            shutdown: shutdown_rx,
             publications: publications_tx,
             consumer: inbox_tx.clone(),
             registry: registry.clone(),
@@ -292,7 +290,7 @@ fn spawn_threads(
     Pipeline {
         consumer,
         inbox: inbox_tx,
-        shutdown: shutdown_tx,
+        dispatch,
     }
 }
 
@@ -302,7 +300,7 @@ fn spawn_threads(
 fn wait_and_drain(
     config: &OrchestratorConfig,
     server: &registration::OrchestratorServer,
-    pipeline: Pipeline,
+    mut pipeline: Pipeline,
 ) -> Result<(), String> {
     let (signals_tx, signals) = unbounded();
     ctrlc::set_handler(move || {
@@ -324,7 +322,7 @@ fn wait_and_drain(
             std::process::exit(1);
         }
     });
-    drop(pipeline.shutdown);
+    pipeline.dispatch.drain();
     pipeline
         .inbox
         .send(ConsumerMsg::Drain)
