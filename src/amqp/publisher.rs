@@ -393,21 +393,28 @@ impl Publisher {
         }
     }
 
-    fn confirm(&mut self, raw: Confirm) {
+    /// Handles `first` and every confirm waiting behind it, and tells the consumer
+    /// thread in one message (which it acks with one frame).
+    fn confirm(&mut self, first: Confirm) {
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        let raws: Vec<Confirm> = std::iter::once(first)
+            .chain(link.confirms.try_iter())
+            .collect();
         // The broker sends a message's return before its confirm: take the returns that
-        // are waiting first, so the confirm below knows.
-        let waiting: Vec<Return> = self
-            .link
-            .as_ref()
-            .map(|l| l.returns.try_iter().collect())
-            .unwrap_or_default();
+        // are waiting now (after those confirms), so the confirms below know.
+        let waiting: Vec<Return> = link.returns.try_iter().collect();
         for returned in &waiting {
             self.returned(returned);
         }
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let confirms: Vec<Confirm> = link.smoother.process(raw).collect();
+        let mut confirms = Vec::with_capacity(raws.len());
+        for raw in raws {
+            confirms.extend(link.smoother.process(raw));
+        }
         let mut confirmed = Vec::new();
         for confirm in confirms {
             let (tag, acked) = match confirm {
