@@ -13,7 +13,7 @@
 //! orchestrator's CPU splits into what its threads cost and what its own work costs.
 //! `BENCH_JOBS` sets N (default 20,000); the six alternate for `BENCH_ROUNDS` rounds
 //! (default 3), and each figure is the median over the rounds (a ratio is taken within
-//! each round).
+//! each round). `BENCH_AB=A,B` compares two `blacktree` binaries instead (see [`ab`]).
 //! CPU is read per process, and per kind of thread for the orchestrator, the floor loop
 //! and the skeleton (their own threads, apart from the no-op workers and the status
 //! reader sharing the bench's process); the sleeps per job count the hand-offs between
@@ -35,6 +35,9 @@ fn main() {
     let rounds = env_number("BENCH_ROUNDS", 3).max(1);
     let wide = env_number("BENCH_WIDE", 1_000);
     let broker = broker_pid();
+    if let Ok(binaries) = std::env::var("BENCH_AB") {
+        return ab(&binaries, jobs, rounds, broker);
+    }
     // Rounds alternate the six so that a slow spell of the machine hits all of them;
     // each ratio is taken within a round, then the median is reported.
     let mut results: Vec<[Run; 6]> = Vec::new();
@@ -131,6 +134,51 @@ fn main() {
         println!("throughput.{name} {:.3}", ratios.0);
         println!("throughput.{name}_range {:.2}–{:.2}", ratios.1, ratios.2);
     }
+}
+
+/// `BENCH_AB=A,B` (two `blacktree` binaries): the orchestrator with 64 workers only,
+/// the two builds one after the other in each of `rounds` pairs (which goes first
+/// alternates), so that a change's effect on the CPU per job shows above this machine's
+/// drift: each build's CPU per 1,000 jobs, sleeps per job and rate (medians), and B's
+/// CPU over A's taken within each pair (median and range).
+fn ab(binaries: &str, jobs: usize, rounds: usize, broker: u32) {
+    let (a, b) = binaries
+        .split_once(',')
+        .expect("BENCH_AB names two binaries: A,B");
+    let run = |binary: &str| {
+        // Read by `Orchestrator::start`; nothing else runs meanwhile.
+        std::env::set_var("BLACKTREE_BIN", binary);
+        let run = orchestrator(jobs, broker, WORKERS);
+        let cpu = run.cpu[0].1 * 1e6 / jobs as f64;
+        let sleeps = ThreadUse::total(&run.threads).sleeps as f64 / jobs as f64;
+        [cpu, sleeps, run.rate]
+    };
+    let pairs: Vec<[[f64; 3]; 2]> = (0..rounds)
+        .map(|i| {
+            if i % 2 == 0 {
+                let first = run(a);
+                [first, run(b)]
+            } else {
+                let second = run(b);
+                [run(a), second]
+            }
+        })
+        .collect();
+    for (side, name) in ["a", "b"].iter().enumerate() {
+        for (k, figure) in ["cpu_ms_per_1000", "sleeps_per_job", "per_s"]
+            .iter()
+            .enumerate()
+        {
+            let (median, low, high) = median_and_range(pairs.iter().map(|p| p[side][k]));
+            println!("throughput.ab.{name}.{figure} {median:.2} ({low:.2}–{high:.2})");
+        }
+    }
+    let ratios = median_and_range(pairs.iter().map(|p| p[1][0] / p[0][0]));
+    let lower = pairs.iter().filter(|p| p[1][0] < p[0][0]).count();
+    println!(
+        "throughput.ab.cpu_b_over_a {:.3} ({:.2}–{:.2}); B used less in {lower} of {rounds} pairs",
+        ratios.0, ratios.1, ratios.2
+    );
 }
 
 /// The orchestrator with `workers` no-op workers of one slot each, as many dispatch

@@ -233,9 +233,17 @@ fn a_flood_of_output_keeps_memory_bounded_and_other_statuses_flowing() {
         "orchestrator peak RSS {orch_peak} KiB"
     );
     // Every line is accounted for: published, or dropped and said so, in messages
-    // numbered without a gap.
+    // numbered without a gap. "$ exec command", 505,050 lines of 99 x and one of 50.
+    // The status sits in another queue: read on until the logs queue has all of them
+    // (once, the status was read while the last ~20 messages were not in it yet).
+    let expected = 1 + 505_051;
     let (mut lines, mut dropped, mut seq) = (0, 0, 0);
-    while let Some((message, _)) = logs.next() {
+    let deadline = Instant::now() + LONG;
+    while lines + dropped < expected && Instant::now() < deadline {
+        let Some((message, _)) = logs.next() else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
         if message["jobId"] != "flood-1" {
             continue;
         }
@@ -244,10 +252,9 @@ fn a_flood_of_output_keeps_memory_bounded_and_other_statuses_flowing() {
         lines += message["lines"].as_array().unwrap().len() as u64;
         dropped += message["dropped"].as_u64().unwrap_or(0);
     }
-    // "$ exec command", 505,050 lines of 99 x and one of 50.
     assert_eq!(
         lines + dropped,
-        1 + 505_051,
+        expected,
         "{lines} lines, {dropped} dropped"
     );
     let metrics = http(orch.metrics_port, "/metrics").1;

@@ -393,28 +393,21 @@ impl Publisher {
         }
     }
 
-    /// Handles `first` and every confirm waiting behind it, and tells the consumer
-    /// thread in one message (which it acks with one frame).
-    fn confirm(&mut self, first: Confirm) {
-        let Some(link) = self.link.as_ref() else {
-            return;
-        };
-        let raws: Vec<Confirm> = std::iter::once(first)
-            .chain(link.confirms.try_iter())
-            .collect();
+    fn confirm(&mut self, raw: Confirm) {
         // The broker sends a message's return before its confirm: take the returns that
-        // are waiting now (after those confirms), so the confirms below know.
-        let waiting: Vec<Return> = link.returns.try_iter().collect();
+        // are waiting first, so the confirm below knows.
+        let waiting: Vec<Return> = self
+            .link
+            .as_ref()
+            .map(|l| l.returns.try_iter().collect())
+            .unwrap_or_default();
         for returned in &waiting {
             self.returned(returned);
         }
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let mut confirms = Vec::with_capacity(raws.len());
-        for raw in raws {
-            confirms.extend(link.smoother.process(raw));
-        }
+        let confirms: Vec<Confirm> = link.smoother.process(raw).collect();
         let mut confirmed = Vec::new();
         for confirm in confirms {
             let (tag, acked) = match confirm {

@@ -17,6 +17,7 @@
 //! waits for a FREE ping.
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
@@ -49,6 +50,8 @@ pub struct DispatchLinks {
     pub jobs: Receiver<Assignment>,
     /// Free-slot hints from the registry.
     pub hints: Receiver<Hint>,
+    /// Disconnected (never sent on) when the orchestrator drains.
+    pub shutdown: Receiver<()>,
     /// Statuses to the publisher.
     pub publications: Sender<Publication>,
     /// Jobs given back (drain) to the consumer thread.
@@ -76,48 +79,25 @@ pub struct DispatchSettings {
     pub logs: bool,
 }
 
-/// The running dispatch pool. Its threads are not joined: each ends once the consumer
-/// thread has ended (its `jobs` sender dropped) and its job, if any, is done.
-pub struct Pool {
-    /// One per thread, never sent on: dropping them starts the drain.
-    stops: Vec<Sender<()>>,
-}
-
-impl Pool {
-    /// Starts the drain: threads waiting for a slot (or for a worker's report) give
-    /// their job back, and jobs taken from `jobs` from now on go back too.
-    pub fn drain(&mut self) {
-        self.stops.clear();
-    }
-}
-
 /// Starts the dispatch threads.
-pub fn spawn_pool(settings: DispatchSettings, links: DispatchLinks) -> Pool {
-    let stops = (0..settings.threads)
+pub fn spawn_pool(settings: DispatchSettings, links: DispatchLinks) -> Vec<JoinHandle<()>> {
+    (0..settings.threads)
         .map(|i| {
-            // A channel per thread: 64 threads waiting on one shared channel contend
-            // for its waker's lock on every wait.
-            let (stop, stopped) = crossbeam_channel::bounded(0);
             let dispatcher = Dispatcher {
                 links: links.clone(),
                 settings,
-                stopped,
             };
             std::thread::Builder::new()
                 .name(format!("dispatch-{i}"))
                 .spawn(move || dispatcher.run())
-                .expect("spawning a dispatch thread");
-            stop
+                .expect("spawning a dispatch thread")
         })
-        .collect();
-    Pool { stops }
+        .collect()
 }
 
 struct Dispatcher {
     links: DispatchLinks,
     settings: DispatchSettings,
-    /// Disconnected (never sent on) when the orchestrator drains.
-    stopped: Receiver<()>,
 }
 
 /// How waiting for a free slot ended.
@@ -144,22 +124,19 @@ enum Attempt {
 
 impl Dispatcher {
     fn run(self) {
-        // A plain `recv`, not a `select!` with the drain: waiting on one channel less
-        // per job. A job taken once the drain started goes back from `claim`.
-        while let Ok(job) = self.links.jobs.recv() {
+        loop {
+            let job = select! {
+                recv(self.links.jobs) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+                recv(self.links.shutdown) -> _ => return,
+            };
             let busy = &self.links.metrics.load.dispatch_threads_busy;
             busy.inc();
             self.dispatch(job);
             busy.dec();
         }
-    }
-
-    /// Whether the orchestrator drains.
-    fn draining(&self) -> bool {
-        matches!(
-            self.stopped.try_recv(),
-            Err(crossbeam_channel::TryRecvError::Disconnected)
-        )
     }
 
     fn dispatch(
@@ -341,7 +318,7 @@ impl Dispatcher {
             };
             select! {
                 recv(token.fired()) -> _ => return Some(Wait::Cancelled),
-                recv(self.stopped) -> _ => return Some(Wait::Draining),
+                recv(self.links.shutdown) -> _ => return Some(Wait::Draining),
                 default(pause) => {}
             }
         }
@@ -359,9 +336,6 @@ impl Dispatcher {
         if token.reason().is_some() {
             return Wait::Cancelled;
         }
-        if self.draining() {
-            return Wait::Draining;
-        }
         if !job.labels.is_empty() {
             return self.claim_labelled(job, token);
         }
@@ -374,7 +348,7 @@ impl Dispatcher {
                     }
                 }
                 recv(token.fired()) -> _ => return Wait::Cancelled,
-                recv(self.stopped) -> _ => return Wait::Draining,
+                recv(self.links.shutdown) -> _ => return Wait::Draining,
             }
         }
     }
@@ -393,7 +367,7 @@ impl Dispatcher {
             select! {
                 recv(wait.woken) -> _ => {}
                 recv(token.fired()) -> _ => return Wait::Cancelled,
-                recv(self.stopped) -> _ => return Wait::Draining,
+                recv(self.links.shutdown) -> _ => return Wait::Draining,
             }
         }
     }

@@ -198,8 +198,8 @@ struct Pipeline {
     consumer: JoinHandle<()>,
     /// Its inbox, to send `Drain`.
     inbox: Sender<ConsumerMsg>,
-    /// The dispatch pool, told when the drain starts.
-    dispatch: dispatch::Pool,
+    /// Dropped to tell the dispatch threads that the drain started.
+    shutdown: Sender<()>,
 }
 
 /// Starts the publisher, the consumer, the dispatch pool and the health ticker, wired
@@ -219,6 +219,7 @@ fn spawn_threads(
     let (jobs_tx, jobs_rx) = bounded(usize::from(config.prefetch().max(1)));
     let (publications_tx, publications_rx) = unbounded();
     let (connections_tx, connections_rx) = unbounded();
+    let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
 
     let log_budget = Arc::new(LogBudget::new(LOG_BUDGET_BYTES));
     publisher::spawn(
@@ -263,7 +264,7 @@ fn spawn_threads(
             router: registry.clone(),
         },
     );
-    let dispatch = dispatch::spawn_pool(
+    dispatch::spawn_pool(
         DispatchSettings {
             threads: config.dispatch_threads,
             job_timeout: config.job_timeout,
@@ -274,6 +275,7 @@ fn spawn_threads(
         DispatchLinks {
             jobs: jobs_rx,
             hints,
+            shutdown: shutdown_rx,
             publications: publications_tx,
             consumer: inbox_tx.clone(),
             registry: registry.clone(),
@@ -290,7 +292,7 @@ fn spawn_threads(
     Pipeline {
         consumer,
         inbox: inbox_tx,
-        dispatch,
+        shutdown: shutdown_tx,
     }
 }
 
@@ -300,7 +302,7 @@ fn spawn_threads(
 fn wait_and_drain(
     config: &OrchestratorConfig,
     server: &registration::OrchestratorServer,
-    mut pipeline: Pipeline,
+    pipeline: Pipeline,
 ) -> Result<(), String> {
     let (signals_tx, signals) = unbounded();
     ctrlc::set_handler(move || {
@@ -322,7 +324,7 @@ fn wait_and_drain(
             std::process::exit(1);
         }
     });
-    pipeline.dispatch.drain();
+    drop(pipeline.shutdown);
     pipeline
         .inbox
         .send(ConsumerMsg::Drain)

@@ -74,11 +74,6 @@ impl Registry {
     /// Takes the job `job_id` over on a healthy worker that reports it (running, or its
     /// answer held): a `RunJob` there attaches to it. Its slot is already taken.
     pub fn adopt(&self, job_id: &str, token: &CancelToken) -> Option<Claim> {
-        // Almost no job is reported: the index alone says so, without the registry's
-        // lock (taken first below, as everywhere, when one is).
-        if !self.reported(job_id) {
-            return None;
-        }
         let mut workers = self.lock();
         let id = self
             .reported_by
@@ -96,12 +91,6 @@ impl Registry {
             generation: worker.generation,
             client: worker.client.clone(),
         })
-    }
-
-    /// Whether a worker reports `job_id`.
-    fn reported(&self, job_id: &str) -> bool {
-        let index = self.reported_by.lock().expect("report index lock");
-        index.contains_key(job_id)
     }
 
     /// Drops the index entries of `job_ids` that point at worker `id`.
