@@ -99,12 +99,6 @@ fn main() {
     }
     // The orchestrator's CPU per job against the floor loop's own (its thread, gRPC
     // client and AMQP I/O threads; not the no-op workers), within each round.
-    let cpu_of = |run: &Run, process: &str| {
-        run.cpu
-            .iter()
-            .find(|(name, _)| *name == process)
-            .map_or(f64::NAN, |(_, seconds)| *seconds)
-    };
     // Against the floor loop's own CPU; and with `wide` jobs running at once against 64;
     // and the design's threads alone against the floor loop, the orchestrator against them.
     let cpu_ratios = [
@@ -149,7 +143,7 @@ fn ab(binaries: &str, jobs: usize, rounds: usize, broker: u32) {
         // Read by `Orchestrator::start`; nothing else runs meanwhile.
         std::env::set_var("BLACKTREE_BIN", binary);
         let run = orchestrator(jobs, broker, WORKERS);
-        let cpu = run.cpu[0].1 * 1e6 / jobs as f64;
+        let cpu = cpu_of(&run, "orchestrator") * 1e6 / jobs as f64;
         let sleeps = ThreadUse::total(&run.threads).sleeps as f64 / jobs as f64;
         [cpu, sleeps, run.rate]
     };
@@ -179,6 +173,14 @@ fn ab(binaries: &str, jobs: usize, rounds: usize, broker: u32) {
         "throughput.ab.cpu_b_over_a {:.3} ({:.2}–{:.2}); B used less in {lower} of {rounds} pairs",
         ratios.0, ratios.1, ratios.2
     );
+}
+
+/// The CPU seconds `run` measured for `process` (NaN if it measured none).
+fn cpu_of(run: &Run, process: &str) -> f64 {
+    run.cpu
+        .iter()
+        .find(|(name, _)| *name == process)
+        .map_or(f64::NAN, |(_, seconds)| *seconds)
 }
 
 /// The orchestrator with `workers` no-op workers of one slot each, as many dispatch
