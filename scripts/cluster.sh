@@ -49,17 +49,18 @@ start_node() {
   RABBITMQ_PID_FILE="$d/pid" rabbitmq-server -detached
 }
 
-# Waits up to 2 minutes for node $1's Erlang node to answer, then for its app.
+# Waits up to 2 minutes for node $1's app to have started. `await_startup` answers
+# `rabbit_is_not_running` at once when the Erlang node is up but the app's boot has not
+# begun yet (a window that grows when the machine is busy), so it is asked again.
 wait_node() {
   local i=$1 deadline=$((SECONDS + 120))
-  until rabbitmqctl -q -n "$(node "$i")" ping >/dev/null 2>&1; do
+  until rabbitmqctl -q -n "$(node "$i")" await_startup --timeout 120 >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
       echo "node $(node "$i") did not start; its log is in $dir/$name$i/log" >&2
       return 1
     fi
     sleep 0.5
   done
-  rabbitmqctl -q -n "$(node "$i")" await_startup --timeout 120 >/dev/null
 }
 
 case "${1:-}" in
