@@ -101,14 +101,22 @@ impl LoggedChild {
                 log.push('\n');
             }
         });
+        // Owned before the wait: a process that never announces is killed with the
+        // panic below, not left running after the test.
+        let logged = LoggedChild { child, log };
         let mut ports = vec![0u16; announces.len()];
         for _ in announces {
             let (i, port) = port_rx
                 .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("{command:?} did not announce {announces:?}"));
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{command:?} did not announce {announces:?}; it logged:\n{}",
+                        logged.log()
+                    )
+                });
             ports[i] = port;
         }
-        (LoggedChild { child, log }, ports)
+        (logged, ports)
     }
 
     /// Everything it logged so far.
