@@ -11,6 +11,7 @@ pub mod instance;
 pub mod job;
 pub mod labels;
 pub mod lock;
+pub mod log_sink;
 pub mod metrics;
 pub mod orchestrator;
 pub mod pipeline;

@@ -493,3 +493,68 @@ fn load_metrics_show_waiting_jobs_slots_busy_threads_and_slots_the_threads_canno
     });
     assert_eq!(worker.observed.job_count(), 5);
 }
+
+/// A child process killed when dropped.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A job's log lines are on stderr by the time its status is on the broker: the
+/// orchestrator holds lines back for a few milliseconds, and its publisher writes them
+/// before each status (issue 20). Its stderr is a file here, so a line is there once its
+/// write returned (a pipe's reader could lag behind the broker).
+#[test]
+fn a_job_s_log_lines_are_on_stderr_before_its_status_is_on_the_broker() {
+    let names = Names::unique("logfirst");
+    let mq = Mq::connect(SHARED_BROKER, &names);
+    let worker = TestWorker::start("logfirst-w", 0, Behaviour::default());
+    let dir = build_env::TempDir::new("logfirst");
+    let path = dir.0.join("stderr");
+    let static_worker = format!("logfirst-w=127.0.0.1:{}", worker.port);
+    let mut args = vec!["orchestrator", "--amqp-url", SHARED_BROKER];
+    let name_args = names.args();
+    args.extend(name_args.iter().map(String::as_str));
+    args.extend(["--health-interval", "200ms", "--health-timeout", "300ms"]);
+    args.extend([
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    args.extend(["--worker", &static_worker]);
+    let child = command()
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&path).unwrap())
+        .spawn()
+        .unwrap();
+    let _orchestrator = KilledOnDrop(child);
+    let log = || std::fs::read_to_string(&path).unwrap();
+    poll(LONG, "the orchestrator connected to the broker", || {
+        log().contains("broker: connected").then_some(())
+    });
+
+    for i in 0..20 {
+        let job = format!("logfirst-{i}");
+        mq.publish_job(&job, json!({}));
+        let status = mq.statuses(1, LONG).remove(0);
+        assert_eq!(status["jobId"], job.as_str());
+        let log = log();
+        for line in [
+            format!("job {job}: received"),
+            format!("job {job}: dispatched to worker logfirst-w"),
+            format!("job {job}: succeeded on worker logfirst-w"),
+        ] {
+            assert!(
+                log.contains(&line),
+                "{line:?} not on stderr when its status arrived:\n{log}"
+            );
+        }
+    }
+}

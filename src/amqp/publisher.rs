@@ -377,6 +377,9 @@ impl Publisher {
             message.properties.clone(),
         );
         publish.mandatory = message.status;
+        // The lines logged before this message was handed over go first (they wait for
+        // it: `log_sink::defer`).
+        crate::log_sink::flush();
         match link
             .channel
             .basic_publish(message.exchange.as_str(), publish)

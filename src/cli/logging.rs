@@ -6,8 +6,8 @@
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
 
-pub use super::log_sink::flush;
-use super::log_sink::LogSink;
+pub use crate::log_sink::flush;
+use crate::log_sink::LogSink;
 
 /// How log lines look.
 #[derive(Args, Debug, Clone)]

@@ -3,7 +3,6 @@
 //! broker, the orchestrator or the checked target could not be reached.
 
 pub mod health;
-mod log_sink;
 pub mod logging;
 pub mod progress;
 pub mod submit;

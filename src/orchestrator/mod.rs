@@ -234,6 +234,9 @@ fn spawn_threads(
         metrics.clone(),
         log_budget.clone(),
     );
+    // Log lines now wait for the publisher's next message (it writes them first) or a
+    // few milliseconds: the lines of several jobs go out in one write.
+    crate::log_sink::defer();
     let consumer = consumer::spawn(
         ConsumerConfig {
             brokers,
@@ -320,7 +323,7 @@ fn wait_and_drain(
     std::thread::spawn(move || {
         if signals.recv().is_ok() {
             warn!("second signal: exiting without waiting for running jobs");
-            crate::cli::logging::flush();
+            crate::log_sink::flush();
             std::process::exit(1);
         }
     });

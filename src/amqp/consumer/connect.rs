@@ -71,7 +71,7 @@ impl Consumer {
                 if let Some(mismatch) = queue_type_mismatch(&e, self.config.topology.queue_type) {
                     // Retrying cannot help: the operator must change the flag or the queue.
                     log::error!("{mismatch}");
-                    crate::cli::logging::flush();
+                    crate::log_sink::flush();
                     eprintln!("blacktree: {mismatch}");
                     std::process::exit(EXIT_MISCONFIGURED);
                 }

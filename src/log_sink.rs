@@ -1,4 +1,5 @@
-//! Standard error for log lines, with the writes of concurrent lines combined.
+//! Standard error for log lines, with the writes of concurrent lines combined, and in
+//! the orchestrator held back briefly and written together.
 //!
 //! Writing each line to stderr under stderr's lock costs a `write` per line. Each write
 //! also wakes the log collector's reader (journald, svlogd, a pipe). With 64 dispatch
@@ -8,16 +9,30 @@
 //! call returns, and then whatever other threads appended meanwhile, until the buffer is
 //! empty. If a thread is writing, the line is left to it. So a line is written at once
 //! when the process logs little, and lines that come together go out in one `write`.
-//! Nothing waits for a timer. [`flush`] waits for the writing thread to finish: the CLI
+//! [`flush`] writes what is left and waits for the writing thread to finish: the CLI
 //! calls it before the process exits, and a panic calls it before its message. At most
-//! [`MAX_BUFFERED`] bytes wait: a thread that would add beyond that waits for the
-//! writer, so a collector that stops reading blocks logging as stderr itself would.
+//! [`MAX_BUFFERED`] bytes wait: a thread that would add beyond that writes them, or
+//! waits for the writer, so a collector that stops reading blocks logging as stderr
+//! itself would.
+//!
+//! The orchestrator logs three lines per job, and writes them one at a time even so:
+//! its threads seldom log at the same moment. It calls [`defer`]: a line is then only
+//! appended. The status publisher calls [`flush`] before each message it publishes, so
+//! the lines logged before a status was handed to it are on stderr before the status is
+//! on the broker (an operator or a test reading the log after a status finds its job's
+//! lines), and the lines of several jobs go out in one `write`. A thread of the sink's
+//! own writes the lines no publish follows, at most [`LINGER`] after they came: it ticks
+//! while lines come and sleeps once they stop.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 /// The most bytes waiting to be written.
 pub const MAX_BUFFERED: usize = 256 * 1024;
+
+/// How long a line may wait, after [`defer`], for a publish to write it.
+pub const LINGER: Duration = Duration::from_millis(10);
 
 /// The combiner the logger writes to, once [`LogSink::start`] ran.
 static SINK: OnceLock<Arc<Combiner<io::Stderr>>> = OnceLock::new();
@@ -39,16 +54,26 @@ impl LogSink {
         LogSink(combiner.clone())
     }
 
-    /// Writes `line`, or leaves it to the thread writing.
+    /// Writes `line`, or leaves it to the thread writing (or, after [`defer`], to the
+    /// next [`flush`] or the lingering thread).
     pub fn write(&self, line: &[u8]) {
         self.0.write(line);
     }
 }
 
-/// Waits until every line logged so far is written (before the process exits).
+/// Writes every line logged so far and waits until it is written: before the process
+/// exits, and in the orchestrator before each message it publishes.
 pub fn flush() {
     if let Some(combiner) = SINK.get() {
         combiner.flush();
+    }
+}
+
+/// From now on, lines wait for a [`flush`] or at most [`LINGER`] (the orchestrator,
+/// whose publisher flushes). Does nothing before [`LogSink::start`] or when called again.
+pub fn defer() {
+    if let Some(combiner) = SINK.get() {
+        combiner.defer();
     }
 }
 
@@ -57,6 +82,8 @@ struct Combiner<W> {
     state: Mutex<State>,
     /// Signalled when a writing thread took the buffer or finished.
     progress: Condvar,
+    /// Signalled when a line comes while the lingering thread waits for one.
+    lines: Condvar,
     output: Mutex<W>,
 }
 
@@ -67,17 +94,27 @@ struct State {
     writing: bool,
     /// Threads waiting on `progress` (a notify is a system call: made only for them).
     waiters: usize,
+    /// Lines wait for a flush or the lingering thread ([`defer`]).
+    deferred: bool,
+    /// A line came since the lingering thread's last tick.
+    fresh: bool,
+    /// The lingering thread waits on `lines` for a line.
+    lingerer_idle: bool,
 }
 
-impl<W: Write> Combiner<W> {
+impl<W: Write + Send + 'static> Combiner<W> {
     fn new(output: W) -> Combiner<W> {
         Combiner {
             state: Mutex::new(State {
                 pending: Vec::new(),
                 writing: false,
                 waiters: 0,
+                deferred: false,
+                fresh: false,
+                lingerer_idle: false,
             }),
             progress: Condvar::new(),
+            lines: Condvar::new(),
             output: Mutex::new(output),
         }
     }
@@ -109,9 +146,22 @@ impl<W: Write> Combiner<W> {
             state = self.wait(state);
         }
         state.pending.extend_from_slice(line);
-        if state.writing {
+        if state.deferred && state.pending.len() <= MAX_BUFFERED {
+            state.fresh = true;
+            if state.lingerer_idle {
+                state.lingerer_idle = false;
+                drop(state);
+                self.lines.notify_one();
+            }
             return;
         }
+        if !state.writing {
+            self.write_pending(state);
+        }
+    }
+
+    /// Writes `pending` until it stays empty (no other thread is writing).
+    fn write_pending<'a>(&'a self, mut state: MutexGuard<'a, State>) {
         state.writing = true;
         let mut batch = Vec::new();
         while !state.pending.is_empty() {
@@ -133,6 +183,46 @@ impl<W: Write> Combiner<W> {
         let mut state = self.state();
         while state.writing {
             state = self.wait(state);
+        }
+        if !state.pending.is_empty() {
+            self.write_pending(state);
+        }
+    }
+
+    /// Turns on deferral, with the lingering thread (once).
+    fn defer(self: &Arc<Self>) {
+        let mut state = self.state();
+        if state.deferred {
+            return;
+        }
+        state.deferred = true;
+        let combiner = self.clone();
+        std::thread::Builder::new()
+            .name("log-linger".into())
+            .spawn(move || combiner.linger())
+            .expect("spawning the log-lingering thread");
+    }
+
+    /// The lingering thread: while lines come, writes what is pending every [`LINGER`];
+    /// once a tick found none, waits for the next line.
+    fn linger(&self) {
+        let mut state = self.state();
+        loop {
+            if !state.fresh && state.pending.is_empty() {
+                state.lingerer_idle = true;
+                while state.lingerer_idle {
+                    state = self.lines.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                continue;
+            }
+            state.fresh = false;
+            drop(state);
+            std::thread::sleep(LINGER);
+            state = self.state();
+            if !state.writing && !state.pending.is_empty() {
+                self.write_pending(state);
+                state = self.state();
+            }
         }
     }
 }
@@ -254,5 +344,64 @@ mod tests {
         let combiner = Combiner::new(recorder.clone());
         combiner.write(b"alone\n");
         assert_eq!(recorder.0.lock().unwrap().concat(), b"alone\n");
+    }
+
+    /// Polls `done` until it holds, for at most 10 s.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn deferred_lines_wait_for_a_flush_and_go_out_in_one_write() {
+        let recorder = Recorder::default();
+        let combiner = Combiner::new(recorder.clone());
+        // Deferred without the lingering thread: only the flush writes.
+        combiner.state().deferred = true;
+        combiner.write(b"one\n");
+        combiner.write(b"two\n");
+        assert!(recorder.0.lock().unwrap().is_empty(), "held back");
+        combiner.flush();
+        assert_eq!(*recorder.0.lock().unwrap(), [b"one\ntwo\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_deferred_line_no_flush_follows_is_written_by_the_lingering_thread() {
+        let recorder = Recorder::default();
+        let combiner = Arc::new(Combiner::new(recorder.clone()));
+        combiner.defer();
+        combiner.write(b"first\n");
+        let written = || recorder.0.lock().unwrap().concat();
+        eventually("the first line written", || written() == b"first\n");
+        // Once the thread waits for lines again, a line wakes it.
+        eventually("the lingering thread idle", || {
+            combiner.state().lingerer_idle
+        });
+        combiner.write(b"second\n");
+        eventually("the second line written", || {
+            written() == b"first\nsecond\n"
+        });
+    }
+
+    #[test]
+    fn deferred_lines_beyond_the_bound_are_written_by_the_thread_that_adds_them() {
+        let recorder = Recorder::default();
+        let combiner = Combiner::new(recorder.clone());
+        combiner.state().deferred = true;
+        let mut line = vec![b'x'; 1023];
+        line.push(b'\n');
+        let lines = MAX_BUFFERED / line.len() + 1;
+        for _ in 0..lines {
+            combiner.write(&line);
+        }
+        let written = recorder.0.lock().unwrap().concat();
+        assert_eq!(written.len(), lines * line.len(), "all written, no flush");
+        assert!(combiner.state().pending.is_empty());
     }
 }
