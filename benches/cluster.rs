@@ -211,11 +211,16 @@ fn kill_failover(cluster: &BrokerCluster) -> (Vec<f64>, usize) {
     poll(LONG, "every build running", || {
         (builds.started() == jobs.len()).then_some(())
     });
-    let log = b.log();
-    let theirs: Vec<&String> = jobs
-        .iter()
-        .filter(|j| log.contains(&format!("job {j}: dispatched to worker")))
-        .collect();
+    // A job's dispatch line may wait up to 10 ms for the orchestrator's next publish.
+    let dispatched =
+        |log: &str, j: &String| log.contains(&format!("job {j}: dispatched to worker"));
+    let log = poll(LONG, "every dispatch logged", || {
+        let (log_a, log_b) = (a.log(), b.log());
+        jobs.iter()
+            .all(|j| dispatched(&log_a, j) || dispatched(&log_b, j))
+            .then_some(log_b)
+    });
+    let theirs: Vec<&String> = jobs.iter().filter(|j| dispatched(&log, j)).collect();
     assert!(!theirs.is_empty(), "the second orchestrator took no job");
     let killed = SystemTime::now();
     b.signal("KILL");

@@ -16,14 +16,18 @@
 //! itself would.
 //!
 //! The orchestrator logs three lines per job, and writes them one at a time even so:
-//! its threads seldom log at the same moment. It calls [`defer`]: a line is then only
-//! appended. The status publisher calls [`flush`] before each message it publishes, so
-//! the lines logged before a status was handed to it are on stderr before the status is
-//! on the broker (an operator or a test reading the log after a status finds its job's
-//! lines), and the lines of several jobs go out in one `write`. A thread of the sink's
-//! own writes the lines no publish follows, at most [`LINGER`] after they came: it ticks
-//! while lines come and sleeps once they stop.
+//! its threads seldom log at the same moment. It calls [`defer`]: a job's routine lines
+//! (received, dispatched, ended: logged inside [`routine`]) are then only appended. The
+//! status publisher calls [`flush`] before each message it publishes, so the lines
+//! logged before a status was handed to it are on stderr before the status is on the
+//! broker (an operator or a test reading the log after a status finds its job's lines),
+//! and the lines of several jobs go out in one `write`. A thread of the sink's own
+//! writes the lines no publish follows, at most [`LINGER`] after they came: it ticks
+//! while lines come and sleeps once they stop. Every other line (a broker connection, a
+//! worker's registration, a warning) is written at once, with the lines waiting before
+//! it: its event may show elsewhere first (in `/healthz`, say), and it is rare.
 
+use std::cell::Cell;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -36,6 +40,11 @@ pub const LINGER: Duration = Duration::from_millis(10);
 
 /// The combiner the logger writes to, once [`LogSink::start`] ran.
 static SINK: OnceLock<Arc<Combiner<io::Stderr>>> = OnceLock::new();
+
+thread_local! {
+    /// The thread logs inside [`routine`].
+    static ROUTINE: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Where the logger writes: standard error, combined.
 pub struct LogSink(Arc<Combiner<io::Stderr>>);
@@ -54,11 +63,19 @@ impl LogSink {
         LogSink(combiner.clone())
     }
 
-    /// Writes `line`, or leaves it to the thread writing (or, after [`defer`], to the
-    /// next [`flush`] or the lingering thread).
+    /// Writes `line`, or leaves it to the thread writing (or, after [`defer`] and inside
+    /// [`routine`], to the next [`flush`] or the lingering thread).
     pub fn write(&self, line: &[u8]) {
-        self.0.write(line);
+        self.0.write(line, ROUTINE.with(Cell::get));
     }
+}
+
+/// Runs `f`, whose log lines may wait after [`defer`]: the lines each job logs
+/// (received, dispatched, ended), which its status's publish writes.
+pub fn routine(f: impl FnOnce()) {
+    let outer = ROUTINE.with(|routine| routine.replace(true));
+    f();
+    ROUTINE.with(|routine| routine.set(outer));
 }
 
 /// Writes every line logged so far and waits until it is written: before the process
@@ -140,13 +157,15 @@ impl<W: Write + Send + 'static> Combiner<W> {
         }
     }
 
-    fn write(&self, line: &[u8]) {
+    /// Appends `line`, and writes it unless another thread is writing or it `may_wait`
+    /// (after [`defer`]).
+    fn write(&self, line: &[u8], may_wait: bool) {
         let mut state = self.state();
         while state.writing && state.pending.len() + line.len() > MAX_BUFFERED {
             state = self.wait(state);
         }
         state.pending.extend_from_slice(line);
-        if state.deferred && state.pending.len() <= MAX_BUFFERED {
+        if may_wait && state.deferred && state.pending.len() <= MAX_BUFFERED {
             state.fresh = true;
             if state.lingerer_idle {
                 state.lingerer_idle = false;
@@ -258,7 +277,7 @@ mod tests {
                 let combiner = combiner.clone();
                 std::thread::spawn(move || {
                     for i in 0..lines {
-                        combiner.write(format!("thread {t} line {i}\n").as_bytes());
+                        combiner.write(format!("thread {t} line {i}\n").as_bytes(), false);
                     }
                 })
             })
@@ -317,14 +336,14 @@ mod tests {
         }));
         let writer = {
             let combiner = combiner.clone();
-            std::thread::spawn(move || combiner.write(b"first\n"))
+            std::thread::spawn(move || combiner.write(b"first\n", false))
         };
         let wait = std::time::Duration::from_secs(10);
         entered
             .recv_timeout(wait)
             .expect("the first line is being written");
         // Returns at once: the writing thread takes the line.
-        combiner.write(b"second\n");
+        combiner.write(b"second\n", false);
         go.send(()).unwrap();
         entered
             .recv_timeout(wait)
@@ -342,7 +361,7 @@ mod tests {
     fn a_line_is_written_before_its_write_returns_when_no_other_thread_writes() {
         let recorder = Recorder::default();
         let combiner = Combiner::new(recorder.clone());
-        combiner.write(b"alone\n");
+        combiner.write(b"alone\n", false);
         assert_eq!(recorder.0.lock().unwrap().concat(), b"alone\n");
     }
 
@@ -364,11 +383,30 @@ mod tests {
         let combiner = Combiner::new(recorder.clone());
         // Deferred without the lingering thread: only the flush writes.
         combiner.state().deferred = true;
-        combiner.write(b"one\n");
-        combiner.write(b"two\n");
+        combiner.write(b"one\n", true);
+        combiner.write(b"two\n", true);
         assert!(recorder.0.lock().unwrap().is_empty(), "held back");
         combiner.flush();
         assert_eq!(*recorder.0.lock().unwrap(), [b"one\ntwo\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_line_outside_routine_is_written_at_once_after_the_lines_waiting() {
+        let recorder = Recorder::default();
+        let combiner = Combiner::new(recorder.clone());
+        combiner.state().deferred = true;
+        combiner.write(b"routine\n", true);
+        assert!(recorder.0.lock().unwrap().is_empty(), "held back");
+        combiner.write(b"connected\n", false);
+        assert_eq!(recorder.0.lock().unwrap().concat(), b"routine\nconnected\n");
+    }
+
+    #[test]
+    fn routine_marks_only_the_lines_logged_inside_it() {
+        let inside = std::cell::Cell::new(false);
+        routine(|| inside.set(ROUTINE.with(Cell::get)));
+        assert!(inside.get());
+        assert!(!ROUTINE.with(Cell::get), "unmarked after");
     }
 
     #[test]
@@ -376,14 +414,14 @@ mod tests {
         let recorder = Recorder::default();
         let combiner = Arc::new(Combiner::new(recorder.clone()));
         combiner.defer();
-        combiner.write(b"first\n");
+        combiner.write(b"first\n", true);
         let written = || recorder.0.lock().unwrap().concat();
         eventually("the first line written", || written() == b"first\n");
         // Once the thread waits for lines again, a line wakes it.
         eventually("the lingering thread idle", || {
             combiner.state().lingerer_idle
         });
-        combiner.write(b"second\n");
+        combiner.write(b"second\n", true);
         eventually("the second line written", || {
             written() == b"first\nsecond\n"
         });
@@ -398,7 +436,7 @@ mod tests {
         line.push(b'\n');
         let lines = MAX_BUFFERED / line.len() + 1;
         for _ in 0..lines {
-            combiner.write(&line);
+            combiner.write(&line, true);
         }
         let written = recorder.0.lock().unwrap().concat();
         assert_eq!(written.len(), lines * line.len(), "all written, no flush");

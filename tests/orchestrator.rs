@@ -505,11 +505,12 @@ impl Drop for KilledOnDrop {
 }
 
 /// A job's log lines are on stderr by the time its status is on the broker: the
-/// orchestrator holds lines back for a few milliseconds, and its publisher writes them
-/// before each status (issue 20). Its stderr is a file here, so a line is there once its
-/// write returned (a pipe's reader could lag behind the broker).
+/// orchestrator holds them back for a few milliseconds, and its publisher writes them
+/// before each status (issue 20). Other lines are written at once: a registration's is
+/// there when the Register call returns. Its stderr is a file here, so a line is there
+/// once its write returned (a pipe's reader could lag behind the broker).
 #[test]
-fn a_job_s_log_lines_are_on_stderr_before_its_status_is_on_the_broker() {
+fn a_job_s_log_lines_are_on_stderr_before_its_status_and_other_lines_at_once() {
     let names = Names::unique("logfirst");
     let mq = Mq::connect(SHARED_BROKER, &names);
     let worker = TestWorker::start("logfirst-w", 0, Behaviour::default());
@@ -557,4 +558,17 @@ fn a_job_s_log_lines_are_on_stderr_before_its_status_is_on_the_broker() {
             );
         }
     }
+
+    let grpc_port = log()
+        .split("gRPC server listening on port ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .expect("the gRPC port on stderr");
+    let late = TestWorker::start("logfirst-late", 0, Behaviour::default());
+    late.register(grpc_port);
+    let log = log();
+    assert!(
+        log.contains("worker logfirst-late registered"),
+        "the registration not on stderr when its call returned:\n{log}"
+    );
 }

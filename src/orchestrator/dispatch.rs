@@ -197,7 +197,9 @@ impl Dispatcher {
                 info!("job {}: adopted from worker {}", job.job_id, claim.worker);
                 metrics.jobs_adopted.inc();
             } else {
-                info!("job {}: dispatched to worker {}", job.job_id, claim.worker);
+                crate::log_sink::routine(|| {
+                    info!("job {}: dispatched to worker {}", job.job_id, claim.worker)
+                });
                 metrics.jobs_dispatched.inc();
             }
             metrics
@@ -432,12 +434,14 @@ impl Dispatcher {
             },
         };
         match &attempt {
-            Attempt::Ended(status, _) => info!(
-                "job {}: {} on worker {worker} after {} ms",
-                job.job_id,
-                status.outcome.word(),
-                status.duration_ms
-            ),
+            Attempt::Ended(status, _) => crate::log_sink::routine(|| {
+                info!(
+                    "job {}: {} on worker {worker} after {} ms",
+                    job.job_id,
+                    status.outcome.word(),
+                    status.duration_ms
+                )
+            }),
             Attempt::Refused(why) => {
                 warn!("job {}: worker {worker} {why}; trying another", job.job_id)
             }

@@ -188,7 +188,7 @@ impl Ledger {
         }
         self.metrics.jobs_received.inc();
         self.metrics.board.received();
-        info!("job {}: received", job.job_id);
+        crate::log_sink::routine(|| info!("job {}: received", job.job_id));
         let token = CancelToken::default();
         let pending = Pending {
             tags: vec![tag],
