@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::build_env::{TempDir, WorkerProcess};
+use common::build_env::TempDir;
+use common::gated::Builds;
 use common::*;
 use serde_json::{json, Value};
 
@@ -48,22 +49,14 @@ fn a_drained_worker_finishes_its_build_takes_nothing_new_from_anyone_and_comes_b
     // A second orchestrator on the same queues: the drain is the worker's, so it holds
     // for this one too.
     let other = Orchestrator::start(SHARED_BROKER, &names, &flags);
-    let runs = dir.0.join("runs");
-    let command = format!(
-        "echo \"$BLACKTREE_JOB_ID\" >> {}; sleep ${{BLACKTREE_IMAGE_NAME}}",
-        runs.display()
-    );
+    // d-1 runs until the test has seen it running through the drain.
+    let builds = Builds::start();
     let other_addr = format!("127.0.0.1:{}", other.grpc_port);
-    let _w = WorkerProcess::start(
+    let _w = builds.worker(
         "drn-w",
         orch.grpc_port,
+        2,
         &[
-            "--executor",
-            "exec",
-            "--exec-command",
-            &command,
-            "--capacity",
-            "2",
             "--registration-token-file",
             token,
             "--orchestrator",
@@ -72,10 +65,11 @@ fn a_drained_worker_finishes_its_build_takes_nothing_new_from_anyone_and_comes_b
     );
     orch.wait_for_log("worker drn-w registered", LONG);
     other.wait_for_log("worker drn-w registered", LONG);
-    let ran = || std::fs::read_to_string(&runs).unwrap_or_default();
 
-    mq.publish_job("d-1", json!({ "repoUrl": "", "imageName": "3" }));
-    poll(LONG, "d-1 to start", || ran().contains("d-1").then_some(()));
+    mq.publish_job("d-1", json!({ "repoUrl": "", "imageName": "drain" }));
+    poll(LONG, "d-1 to start", || {
+        (builds.runs("d-1") == 1).then_some(())
+    });
     // Without the token the orchestrator refuses, like a registration.
     let grpc = format!("127.0.0.1:{}", orch.grpc_port);
     let refused = blacktree(&["workers", "drain", "drn-w", "--orchestrator", &grpc]);
@@ -102,16 +96,16 @@ fn a_drained_worker_finishes_its_build_takes_nothing_new_from_anyone_and_comes_b
     );
     // Jobs published now wait, whichever orchestrator takes them in.
     for i in 2..6 {
-        mq.publish_job(
-            &format!("d-{i}"),
-            json!({ "repoUrl": "", "imageName": "0" }),
-        );
+        let id = format!("d-{i}");
+        builds.open(&id);
+        mq.publish_job(&id, json!({ "repoUrl": "", "imageName": "drain" }));
     }
     // The other orchestrator hears it from the worker's ping.
     poll(LONG, "the other orchestrator to list it draining", || {
         (listed(other.grpc_port, token, "drn-w")["state"] == "draining").then_some(())
     });
     assert_eq!(listed(orch.grpc_port, token, "drn-w")["safeToStop"], false);
+    builds.open("d-1");
     let first = mq.statuses(1, LONG);
     assert_eq!(first[0]["jobId"], "d-1");
     assert_eq!(first[0]["outcome"], "succeeded");
@@ -128,11 +122,7 @@ fn a_drained_worker_finishes_its_build_takes_nothing_new_from_anyone_and_comes_b
         Some(1.0),
         "{metrics}"
     );
-    assert_eq!(
-        ran().lines().collect::<Vec<_>>(),
-        ["d-1"],
-        "nothing new started"
-    );
+    assert_eq!(builds.started(), 1, "nothing new started");
 
     let resumed = workers(other.grpc_port, token, &["resume", "drn-w"]);
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
