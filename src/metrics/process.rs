@@ -1,6 +1,6 @@
 //! The standard `process_*` metrics of a Prometheus client, read from `/proc/self` (and
-//! the process's CPU clock) at each scrape: CPU seconds, resident and virtual memory, open and maximum file
-//! descriptors, start time.
+//! the process's CPU clock) at each scrape: CPU seconds, resident and virtual memory,
+//! open and maximum file descriptors, start time.
 
 use prometheus::{Gauge, IntGauge};
 
